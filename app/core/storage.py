@@ -1,0 +1,98 @@
+"""Blob storage under per-team prefixes (a local directory by default).
+
+Keys are relative POSIX paths built by the services from ids, never from user
+input; every key is checked to resolve inside the root. Writes go to a
+temporary name first and are renamed into place, so a reader never sees half
+a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from app.core.config import get_settings
+
+
+class StorageKeyError(ValueError):
+    pass
+
+
+@dataclass
+class StoredBlob:
+    key: str
+    bytes: int
+    sha256: str
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".tmp").mkdir(exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+            raise StorageKeyError(f"invalid storage key {key!r}")
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StorageKeyError(f"storage key {key!r} escapes the storage root")
+        return path
+
+    def temp_file(self) -> tempfile._TemporaryFileWrapper:
+        """A named temporary file on the same filesystem, for commit()."""
+        return tempfile.NamedTemporaryFile(dir=self.root / ".tmp", delete=False)
+
+    def commit(self, temp_path: str | Path, key: str) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, dest)
+
+    def put_file(self, src: Path, key: str) -> StoredBlob:
+        digest, size = hashlib.sha256(), 0
+        with open(src, "rb") as f, self.temp_file() as tmp:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+                tmp.write(chunk)
+        self.commit(tmp.name, key)
+        return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
+
+    def put_tree(self, src: Path, prefix: str) -> list[str]:
+        keys = []
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            key = f"{prefix}/{file.relative_to(src).as_posix()}"
+            self.put_file(file, key)
+            keys.append(key)
+        return keys
+
+    def open(self, key: str):
+        return open(self.path(key), "rb")
+
+    def iter_bytes(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from iter(lambda: f.read(chunk), b"")
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@lru_cache
+def get_storage() -> LocalStorage:
+    return LocalStorage(get_settings().storage_dir)

@@ -1,0 +1,11 @@
+"""Imports every domain's ORM models so Base.metadata is complete (Alembic, tests)."""
+
+from app.core.db import Base
+from app.domains.adapters import models as _adapters  # noqa: F401
+from app.domains.files import models as _files  # noqa: F401
+from app.domains.idempotency import models as _idempotency  # noqa: F401
+from app.domains.jobs import models as _jobs  # noqa: F401
+from app.domains.models import models as _models  # noqa: F401
+from app.domains.teams import models as _teams  # noqa: F401
+
+metadata = Base.metadata

@@ -1,0 +1,83 @@
+"""Builds a tiny Llama-architecture model and tokenizer, offline.
+
+The tokenizer is a byte-level BPE trained on the Python standard library's own
+sources (on disk wherever Python is), so no hub is touched. The result is saved
+with save_pretrained and loads through the same from_pretrained path a real
+model uses.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+# A minimal chat template, saved with the tokenizer so training and serving agree.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _corpus(max_bytes: int) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def make_tiny_model(
+    path: str | Path,
+    *,
+    vocab_size: int = 4096,
+    hidden_size: int = 128,
+    intermediate_size: int = 384,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 2048,
+    corpus_bytes: int = 3_000_000,
+    seed: int = 0,
+) -> Path:
+    """Write config, weights and tokenizer to `path`; returns it. Deterministic for a seed."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(corpus_bytes), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None,
+        model_max_length=max_position_embeddings,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
