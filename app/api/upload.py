@@ -1,0 +1,170 @@
+"""Streaming multipart upload: bytes go from the socket to a temporary file in
+storage while being hashed, counted and validated as JSONL, in one pass.
+
+Memory stays flat whatever the size: nothing is buffered beyond one chunk and
+the validator's one-line window. A body over the limit is refused with 413 as
+soon as the limit is crossed (or at once, from Content-Length), and the
+temporary file is removed: nothing half-written survives a refused upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from app.core.errors import InvalidRequest, TooLarge
+from app.core.storage import LocalStorage
+from app.domains.files.validation import JsonlValidator, ValidationReport
+
+_MAX_FIELDS = 16
+_MAX_FIELD_BYTES = 4096
+# Room for the multipart envelope and the small form fields around the file.
+_ENVELOPE_BYTES = 64 * 1024
+
+
+@dataclass
+class ReceivedUpload:
+    fields: dict[str, str]
+    filename: str
+    temp_path: str
+    bytes: int
+    sha256: str
+    report: ValidationReport
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class _State:
+    storage: LocalStorage
+    max_bytes: int
+    validator: JsonlValidator
+    fields: dict[str, str] = field(default_factory=dict)
+    header_field: bytes = b""
+    header_value: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    part_name: str | None = None
+    part_filename: str | None = None
+    field_value: bytearray = field(default_factory=bytearray)
+    file = None
+    filename: str | None = None
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    size: int = 0
+
+    # -- python-multipart callbacks --
+    def on_part_begin(self) -> None:
+        self.headers, self.part_name, self.part_filename = {}, None, None
+        self.field_value = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field, self.header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name")
+        if name is None:
+            raise InvalidRequest("A multipart part has no name.", param="file", code="invalid_multipart")
+        self.part_name = name.decode("utf-8", "replace")
+        if b"filename" in options:
+            if self.part_name != "file":
+                raise InvalidRequest(f"Unexpected file field {self.part_name!r}; send the dataset as 'file'.",
+                                     param=self.part_name, code="invalid_multipart")
+            if self.file is not None:
+                raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_multipart")
+            self.part_filename = options[b"filename"].decode("utf-8", "replace")
+            self.filename = self.part_filename
+            self.file = self.storage.temp_file()
+        elif len(self.fields) >= _MAX_FIELDS:
+            raise InvalidRequest("Too many form fields.", param=self.part_name, code="invalid_multipart")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self.part_filename is None:
+            self.field_value += chunk
+            if len(self.field_value) > _MAX_FIELD_BYTES:
+                raise InvalidRequest(f"Form field {self.part_name!r} is too long.", param=self.part_name,
+                                     code="invalid_multipart")
+            return
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise TooLarge(f"The file exceeds the upload limit of {self.max_bytes} bytes.", param="file",
+                           code="file_too_large")
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.validator.feed(chunk)
+
+    def on_part_end(self) -> None:
+        if self.part_filename is None and self.part_name is not None:
+            self.fields[self.part_name] = self.field_value.decode("utf-8", "replace")
+
+    def callbacks(self) -> dict:
+        return {name: getattr(self, name) for name in (
+            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
+            "on_header_end", "on_headers_finished")}
+
+
+async def receive_upload(request: Request, *, storage: LocalStorage, max_bytes: int,
+                         validator: JsonlValidator) -> ReceivedUpload:
+    """Read a multipart body with one 'file' part. Raises TooLarge (413) or InvalidRequest (400);
+    on any error the temporary file is gone. The caller owns the returned temp file."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise InvalidRequest("Upload with Content-Type multipart/form-data, fields 'purpose' and 'file'.",
+                             param="file", code="invalid_content_type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + _ENVELOPE_BYTES:
+        raise TooLarge(f"The upload ({declared} bytes) exceeds the limit of {max_bytes} bytes.", param="file",
+                       code="file_too_large")
+
+    state = _State(storage=storage, max_bytes=max_bytes, validator=validator)
+    parser = MultipartParser(params[b"boundary"], state.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            # The raw body is capped too, so no envelope trick streams unbounded bytes.
+            if received > max_bytes + _ENVELOPE_BYTES:
+                raise TooLarge(f"The upload exceeds the limit of {max_bytes} bytes.", param="file",
+                               code="file_too_large")
+            parser.write(chunk)
+        parser.finalize()
+    except ClientDisconnect:
+        _close(state, delete=True)
+        raise InvalidRequest("The client disconnected before the upload finished.", param="file",
+                             code="upload_incomplete") from None
+    except BaseException:
+        _close(state, delete=True)
+        raise
+    if state.file is None:
+        raise InvalidRequest("No file in the upload: send the dataset in a multipart field named 'file'.",
+                             param="file", code="missing_file")
+    _close(state, delete=False)
+    return ReceivedUpload(fields=state.fields, filename=state.filename or "upload.jsonl",
+                          temp_path=state.file.name, bytes=state.size, sha256=state.digest.hexdigest(),
+                          report=state.validator.finish())
+
+
+def _close(state: _State, *, delete: bool) -> None:
+    if state.file is None:
+        return
+    state.file.close()
+    if delete:
+        try:
+            os.unlink(state.file.name)
+        except FileNotFoundError:
+            pass

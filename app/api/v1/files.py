@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+
+from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
+from app.api.upload import receive_upload
+from app.core.config import get_settings
+from app.core.storage import get_storage
+from app.domains.files import service as files
+from app.domains.files.schemas import FileDeleted, FileList, FileRead
+from app.domains.files.validation import JsonlValidator
+from app.domains.idempotency import service as idempotency
+from app.domains.jobs import service as jobs
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "enum": list(files.PURPOSES)}}}}}}}
+
+
+@router.post("", response_model=FileRead, openapi_extra=_UPLOAD_DOC,
+             summary="Upload a JSONL dataset (multipart: purpose=fine-tune, file=@data.jsonl)")
+async def upload_file(request: Request, session: SessionDep, principal: PrincipalDep,
+                      idempotency_key: IdempotencyKey = None) -> FileRead:
+    """Streams the upload to storage while hashing and validating it line by line.
+    400 with the first errors and their line numbers for an invalid file, 413 over the size limit;
+    nothing is stored in either case."""
+    existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
+    if existing:
+        return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
+    settings = get_settings()
+    storage = get_storage()
+    upload = await receive_upload(
+        request, storage=storage, max_bytes=settings.upload_max_bytes,
+        validator=JsonlValidator(max_errors=settings.upload_max_errors,
+                                 max_line_bytes=settings.upload_max_line_bytes))
+    key = None
+    try:
+        purpose = files.check_purpose(upload.fields.get("purpose"))
+        row = files.create(session, team_id=principal.team_id, storage=storage, temp_path=upload.temp_path,
+                           filename=upload.filename, purpose=purpose, size=upload.bytes, sha256=upload.sha256,
+                           report=upload.report)
+        key = row.storage_key
+        idempotency.remember(session, team_id=principal.team_id, endpoint="files", key=idempotency_key,
+                             object_id=row.id)
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won: answer with its file.
+        session.rollback()
+        storage.delete(key) if key else None
+        existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
+        return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
+    except BaseException:
+        upload.discard()
+        if key:
+            storage.delete(key)
+        raise
+    return files.to_read(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(session: SessionDep, principal: PrincipalDep, page: PageDep,
+               purpose: Annotated[str | None, Query(max_length=32)] = None) -> FileList:
+    return files.list_page(session, team_id=principal.team_id, after=page.after, limit=page.limit, purpose=purpose)
+
+
+@router.get("/{file_id}", response_model=FileRead)
+def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileRead:
+    return files.to_read(files.get(session, team_id=principal.team_id, file_id=file_id))
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/jsonl": {}}}})
+def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
+    row = files.get(session, team_id=principal.team_id, file_id=file_id)
+    return StreamingResponse(get_storage().iter_bytes(row.storage_key), media_type="application/jsonl",
+                             headers={"Content-Length": str(row.bytes)})
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileDeleted:
+    active = jobs.active_jobs_using_file(session, team_id=principal.team_id, file_id=file_id)
+    key = files.delete(session, team_id=principal.team_id, file_id=file_id, active_job_ids=active)
+    session.commit()
+    get_storage().delete(key)
+    return FileDeleted(id=file_id)

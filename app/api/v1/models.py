@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from app.api.deps import PrincipalDep, SessionDep
+from app.core.db import unix
+from app.core.storage import get_storage
+from app.domains.adapters import service as adapters
+from app.domains.models import service as models
+from app.domains.models.errors import ModelNotFound
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+class ModelRead(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: Literal["base", "fine-tuned"]
+    base_model: str | None = None
+    adapter_id: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelRead]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+def _all(session, team_id: str) -> list[ModelRead]:
+    out = [ModelRead(id=m.id, created=unix(m.created_at), owned_by="tuneforge", kind="base")
+           for m in models.list_base(session)]
+    out += [ModelRead(id=a.name, created=unix(a.created_at), owned_by=team_id, kind="fine-tuned",
+                      base_model=a.base_model, adapter_id=a.id) for a in adapters.list_all(session, team_id=team_id)]
+    return out
+
+
+@router.get("", response_model=ModelList)
+def list_models(session: SessionDep, principal: PrincipalDep) -> ModelList:
+    """The registered base models and the team's fine-tuned models."""
+    return ModelList(data=_all(session, principal.team_id))
+
+
+@router.get("/{model_id:path}", response_model=ModelRead)
+def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelRead:
+    for m in _all(session, principal.team_id):
+        if m.id == model_id:
+            return m
+    raise ModelNotFound(f"No such model: {model_id!r}.", param="model")
+
+
+@router.delete("/{model_id:path}", response_model=ModelDeleted)
+def delete_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelDeleted:
+    """Deletes a fine-tuned model (its adapter). Base models are removed by the operator."""
+    row = adapters.get_by_name(session, team_id=principal.team_id, name=model_id)
+    if row is None:
+        raise ModelNotFound(f"No such fine-tuned model: {model_id!r}.", param="model")
+    prefix = adapters.delete(session, team_id=principal.team_id, adapter_id=row.id)
+    session.commit()
+    get_storage().delete(prefix)
+    return ModelDeleted(id=model_id)

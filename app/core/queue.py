@@ -1,0 +1,51 @@
+"""Dispatch by Celery task name: the API process sends job ids, never imports the worker."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from app.core.config import Settings, get_settings
+
+log = logging.getLogger("tuneforge.queue")
+
+TRAIN_TASK = "jobs.train"
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings shared by the API's client and the workers."""
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_transport_options": settings.broker_transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A job's truth is in the database; the message may be delivered twice and that is harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_routes": {TRAIN_TASK: {"queue": settings.training_queue}},
+        "task_default_queue": settings.training_queue,
+    }
+
+
+@lru_cache
+def client() -> Celery:
+    app = Celery("tuneforge-api")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def enqueue_training(job_id: str) -> bool:
+    """Send the job's id to the training queue. Returns False (and logs) when the broker is
+    unreachable: the job stays queued in the database and a worker re-dispatches it."""
+    try:
+        client().send_task(TRAIN_TASK, args=[job_id], queue=get_settings().training_queue,
+                           retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        return True
+    except Exception as exc:  # broker down: the database keeps the job
+        log.warning("could not enqueue %s: %s", job_id, exc)
+        return False

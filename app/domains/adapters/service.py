@@ -1,0 +1,61 @@
+"""Adapters: the peft directories jobs produce, kept under the team's storage prefix
+with a .tar.gz of the directory for download."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.db import unix
+from app.core.pagination import paginate
+from app.domains.adapters.errors import AdapterNotFound
+from app.domains.adapters.models import Adapter
+from app.domains.adapters.schemas import AdapterList, AdapterRead
+
+
+def create(session: Session, *, adapter_id: str, team_id: str, job_id: str, base_model: str, name: str,
+           storage_prefix: str, archive_key: str, size: int, sha256: str) -> Adapter:
+    row = Adapter(id=adapter_id, team_id=team_id, job_id=job_id, base_model=base_model, name=name,
+                  storage_prefix=storage_prefix, archive_key=archive_key, bytes=size, sha256=sha256)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get(session: Session, *, team_id: str, adapter_id: str) -> Adapter:
+    """The team's adapter. Raises AdapterNotFound for a missing id and for another team's, alike."""
+    row = session.get(Adapter, adapter_id)
+    if row is None or row.team_id != team_id:
+        raise AdapterNotFound(f"No such adapter: {adapter_id!r}.", param="adapter_id")
+    return row
+
+
+def get_by_name(session: Session, *, team_id: str, name: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.team_id == team_id, Adapter.name == name))
+
+
+def for_job(session: Session, job_id: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.job_id == job_id))
+
+
+def list_all(session: Session, *, team_id: str) -> list[Adapter]:
+    return list(session.scalars(select(Adapter).where(Adapter.team_id == team_id).order_by(Adapter.id.desc())))
+
+
+def list_page(session: Session, *, team_id: str, after: str | None, limit: int) -> AdapterList:
+    rows, has_more = paginate(session, select(Adapter).where(Adapter.team_id == team_id), Adapter.id,
+                              after=after, limit=limit)
+    return AdapterList(data=[to_read(r) for r in rows], has_more=has_more)
+
+
+def delete(session: Session, *, team_id: str, adapter_id: str) -> str:
+    """Delete the row; returns the storage prefix for the caller to remove after commit."""
+    row = get(session, team_id=team_id, adapter_id=adapter_id)
+    session.delete(row)
+    session.flush()
+    return row.storage_prefix
+
+
+def to_read(row: Adapter) -> AdapterRead:
+    return AdapterRead(id=row.id, created_at=unix(row.created_at), name=row.name, base_model=row.base_model,
+                       job_id=row.job_id, bytes=row.bytes, sha256=row.sha256)

@@ -1,0 +1,100 @@
+"""Datasets: validated JSONL files in storage under the team's prefix."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.db import unix
+from app.core.ids import new_id
+from app.core.pagination import paginate
+from app.core.storage import LocalStorage
+from app.domains.files.errors import FileInUse, FileInvalid, FileNotFound
+from app.domains.files.models import File
+from app.domains.files.schemas import FileList, FileRead
+from app.domains.files.validation import ValidationReport
+
+PURPOSES = ("fine-tune",)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+def check_purpose(purpose: str | None) -> str:
+    if purpose not in PURPOSES:
+        raise FileInvalid(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}.", param="purpose",
+                          code="invalid_purpose")
+    return purpose
+
+
+def display_name(filename: str) -> str:
+    """The name shown back to the user. It is never used as a path."""
+    name = _UNSAFE.sub("_", os.path.basename(filename.replace("\\", "/")))[:255]
+    return name or "upload.jsonl"
+
+
+def report_errors(report: ValidationReport) -> None:
+    """Raise FileInvalid listing the first line errors, or return when the file is valid."""
+    if not report.errors and report.examples > 0:
+        return
+    errors = report.errors or []
+    shown = "; ".join(f"line {e.line}: {e.message}" if e.line else e.message for e in errors)
+    total = max(report.error_count, len(errors))
+    more = f" ({len(errors)} of {total} errors shown; the file has {report.lines} lines)" if total > 1 else ""
+    raise FileInvalid(f"The file is not valid JSONL for fine-tuning: {shown}{more}", param="file",
+                      extra={"errors": [{"line": e.line, "message": e.message} for e in errors]})
+
+
+def create(session: Session, *, team_id: str, storage: LocalStorage, temp_path: str, filename: str,
+           purpose: str, size: int, sha256: str, report: ValidationReport) -> File:
+    """Move a validated upload into storage and record it. Raises FileInvalid for an invalid report
+    (the caller discards the temp file). The blob is written before the row; if the transaction
+    later fails, the caller removes the blob via `storage_key`."""
+    report_errors(report)
+    file_id = new_id("file")
+    key = f"teams/{team_id}/files/{file_id}.jsonl"
+    storage.commit(temp_path, key)
+    row = File(id=file_id, team_id=team_id, filename=display_name(filename), purpose=purpose, bytes=size,
+               sha256=sha256, format=report.format or "unknown", examples=report.examples, storage_key=key)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get(session: Session, *, team_id: str, file_id: str) -> File:
+    """The team's file. Raises FileNotFound for a missing id and for another team's, alike."""
+    row = session.get(File, file_id)
+    if row is None or row.team_id != team_id:
+        raise FileNotFound(f"No such file: {file_id!r}.", param="file_id")
+    return row
+
+
+def list_page(session: Session, *, team_id: str, after: str | None, limit: int,
+              purpose: str | None = None) -> FileList:
+    stmt = select(File).where(File.team_id == team_id)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    rows, has_more = paginate(session, stmt, File.id, after=after, limit=limit)
+    data = [to_read(r) for r in rows]
+    return FileList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)
+
+
+def delete(session: Session, *, team_id: str, file_id: str,
+           active_job_ids: list[str]) -> str:
+    """Delete the row; returns the storage key, for the caller to remove after commit (so a failed
+    commit never leaves a row without its blob). Raises FileNotFound, or FileInUse while an
+    unfinished job uses the file."""
+    row = get(session, team_id=team_id, file_id=file_id)
+    if active_job_ids:
+        raise FileInUse(f"File {file_id} is used by unfinished job(s) {', '.join(active_job_ids)}; "
+                        "cancel them or wait until they end.", param="file_id")
+    session.delete(row)
+    session.flush()
+    return row.storage_key
+
+
+def to_read(row: File) -> FileRead:
+    return FileRead(id=row.id, bytes=row.bytes, created_at=unix(row.created_at), filename=row.filename,
+                    purpose=row.purpose, sha256=row.sha256, format=row.format, examples=row.examples)

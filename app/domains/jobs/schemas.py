@@ -1,0 +1,161 @@
+"""Job request/response models. Field names follow OpenAI's fine-tuning API so the
+official client works unchanged; Tuneforge's own settings (lora, quantization,
+training) sit beside them and arrive through the client's extra_body."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's hyperparameters. batch_size is the effective batch (micro-batch x accumulation);
+    learning_rate_multiplier scales the recipe's learning rate (2e-4 by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = Field("auto", description="Epochs; auto = the recipe's 4.")
+    batch_size: int | Literal["auto"] = Field("auto", description="Effective batch; auto = the recipe's 1 x 8.")
+    learning_rate_multiplier: float | Literal["auto"] = Field("auto")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v):
+        if v != "auto" and not 1 <= v <= 100:
+            raise ValueError("n_epochs must be between 1 and 100")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v):
+        if v != "auto" and not 1 <= v <= 4096:
+            raise ValueError("batch_size must be between 1 and 4096")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lrm(cls, v):
+        if v != "auto" and not 0 < v <= 100:
+            raise ValueError("learning_rate_multiplier must be > 0 and <= 100")
+        return v
+
+
+class _Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is supported.")
+    supervised: _Supervised | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128, description="A registered base model (GET /v1/models).")
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, description="Up to 40 letters, digits, '-' or '_', added to the model name.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs; keys <= 64, values <= 512 chars.")
+    integrations: list[Any] | None = None
+    lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = None
+    training: TrainingSettings | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v is not None and not _SUFFIX.match(v):
+            raise ValueError("suffix must be 1-40 letters, digits, '-' or '_'")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("metadata holds at most 16 pairs")
+        for key, value in v.items():
+            if not 1 <= len(key) <= 64 or len(value) > 512:
+                raise ValueError(f"metadata key {key[:70]!r}: keys are 1-64 chars, values at most 512")
+        return v
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations(cls, v):
+        if v:
+            raise ValueError("integrations are not supported by Tuneforge; omit the field")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobRead(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: JobHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    user_provided_suffix: str | None = None
+    # Tuneforge's additions.
+    spec: dict[str, Any]
+    usage: dict[str, Any] | None = None
+    adapter_id: str | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobRead]
+    has_more: bool
+
+
+class EventRead(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None = None
+    type: str
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventRead]
+    has_more: bool

@@ -1,0 +1,13 @@
+from app.core.errors import Conflict, InvalidRequest, NotFound
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class InvalidModelDirectory(InvalidRequest):
+    code = "invalid_model_directory"
+
+
+class ModelExists(Conflict):
+    code = "model_exists"

@@ -1,0 +1,54 @@
+"""Base models: directories an operator registered. Read without importing transformers:
+config.json tells the architecture; the worker loads the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.domains.models.errors import InvalidModelDirectory, ModelExists
+from app.domains.models.models import BaseModel
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def register(session: Session, *, name: str, path: str | Path, replace: bool = False) -> BaseModel:
+    """Record a local model directory under `name`. Raises InvalidModelDirectory when the directory lacks
+    config.json, weights or a tokenizer; ModelExists when the name is taken and replace is False."""
+    if not name or len(name) > 128 or ":" in name or "/" in name:
+        raise InvalidModelDirectory(f"Model name {name!r} is invalid: 1-128 characters, no ':' or '/'.", param="name")
+    root = Path(path).expanduser().resolve()
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise InvalidModelDirectory(f"{root} has no config.json; pass a directory written by save_pretrained.",
+                                    param="path")
+    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
+        raise InvalidModelDirectory(f"{root} has no weights (*.safetensors).", param="path")
+    if not any((root / f).is_file() for f in _TOKENIZER_FILES):
+        raise InvalidModelDirectory(f"{root} has no tokenizer files (tokenizer.json).", param="path")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidModelDirectory(f"{config_file} is not readable JSON: {exc}", param="path") from None
+    architecture = str(config.get("model_type") or "unknown")
+    row = session.get(BaseModel, name)
+    if row is not None and not replace:
+        raise ModelExists(f"A base model named {name!r} is registered already ({row.path}).", param="name")
+    if row is None:
+        row = BaseModel(id=name, path=str(root), architecture=architecture)
+        session.add(row)
+    else:
+        row.path, row.architecture = str(root), architecture
+    session.flush()
+    return row
+
+
+def get_base(session: Session, name: str) -> BaseModel | None:
+    return session.get(BaseModel, name)
+
+
+def list_base(session: Session) -> list[BaseModel]:
+    return list(session.scalars(select(BaseModel).order_by(BaseModel.id)))

@@ -1,0 +1,209 @@
+"""Shared fixtures: real Postgres, real Redis, a real API server and a real Celery worker.
+
+The session gets its own Postgres database (built by `alembic upgrade head`), its own
+Celery queue name on the shared Redis, and its own data dir; every test makes its own
+teams, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+PG_ADMIN = os.environ.get("TUNEFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+RUN_ID = secrets.token_hex(4)
+TEST_UPLOAD_LIMIT = 2 * 1024 * 1024
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sqlalchemy_url(dbname: str) -> str:
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{dbname}"
+
+
+def create_database(name: str) -> str:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return _sqlalchemy_url(name)
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def services_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for this session: its own database, queue and data dir. Also applied to the
+    test process itself, so factories talk to the same database."""
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.RedisError as exc:
+        pytest.exit(f"Redis is not reachable at {REDIS_URL}: {exc}. Start it (see README).", returncode=3)
+    dbname = f"tuneforge_test_{RUN_ID}"
+    try:
+        url = create_database(dbname)
+    except psycopg.Error as exc:
+        pytest.exit(f"Postgres is not reachable at {PG_ADMIN}: {exc}. Start it (see README).", returncode=3)
+    data_dir = tmp_path_factory.mktemp("tuneforge-data")
+    env = {
+        "TUNEFORGE_DATABASE_URL": url,
+        "TUNEFORGE_BROKER_URL": REDIS_URL,
+        "TUNEFORGE_DATA_DIR": str(data_dir),
+        "TUNEFORGE_TRAINING_QUEUE": f"training-test-{RUN_ID}",
+        "TUNEFORGE_UPLOAD_MAX_BYTES": str(TEST_UPLOAD_LIMIT),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    os.environ.update(env)
+    _clear_caches()
+    from app.core.migrate import upgrade
+
+    upgrade(url)
+    yield env
+    _clear_caches()
+    from app.core.db import get_engine
+
+    get_engine.cache_clear()
+    drop_database(dbname)
+    r = redis.Redis.from_url(REDIS_URL)
+    r.delete(env["TUNEFORGE_TRAINING_QUEUE"])
+
+
+def _clear_caches() -> None:
+    from app.core import queue
+    from app.core.config import get_settings
+    from app.core.db import get_engine, get_sessionmaker
+    from app.core.storage import get_storage
+
+    for cached in (get_settings, get_engine, get_sessionmaker, get_storage, queue.client):
+        cached.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(services_env) -> Path:
+    """The tiny Llama model, built offline and registered as 'tiny-llama'."""
+    from app.core.db import session_scope
+    from app.domains.models import service as models
+    from worker.training.tiny import make_tiny_model
+
+    path = make_tiny_model(Path(services_env["TUNEFORGE_DATA_DIR"]) / "models" / "tiny-llama")
+    with session_scope() as session:
+        models.register(session, name="tiny-llama", path=path)
+    return path
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            cwd=ROOT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(services_env) -> str:
+    """A real uvicorn process serving the API; yields its base URL."""
+    port = free_port()
+    log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "api.log"
+    proc = _spawn([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+                   "--port", str(port)], services_env, log)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            pytest.fail(f"API exited:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout=60, message="the API to start")
+    yield base
+    _stop(proc)
+
+
+def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:
+    """A real Celery worker on this session's queue; returns once it is ready."""
+    proc = _spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
+                   "--concurrency", str(concurrency), "-Q", env["TUNEFORGE_TRAINING_QUEUE"],
+                   "--hostname", f"test-{secrets.token_hex(3)}@%h", "--without-mingle", "--without-gossip"],
+                  env, log)
+
+    def ready():
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited:\n{log.read_text()[-3000:]}")
+        return log.exists() and " ready." in log.read_text()
+
+    wait_until(ready, timeout=90, interval=0.2, message="the Celery worker to be ready")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def worker(services_env, tiny_model) -> subprocess.Popen:
+    log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "worker.log"
+    proc = start_worker(services_env, log)
+    yield proc
+    _stop(proc)
+
+
+@pytest.fixture
+def make_team(services_env):
+    """Factory: a new team with a unique name; returns (team_id, api_key)."""
+    from tests.factories import create_team
+
+    return create_team
+
+
+@pytest.fixture
+def api(server):
+    """Factory: an httpx client for /v1 authenticated with the given key (or none)."""
+    clients = []
+
+    def _make(key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.Client(base_url=f"{server}/v1", headers=headers, timeout=60)
+        clients.append(client)
+        return client
+
+    yield _make
+    for c in clients:
+        c.close()
