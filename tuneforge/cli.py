@@ -111,7 +111,7 @@ def _register(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from worker.training.tiny import make_tiny_model
 
-    path = make_tiny_model(args.path)
+    path = make_tiny_model(args.path, pretrain_steps=args.pretrain_steps)
     print(f"tiny Llama model and tokenizer written to {path}")
     return 0
 
@@ -129,7 +129,7 @@ def _list_models(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tuneforge.demo import run_demo
 
-    return run_demo(data_dir=Path(args.data_dir), port=args.port)
+    return run_demo(data_dir=Path(args.data_dir), port=args.port, pretrain_steps=args.pretrain_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_register)
     p = mdl.add_parser("make-tiny", help="build the tiny test model offline")
     p.add_argument("path")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="train the random model this many steps on Python's sources first (about 0.2 s each)")
     p.set_defaults(func=_make_tiny)
     mdl.add_parser("list", help="list base models").set_defaults(func=_list_models)
 
     p = sub.add_parser("demo", help="run the whole path end to end on a fresh embedded instance")
     p.add_argument("--data-dir", default=".tuneforge-demo")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--pretrain-steps", type=int, default=150,
+                   help="pretraining steps for the tiny model, so its output looks like Python (0: random weights)")
     p.set_defaults(func=_demo)
     return parser
 

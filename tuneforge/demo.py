@@ -53,7 +53,7 @@ def _wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 60) -> None
     raise TimeoutError(f"{url} did not answer within {deadline_s} s")
 
 
-def run_demo(*, data_dir: Path, port: int = 0) -> int:
+def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int:
     data_dir = data_dir.resolve()
     if data_dir.exists():
         shutil.rmtree(data_dir)
@@ -75,13 +75,14 @@ def run_demo(*, data_dir: Path, port: int = 0) -> int:
             from app.core.migrate import upgrade
 
             upgrade()
-        with step("Building the tiny Llama model and tokenizer offline, registering it as 'tiny-llama'"):
+        with step("Building the tiny Llama model and tokenizer offline (briefly pretrained on Python's own "
+                  "sources), registering it as 'tiny-llama'"):
             from app.core.db import session_scope
             from app.domains.models import service as models
             from app.domains.teams import service as teams
             from worker.training.tiny import make_tiny_model
 
-            model_dir = make_tiny_model(data_dir / "models" / "tiny-llama")
+            model_dir = make_tiny_model(data_dir / "models" / "tiny-llama", pretrain_steps=pretrain_steps)
             with session_scope() as session:
                 models.register(session, name="tiny-llama", path=model_dir)
         with step("Creating team 'demo' and its API key"):
@@ -113,14 +114,15 @@ def run_demo(*, data_dir: Path, port: int = 0) -> int:
             job = r.json()
             print(f"    {job['id']}: {job['status']}")
         with step("Following the job's events until it ends"):
-            job = _follow(client, job["id"])
+            job = _follow(client, job["id"], procs, logs)
         if job["status"] != "succeeded":
             print(f"the job ended {job['status']}: {job.get('error')}", file=sys.stderr)
             print(f"worker log: {logs / 'worker.log'}", file=sys.stderr)
             return 1
         usage = job.get("usage") or {}
-        print(f"    trained_tokens={job['trained_tokens']}  tokens/s={usage.get('tokens_per_second')}  "
-              f"wall={usage.get('wall_seconds')} s  device={usage.get('device')}  model={job['fine_tuned_model']}")
+        print(f"    trained_tokens={job['trained_tokens']}  tokens/s={usage.get('tokens_per_second', 0):.0f}  "
+              f"training wall={usage.get('wall_seconds', 0):.1f} s  device={usage.get('device')}  "
+              f"model={job['fine_tuned_model']}")
         adapter_dir = data_dir / "downloads" / job["adapter_id"]
         with step(f"Downloading adapter {job['adapter_id']} (.tar.gz) and extracting it"):
             r = client.get(f"/adapters/{job['adapter_id']}/content")
@@ -143,10 +145,15 @@ def run_demo(*, data_dir: Path, port: int = 0) -> int:
                 p.kill()
 
 
-def _follow(client: httpx.Client, job_id: str, deadline_s: float = 1800) -> dict:
+def _follow(client: httpx.Client, job_id: str, procs: list[subprocess.Popen], logs: Path,
+            deadline_s: float = 1800) -> dict:
     seen: set[str] = set()
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
+        for proc, name in zip(procs, ("api", "worker")):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the {name} process exited with code {proc.returncode}; "
+                                   f"see {logs / (name + '.log')}")
         events = client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
         for e in reversed(events):
             if e["id"] in seen:

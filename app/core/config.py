@@ -59,6 +59,8 @@ class Settings(BaseSettings):
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # kombu's default control folder is relative to the working directory.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from app.core.config import get_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,7 +21,14 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
+    _ensure_sqlite_dir(url or get_settings().effective_database_url)
     command.upgrade(alembic_config(url), revision)
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    """SQLite creates the file but not its folder: the embedded default starts from nothing."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

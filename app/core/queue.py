@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 
 from celery import Celery
 
@@ -15,7 +16,11 @@ TRAIN_TASK = "jobs.train"
 
 
 def celery_config(settings: Settings) -> dict:
-    """Celery settings shared by the API's client and the workers."""
+    """Celery settings shared by the API's client and the workers. For the embedded filesystem
+    broker, also creates its folders (kombu expects them to exist)."""
+    for folder in settings.broker_transport_options.values():
+        if isinstance(folder, str):
+            Path(folder).mkdir(parents=True, exist_ok=True)
     return {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": settings.broker_transport_options,

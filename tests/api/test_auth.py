@@ -12,7 +12,7 @@ from app.domains.teams.models import ApiKey
 from tests.routes import v1_routes
 
 
-@pytest.mark.parametrize("header", [None, "Bearer ", "Bearer tf_0123456789abcdef_" + "x" * 43, "Basic abc",
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer tf_0123456789abcdef_" + "x" * 43, "Basic abc",
                                     "Bearer not-a-key"])
 def test_every_v1_route_refuses_a_missing_or_bad_key(server, header, services_env):
     import httpx

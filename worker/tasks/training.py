@@ -8,7 +8,9 @@ across the training loop.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -113,6 +115,7 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
             return "cancelled"
         adapter_dir = work_dir / "adapter"
         recipe.save(adapter_dir)
+        _make_portable(adapter_dir, base_name)
     finally:
         recipe.cleanup()
 
@@ -127,7 +130,7 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
     blob = storage.put_file(archive, f"{prefix}/adapter.tar.gz")
 
     name = jobs.model_name(base=base_name, team_name=team_name, suffix=suffix, job_id=job_id)
-    usage = result.as_usage()
+    usage = dataclasses.asdict(result)
     with session_scope() as session:
         if not jobs.succeed(session, job_id=job_id, fine_tuned_model=name, trained_tokens=result.trained_tokens,
                             usage=usage):
@@ -137,6 +140,16 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
         adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=job_id, base_model=base_name,
                         name=name, storage_prefix=prefix, archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
     return "succeeded"
+
+
+def _make_portable(adapter_dir: Path, base_name: str) -> None:
+    """Name the base by its registered name, not this worker's path, and drop peft's template model
+    card (it repeats that path): the adapter is downloaded and served elsewhere."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (adapter_dir / "README.md").unlink(missing_ok=True)
 
 
 def redispatch_stale(older_than_seconds: float | None = None) -> list[str]:

@@ -46,8 +46,12 @@ def make_tiny_model(
     max_position_embeddings: int = 2048,
     corpus_bytes: int = 3_000_000,
     seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> Path:
-    """Write config, weights and tokenizer to `path`; returns it. Deterministic for a seed."""
+    """Write config, weights and tokenizer to `path`; returns it. Deterministic for a seed.
+
+    pretrain_steps > 0 first trains all weights briefly on the same Python sources, so the model
+    writes Python-looking text (the demo uses this; tests keep random weights, which is faster)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -79,5 +83,30 @@ def make_tiny_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    if pretrain_steps:
+        corpus_ids = tok.encode("\n".join(_corpus(corpus_bytes))).ids
+        _pretrain(model, corpus_ids, steps=pretrain_steps, seed=seed)
     model.save_pretrained(path)
     return path
+
+
+def _pretrain(model, corpus_ids: list[int], *, steps: int, seed: int, seq_len: int = 128,
+              batch: int = 16, lr: float = 3e-3) -> None:
+    """Full-parameter next-token training on random windows of the corpus (batch x seq_len tokens a step)."""
+    import torch
+
+    ids = torch.tensor(corpus_ids, dtype=torch.long)  # (corpus_tokens,)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+        window = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # (batch, seq_len)
+        loss = model(input_ids=window, labels=window).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()

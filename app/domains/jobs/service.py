@@ -201,8 +201,9 @@ def claim(session: Session, *, job_id: str, worker_id: str) -> FineTuningJob | N
     """Atomically move a queued job to running for this worker. Returns None when the job is not
     queued (already claimed, finished, cancelled or unknown): a redelivered message does nothing."""
     now = utcnow()
-    if not transition(session, job_id, ("queued",), "running", "Training started", worker_id=worker_id,
-                      started_at=now, heartbeat_at=now, attempts=FineTuningJob.attempts + 1):
+    if not transition(session, job_id, ("queued",), "running", f"Claimed by worker {worker_id}",
+                      data={"worker_id": worker_id}, worker_id=worker_id, started_at=now, heartbeat_at=now,
+                      attempts=FineTuningJob.attempts + 1):
         return None
     return session.get(FineTuningJob, job_id, populate_existing=True)
 

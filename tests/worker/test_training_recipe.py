@@ -1,0 +1,282 @@
+"""The LoRA recipe and its data pipeline on the real tiny model (CPU, offline).
+
+One training run is shared by the tests that check its outcome (loss, events,
+files, adapter), because each run costs seconds on a 2-core machine. Every
+model and tokenizer is loaded from a local folder; nothing touches the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from app.domains.jobs.spec import TrainingSettings, TrainingSpec
+from worker.training.data import (
+    CausalLMCollator,
+    DataFormatError,
+    encode_record,
+    ensure_pad_token,
+    format_record,
+    load_examples,
+    tokenize_records,
+)
+from worker.training.recipe import LoraRecipe, TrainResult
+from worker.training.tiny import EOS, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture
+def tokenizer(base_path):
+    # A fresh instance per test: some tests change the pad token or template.
+    return AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+
+
+@dataclass
+class RecordingHooks:
+    """TrainingHooks that keeps every event and asks to stop after `stop_after` steps."""
+
+    stop_after: int | None = None
+    events: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
+    steps_seen: int = 0
+
+    def on_event(self, type: str, message: str, data: dict[str, Any] | None) -> None:
+        self.events.append((type, message, data))
+
+    def should_stop(self) -> bool:
+        self.steps_seen += 1
+        return self.stop_after is not None and self.steps_seen >= self.stop_after
+
+    def train_metrics(self) -> list[dict[str, Any]]:
+        return [d for t, _, d in self.events if t == "metrics" and "loss" in d]
+
+    def messages(self) -> list[str]:
+        return [m for t, m, _ in self.events if t == "message"]
+
+
+def code_task_records(n: int, seed: int) -> list[dict[str, str]]:
+    """Small prompt/completion Python tasks of varying length (so batches need padding)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        k = rng.randint(1, 9)
+        body = "    total = x\n" * rng.randint(0, 3)
+        records.append({
+            "prompt": f'def add_{i}(x):\n    """Return x plus {k}."""\n',
+            "completion": f"{body}    return x + {k}\n",
+        })
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def spec_for(**training: Any) -> TrainingSpec:
+    settings = {"gradient_accumulation_steps": 1, "learning_rate": 3e-3, "max_seq_length": 128, **training}
+    return TrainingSpec(training=TrainingSettings(**settings), seed=7)
+
+
+# ---- data formats ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"prompt": "def f():\n", "completion": "    return 1\n"}, "def f():\n    return 1\n" + EOS),
+        ({"text": "import os\n"}, "import os\n" + EOS),
+        (
+            {"text": "Write f.", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"]},
+            "Write f.\ndef f():\n    return 1" + EOS,
+        ),
+        (
+            {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
+             "entry_point": "f"},
+            "def f():\n    return 1\n" + EOS,
+        ),
+    ],
+    ids=["prompt_completion", "text", "mbpp", "humaneval"],
+)
+def test_each_record_format_becomes_its_training_text(tokenizer, record, expected):
+    assert format_record(record, tokenizer) == expected
+    ids = encode_record(record, tokenizer)
+    assert tokenizer.decode(ids) == expected
+    assert ids[-1] == tokenizer.eos_token_id
+
+
+def test_chat_record_goes_through_the_saved_chat_template(tokenizer):
+    record = {"messages": [{"role": "user", "content": "Add one."}, {"role": "assistant", "content": "x + 1"}]}
+    text = format_record(record, tokenizer)
+    assert text == f"<|user|>\nAdd one.{EOS}\n<|assistant|>\nx + 1{EOS}\n"
+    assert encode_record(record, tokenizer).count(tokenizer.eos_token_id) == 2
+
+
+def test_chat_record_without_template_uses_role_tags_and_eos(tokenizer):
+    tokenizer.chat_template = None
+    record = {"messages": [{"role": "user", "content": "Add one."}, {"role": "assistant", "content": "x + 1"}]}
+    assert format_record(record, tokenizer) == f"<|user|>\nAdd one.\n<|assistant|>\nx + 1\n{EOS}"
+
+
+def test_record_of_no_known_format_is_rejected_with_its_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"input": "?", "output": "!"}])
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl line 2: .*match no format"):
+        load_examples(path, tokenizer, 64)
+
+
+def test_long_records_are_truncated_and_real_tokens_counted(tokenizer):
+    records = [{"text": "x = 1\n" * 50}, {"text": "y = 2\n"}]
+    examples = tokenize_records(records, tokenizer, max_seq_length=16)
+    assert [len(ids) for ids in examples.input_ids] == [16, len(encode_record(records[1], tokenizer))]
+    assert examples.num_tokens == sum(len(ids) for ids in examples.input_ids)
+    assert examples.num_truncated == 1
+
+
+def test_pad_token_becomes_eos_and_collator_still_trains_on_eos(tokenizer):
+    tokenizer.pad_token = None
+    assert ensure_pad_token(tokenizer) is True
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    batch = CausalLMCollator(tokenizer)([{"input_ids": [5, 6, eos]}, {"input_ids": [7, eos]}])
+    # Each example's own eos is a target; only the padding after the short one is ignored.
+    assert batch["labels"].tolist() == [[5, 6, eos], [7, eos, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+# ---- training --------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    result: TrainResult
+    hooks: RecordingHooks
+    adapter_dir: Path
+    train_tokens: int
+
+
+@pytest.fixture(scope="module")
+def trained(base_path, tmp_path_factory) -> Run:
+    """One epoch over 32 tasks in batches of 2 (16 steps), with a validation file, saved."""
+    tmp = tmp_path_factory.mktemp("run")
+    train_file = write_jsonl(tmp / "train.jsonl", code_task_records(32, seed=1))
+    valid_file = write_jsonl(tmp / "valid.jsonl", code_task_records(4, seed=2))
+    hooks = RecordingHooks()
+    recipe = LoraRecipe(
+        spec=spec_for(epochs=1, batch_size=2), base_model_path=base_path, train_file=train_file,
+        validation_file=valid_file, work_dir=tmp / "work", hooks=hooks,
+    )
+    recipe.setup()
+    result = recipe.train()
+    recipe.save(tmp / "adapter")
+    recipe.cleanup()
+    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    train_tokens = load_examples(train_file, tokenizer, 128).num_tokens
+    return Run(result=result, hooks=hooks, adapter_dir=tmp / "adapter", train_tokens=train_tokens)
+
+
+def test_training_loss_is_finite_and_falls(trained):
+    losses = [m["loss"] for m in trained.hooks.train_metrics()]
+    assert len(losses) == 16
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert trained.result.final_loss == losses[-1]
+
+
+def test_metrics_events_report_progress_and_real_token_throughput(trained):
+    metrics = trained.hooks.train_metrics()
+    assert [m["step"] for m in metrics] == list(range(1, 17))
+    assert all(m["total_steps"] == 16 and m["tokens_per_second"] > 0 for m in metrics)
+    assert metrics[-1]["eta_seconds"] == 0
+    # One epoch sees every example once; padding in the batches of 2 is not counted.
+    assert metrics[-1]["trained_tokens"] == trained.result.trained_tokens == trained.train_tokens
+
+
+def test_result_describes_the_run(trained):
+    r = trained.result
+    assert (r.steps, r.total_steps, r.stopped_early) == (16, 16, False)
+    assert r.tokens_per_second > 0 and r.wall_seconds > 0 and r.peak_memory_bytes > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback used without CUDA")
+def test_without_cuda_lora_trains_on_the_fp32_base_with_adamw_torch(trained):
+    r = trained.result
+    assert (r.device, r.precision, r.quantization) == ("cpu", "fp32", "none (no CUDA)")
+    messages = trained.hooks.messages()
+    assert any(m.startswith("Quantization skipped: nf4-double-quant requested but no CUDA device") for m in messages)
+    assert "Optimizer paged_adamw_8bit needs CUDA (bitsandbytes); using adamw_torch on CPU" in messages
+
+
+def test_validation_file_produces_a_validation_loss(trained):
+    valid = [d for t, _, d in trained.hooks.events if t == "metrics" and "valid_loss" in d]
+    assert valid == [{"valid_loss": trained.result.valid_loss, "step": 16}]
+    assert math.isfinite(trained.result.valid_loss)
+
+
+def test_epoch_end_writes_a_checkpoint(trained):
+    assert "Checkpoint saved at step 16" in trained.hooks.messages()
+
+
+def test_save_writes_safetensors_adapter_and_tokenizer_with_chat_template(trained, tokenizer):
+    names = {p.name for p in trained.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert "adapter_model.bin" not in names
+    saved = AutoTokenizer.from_pretrained(trained.adapter_dir, local_files_only=True)
+    assert saved.chat_template == tokenizer.chat_template is not None
+
+
+def test_saved_adapter_loads_on_the_base_and_changes_its_logits(trained, base_path, tokenizer):
+    ids = torch.tensor([tokenizer("def add_3(x):\n    return")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, trained.adapter_dir)
+        tuned_logits = tuned(ids).logits
+    assert torch.isfinite(tuned_logits).all()
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+
+
+def test_should_stop_ends_training_at_that_step_without_a_checkpoint(base_path, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", code_task_records(16, seed=3))
+    hooks = RecordingHooks(stop_after=3)
+    recipe = LoraRecipe(
+        spec=spec_for(max_steps=12), base_model_path=base_path, train_file=train_file,
+        validation_file=None, work_dir=tmp_path / "work", hooks=hooks,
+    )
+    recipe.setup()
+    result = recipe.train()
+    recipe.cleanup()
+    assert result.stopped_early is True
+    assert result.steps in (3, 4) and result.total_steps == 12
+    assert [m["step"] for m in hooks.train_metrics()] == list(range(1, result.steps + 1))
+    assert result.valid_loss is None
+    assert not any(m.startswith("Checkpoint saved") for m in hooks.messages())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trains_lora_on_a_4bit_nf4_base(base_path, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", code_task_records(8, seed=4))
+    # The spec's default quantization is the paper's: 4-bit NF4 with double quantization.
+    recipe = LoraRecipe(
+        spec=spec_for(max_steps=4), base_model_path=base_path, train_file=train_file,
+        validation_file=None, work_dir=tmp_path / "work", hooks=RecordingHooks(),
+    )
+    recipe.setup()
+    result = recipe.train()
+    recipe.save(tmp_path / "adapter")
+    recipe.cleanup()
+    assert result.quantization == "nf4-double-quant"
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
