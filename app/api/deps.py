@@ -8,21 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Header, Query
 from sqlalchemy.orm import Session
 
-from app.core.db import get_sessionmaker
+from app.core.db import session_scope
 from app.domains.teams import service as teams
 from app.domains.teams.service import Principal
 
 
 def _session() -> Iterator[Session]:
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit before the response is sent, so a failed commit cannot answer 200.

@@ -94,3 +94,10 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def get_owned(session: Session, model: type, object_id: str, team_id: str):
+    """The row with this id if it belongs to the team, else None: another team's object and a
+    missing one are indistinguishable to the caller, by construction."""
+    row = session.get(model, object_id)
+    return row if row is not None and row.team_id == team_id else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.db import unix
+from app.core.db import get_owned, unix
 from app.core.pagination import paginate
 from app.domains.adapters.errors import AdapterNotFound
 from app.domains.adapters.models import Adapter
@@ -24,8 +24,8 @@ def create(session: Session, *, adapter_id: str, team_id: str, job_id: str, base
 
 def get(session: Session, *, team_id: str, adapter_id: str) -> Adapter:
     """The team's adapter. Raises AdapterNotFound for a missing id and for another team's, alike."""
-    row = session.get(Adapter, adapter_id)
-    if row is None or row.team_id != team_id:
+    row = get_owned(session, Adapter, adapter_id, team_id)
+    if row is None:
         raise AdapterNotFound(f"No such adapter: {adapter_id!r}.", param="adapter_id")
     return row
 

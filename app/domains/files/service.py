@@ -8,7 +8,7 @@ import re
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.db import unix
+from app.core.db import get_owned, unix
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.core.storage import LocalStorage
@@ -64,8 +64,8 @@ def create(session: Session, *, team_id: str, storage: LocalStorage, temp_path: 
 
 def get(session: Session, *, team_id: str, file_id: str) -> File:
     """The team's file. Raises FileNotFound for a missing id and for another team's, alike."""
-    row = session.get(File, file_id)
-    if row is None or row.team_id != team_id:
+    row = get_owned(session, File, file_id, team_id)
+    if row is None:
         raise FileNotFound(f"No such file: {file_id!r}.", param="file_id")
     return row
 

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import unix, utcnow
+from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
@@ -103,8 +103,8 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
 
 def get(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
     """The team's job. Raises JobNotFound for a missing id and for another team's, alike."""
-    job = session.get(FineTuningJob, job_id)
-    if job is None or job.team_id != team_id:
+    job = get_owned(session, FineTuningJob, job_id, team_id)
+    if job is None:
         raise JobNotFound(f"No such fine-tuning job: {job_id!r}.", param="fine_tuning_job_id")
     return job
 
