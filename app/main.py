@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.api import errors
-from app.api.v1 import adapters, files, jobs, models
+from app.api.v1 import adapters, evaluations, files, jobs, models
 from app.core.db import get_engine
 
 
@@ -21,7 +21,7 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     v1 = APIRouter(prefix="/v1")
-    for module in (files, jobs, adapters, models):
+    for module in (files, jobs, adapters, models, evaluations):
         v1.include_router(module.router)
     app.include_router(v1)
 

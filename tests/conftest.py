@@ -81,6 +81,7 @@ def services_env(tmp_path_factory) -> dict[str, str]:
         "TUNEFORGE_BROKER_URL": REDIS_URL,
         "TUNEFORGE_DATA_DIR": str(data_dir),
         "TUNEFORGE_TRAINING_QUEUE": f"training-test-{RUN_ID}",
+        "TUNEFORGE_EVALUATION_QUEUE": f"evaluation-test-{RUN_ID}",
         "TUNEFORGE_UPLOAD_MAX_BYTES": str(TEST_UPLOAD_LIMIT),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -98,7 +99,7 @@ def services_env(tmp_path_factory) -> dict[str, str]:
     get_engine.cache_clear()
     drop_database(dbname)
     r = redis.Redis.from_url(REDIS_URL)
-    r.delete(env["TUNEFORGE_TRAINING_QUEUE"])
+    r.delete(env["TUNEFORGE_TRAINING_QUEUE"], env["TUNEFORGE_EVALUATION_QUEUE"])
 
 
 def _clear_caches() -> None:
@@ -164,7 +165,8 @@ def server(services_env) -> str:
 def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:
     """A real Celery worker on this session's queue; returns once it is ready."""
     proc = _spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-                   "--concurrency", str(concurrency), "-Q", env["TUNEFORGE_TRAINING_QUEUE"],
+                   "--concurrency", str(concurrency), "-Q",
+                   f"{env['TUNEFORGE_TRAINING_QUEUE']},{env['TUNEFORGE_EVALUATION_QUEUE']}",
                    "--hostname", f"test-{secrets.token_hex(3)}@%h", "--without-mingle", "--without-gossip"],
                   env, log)
 

@@ -2,7 +2,7 @@
 
     tuneforge up                      API + one worker (embedded default: SQLite, filesystem broker)
     tuneforge serve [--port 8000]     the API process alone
-    tuneforge worker                  one Celery training worker
+    tuneforge worker                  one Celery worker (training + evaluation queues)
     tuneforge migrate                 alembic upgrade head
     tuneforge admin create-team NAME  prints the team's API key, once
     tuneforge models register NAME PATH | make-tiny PATH | list
@@ -38,9 +38,10 @@ def _serve_cmd(host: str, port: int) -> list[str]:
 def _worker_cmd(concurrency: int, queues: str | None = None) -> list[str]:
     from app.core.config import get_settings
 
+    settings = get_settings()
+    queues = queues or f"{settings.training_queue},{settings.evaluation_queue}"
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-            "--concurrency", str(concurrency), "-Q", queues or get_settings().training_queue,
-            "--hostname", f"training-{os.getpid()}@%h"]
+            "--concurrency", str(concurrency), "-Q", queues, "--hostname", f"worker-{os.getpid()}@%h"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -147,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("worker", help="a Celery training worker")
+    p = sub.add_parser("worker", help="a Celery worker (training and evaluation queues by default)")
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--queues", default=None)
+    p.add_argument("--queues", default=None,
+                   help="comma-separated; e.g. 'training' on GPU machines, 'evaluation' on CPU machines")
     p.set_defaults(func=_worker)
 
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=_migrate)

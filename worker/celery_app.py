@@ -1,4 +1,5 @@
-"""The Celery app workers run: `celery -A worker.celery_app worker -Q training`."""
+"""The Celery app workers run: `celery -A worker.celery_app worker -Q training` on GPU machines,
+`-Q evaluation` on CPU machines (model-written code runs there, in the sandbox)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from app.core.queue import celery_config
 
 log = logging.getLogger("tuneforge.worker")
 
-app = Celery("tuneforge", include=["worker.tasks.training"])
+app = Celery("tuneforge", include=["worker.tasks.training", "worker.tasks.evaluation"])
 app.conf.update(celery_config(get_settings()))
 
 

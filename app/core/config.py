@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     upload_max_errors: int = Field(default=10, gt=0, description="How many line errors a refused upload reports.")
 
     training_queue: str = Field(default="training", min_length=1)
+    evaluation_queue: str = Field(default="evaluation", min_length=1,
+                                  description="Queue of the CPU workers that run model-written code.")
+    allow_weak_sandbox: bool = Field(default=False, description=(
+        "Run evaluations without bubblewrap (resource limits only) where it cannot start. Off: refuse."))
     worker_heartbeat_seconds: float = Field(default=2.0, gt=0)
     # How long a queued job may wait undelivered before a worker re-dispatches it
     # (covers an enqueue that failed after the job's row was committed).

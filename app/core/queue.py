@@ -13,6 +13,8 @@ from app.core.config import Settings, get_settings
 log = logging.getLogger("tuneforge.queue")
 
 TRAIN_TASK = "jobs.train"
+EVALUATE_TASK = "evaluations.run"
+EVALUATE_JOB_TASK = "evaluations.run_job"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -32,7 +34,9 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_routes": {TRAIN_TASK: {"queue": settings.training_queue}},
+        "task_routes": {TRAIN_TASK: {"queue": settings.training_queue},
+                        EVALUATE_TASK: {"queue": settings.evaluation_queue},
+                        EVALUATE_JOB_TASK: {"queue": settings.evaluation_queue}},
         "task_default_queue": settings.training_queue,
     }
 
@@ -47,10 +51,22 @@ def client() -> Celery:
 def enqueue_training(job_id: str) -> bool:
     """Send the job's id to the training queue. Returns False (and logs) when the broker is
     unreachable: the job stays queued in the database and a worker re-dispatches it."""
+    return _send(TRAIN_TASK, job_id, get_settings().training_queue)
+
+
+def enqueue_evaluation(evaluation_id: str) -> bool:
+    return _send(EVALUATE_TASK, evaluation_id, get_settings().evaluation_queue)
+
+
+def enqueue_job_evaluation(job_id: str) -> bool:
+    return _send(EVALUATE_JOB_TASK, job_id, get_settings().evaluation_queue)
+
+
+def _send(task: str, object_id: str, queue: str) -> bool:
     try:
-        client().send_task(TRAIN_TASK, args=[job_id], queue=get_settings().training_queue,
+        client().send_task(task, args=[object_id], queue=queue,
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
         return True
-    except Exception as exc:  # broker down: the database keeps the job
-        log.warning("could not enqueue %s: %s", job_id, exc)
+    except Exception as exc:  # broker down: the database keeps the object queued
+        log.warning("could not enqueue %s %s: %s", task, object_id, exc)
         return False

@@ -2,6 +2,7 @@
 
 from app.core.db import Base
 from app.domains.adapters import models as _adapters  # noqa: F401
+from app.domains.evaluations import models as _evaluations  # noqa: F401
 from app.domains.files import models as _files  # noqa: F401
 from app.domains.idempotency import models as _idempotency  # noqa: F401
 from app.domains.jobs import models as _jobs  # noqa: F401

@@ -8,7 +8,7 @@ from tests.routes import v1_routes
 
 # Route parameter -> (key in the `trained` fixture's objects, prefix of a missing id of that kind)
 PARAMS = {"file_id": ("file_id", "file-"), "job_id": ("job_id", "ftjob-"), "adapter_id": ("adapter_id", "ftadapter-"),
-          "model_id": ("model_id", "ft:tiny-llama:nobody::ftjob-")}
+          "model_id": ("model_id", "ft:tiny-llama:nobody::ftjob-"), "evaluation_id": ("evaluation_id", "eval-")}
 MISSING_SUFFIX = "0000000000000000deadbeef"
 
 
@@ -25,8 +25,10 @@ def _normalise(body: dict, *ids: str) -> dict:
 
 def test_every_route_hides_another_teams_objects(trained, api, make_team):
     job = trained["job"]
+    evaluation = trained["client"].post("/evaluations", json={"model": job["fine_tuned_model"], "tasks": "humaneval",
+                                                             "limit": 1, "max_tokens": 8}).json()
     owned = {"file_id": trained["file_id"], "job_id": job["id"], "adapter_id": job["adapter_id"],
-             "model_id": job["fine_tuned_model"]}
+             "model_id": job["fine_tuned_model"], "evaluation_id": evaluation["id"]}
     missing = {name: prefix + MISSING_SUFFIX for name, (_, prefix) in PARAMS.items()}
     _, other_key = make_team()
     other = api(other_key)
@@ -48,6 +50,7 @@ def test_every_route_hides_another_teams_objects(trained, api, make_team):
     assert owner.get(f"/fine_tuning/jobs/{owned['job_id']}").json()["status"] == "succeeded"
     assert owner.get(f"/adapters/{owned['adapter_id']}").status_code == 200
     assert owner.get(f"/models/{owned['model_id']}").status_code == 200
+    assert owner.get(f"/evaluations/{owned['evaluation_id']}").status_code == 200
 
 
 def test_lists_show_only_the_teams_own_objects(trained, api, make_team):
@@ -56,6 +59,7 @@ def test_lists_show_only_the_teams_own_objects(trained, api, make_team):
     assert other.get("/files").json()["data"] == []
     assert other.get("/fine_tuning/jobs").json()["data"] == []
     assert other.get("/adapters").json()["data"] == []
+    assert other.get("/evaluations").json()["data"] == []
     assert trained["job"]["fine_tuned_model"] not in [m["id"] for m in other.get("/models").json()["data"]]
     assert "tiny-llama" in [m["id"] for m in other.get("/models").json()["data"]]
 

@@ -23,9 +23,11 @@ from pathlib import Path
 from app.core.config import get_settings
 from app.core.db import session_scope, utcnow
 from app.core.ids import new_id
-from app.core.queue import TRAIN_TASK, enqueue_training
+from app.core.queue import TRAIN_TASK, enqueue_job_evaluation, enqueue_training
 from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
+from app.domains.evaluations import service as evaluations
+from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import service as files
 from app.domains.jobs import service as jobs
 from app.domains.jobs.spec import TrainingSpec
@@ -131,14 +133,24 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
 
     name = jobs.model_name(base=base_name, team_name=team_name, suffix=suffix, job_id=job_id)
     usage = dataclasses.asdict(result)
+    evaluate = spec.evaluation is not None
     with session_scope() as session:
-        if not jobs.succeed(session, job_id=job_id, fine_tuned_model=name, trained_tokens=result.trained_tokens,
-                            usage=usage):
+        finish = jobs.start_evaluating if evaluate else jobs.succeed
+        if not finish(session, job_id=job_id, fine_tuned_model=name, trained_tokens=result.trained_tokens,
+                      usage=usage):
             session.rollback()
             storage.delete(prefix)
             return "cancelled"
         adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=job_id, base_model=base_name,
                         name=name, storage_prefix=prefix, archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
+        if evaluate:
+            settings = SamplingSpec.model_validate(spec.evaluation.model_dump(exclude={"tasks"}))
+            evaluations.create_for_job(session, team_id=team_id, job_id=job_id, base_model=base_name,
+                                       adapter_id=adapter_id, fine_tuned_model=name, tasks=spec.evaluation.tasks,
+                                       settings=settings)
+    if evaluate:
+        enqueue_job_evaluation(job_id)
+        return "evaluating"
     return "succeeded"
 
 

@@ -17,7 +17,7 @@ from app.domains.files.models import File
 from app.domains.files.schemas import FileList, FileRead
 from app.domains.files.validation import ValidationReport
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "evals")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]")
 
 

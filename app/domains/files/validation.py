@@ -10,6 +10,7 @@ A file holds one JSON object per line, all of one format (FORMATS), told apart b
     humaneval          {"prompt", "canonical_solution", "test", "entry_point"}   ("prompt" + any of the others)
     mbpp               {"text", "code", "test_list"}                            ("text" + "code" or "test_list")
     prompt_completion  {"prompt", "completion"}
+    completions        {"task_id", "completion"}       (a model's outputs on code tasks, to be scored)
     text               {"text"}
 
 checked in that order. Other keys are allowed and ignored.
@@ -22,7 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("chat", "prompt_completion", "text", "mbpp", "humaneval")
+FORMATS = ("chat", "prompt_completion", "text", "mbpp", "humaneval", "completions")
+# Formats a fine-tuning job can learn from; "completions" is only scored by evaluations.
+TRAINABLE_FORMATS = ("chat", "prompt_completion", "text", "mbpp", "humaneval")
+# Formats an evaluation can take its code tasks from.
+TASK_FORMATS = ("mbpp", "humaneval")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
@@ -36,9 +41,11 @@ _NEEDS = {
     "prompt_completion": 'a prompt_completion record needs "prompt" (a string) and "completion" '
                          "(a non-empty string)",
     "text": 'a text record needs "text" (a non-empty string)',
+    "completions": 'a completions record needs "task_id" (a string or integer) and "completion" (a string)',
 }
 _SHAPES = ('{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
            '{"prompt": ..., "completion": ...} (prompt_completion), '
+           '{"task_id": ..., "completion": ...} (completions), '
            '{"text": ...} (text), '
            '{"text": ..., "code": ..., "test_list": [...]} (mbpp), '
            '{"prompt": ..., "canonical_solution": ..., "test": ..., "entry_point": ...} (humaneval)')
@@ -256,6 +263,8 @@ def _detect(record: dict[str, Any]) -> str | None:
         return "mbpp"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
+    if "task_id" in record and "completion" in record:
+        return "completions"
     if "text" in record:
         return "text"
     return None
@@ -377,7 +386,18 @@ def _check_humaneval(record: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _check_completions(record: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    task_id = record.get("task_id")
+    if type(task_id) is not int and not isinstance(task_id, str):
+        problems.append(f'"task_id" must be a string like "HumanEval/0" or an integer; got {_show(task_id)}')
+    if not isinstance(record.get("completion"), str):
+        problems.append(f'"completion" must be a string (the code the model wrote); got {_show(record.get("completion"))}')
+    return problems
+
+
 _CHECKS = {
+    "completions": _check_completions,
     "chat": _check_chat,
     "prompt_completion": _check_prompt_completion,
     "text": _check_text,

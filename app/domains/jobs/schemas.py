@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.domains.evaluations.spec import JobEvalSpec
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -72,6 +73,8 @@ class JobCreate(BaseModel):
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
     training: TrainingSettings | None = None
+    eval: JobEvalSpec | None = Field(None, description="After training, evaluate the base and the tuned model "
+                                                       "on these code tasks (status 'evaluating' meanwhile).")
 
     @field_validator("suffix")
     @classmethod

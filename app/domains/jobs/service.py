@@ -20,7 +20,9 @@ from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
 from app.domains.files import service as files
+from app.domains.evaluations import service as evaluations
 from app.domains.files.errors import FileNotFound
+from app.domains.files.validation import TRAINABLE_FORMATS
 from app.domains.jobs.errors import IllegalTransition, JobInvalid, JobNotFound, ModelNotFound
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
@@ -29,7 +31,7 @@ from app.domains.models import service as models
 
 ACTIVE = ("validating_files", "queued", "running", "evaluating", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
-CANCELLABLE = ("validating_files", "queued", "running", "paused")
+CANCELLABLE = ("validating_files", "queued", "running", "evaluating", "paused")
 DEFAULT_LR = TrainingSettings().learning_rate
 
 
@@ -62,7 +64,7 @@ def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
         training = TrainingSettings.model_validate(training.model_dump())
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
-                        training=training, seed=seed)
+                        training=training, evaluation=body.eval, seed=seed)
 
 
 def _check_file(session: Session, team_id: str, file_id: str, param: str) -> None:
@@ -73,6 +75,9 @@ def _check_file(session: Session, team_id: str, file_id: str, param: str) -> Non
                          param=param, code="file_not_found") from None
     if row.purpose != "fine-tune":
         raise JobInvalid(f"{param} {file_id!r} has purpose {row.purpose!r}; it must be 'fine-tune'.", param=param)
+    if row.format not in TRAINABLE_FORMATS:
+        raise JobInvalid(f"{param} {file_id!r} holds {row.format} records, which cannot be trained on; "
+                         f"use one of {', '.join(TRAINABLE_FORMATS)}.", param=param)
 
 
 def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
@@ -94,6 +99,8 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
     _check_file(session, team_id, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, team_id, body.validation_file, "validation_file")
+    if body.eval and body.eval.tasks != "humaneval":
+        evaluations.check_task_file(session, team_id=team_id, file_id=body.eval.tasks, param="eval.tasks")
     transition(session, job.id, ("validating_files",), "queued", "Files validated; job queued")
     session.refresh(job)
     return job
@@ -138,7 +145,7 @@ def to_read(session: Session, job: FineTuningJob) -> JobRead:
     t = spec.training
     hp = {"n_epochs": t.epochs, "batch_size": t.batch_size * t.gradient_accumulation_steps,
           "learning_rate_multiplier": round(t.learning_rate / DEFAULT_LR, 6)}
-    adapter = adapters.for_job(session, job.id) if job.status == "succeeded" else None
+    adapter = adapters.for_job(session, job.id)
     return JobRead(
         id=job.id, created_at=unix(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
         finished_at=unix(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.team_id,
@@ -230,6 +237,27 @@ def succeed(session: Session, *, job_id: str, fine_tuned_model: str, trained_tok
     return transition(session, job_id, ("running",), "succeeded",
                       f"The job has successfully completed; fine-tuned model: {fine_tuned_model}",
                       data=usage, fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, usage=usage)
+
+
+def start_evaluating(session: Session, *, job_id: str, fine_tuned_model: str, trained_tokens: int,
+                     usage: dict) -> bool:
+    """running -> evaluating once the adapter is saved. Returns False when the job was cancelled meanwhile."""
+    return transition(session, job_id, ("running",), "evaluating",
+                      f"Training done; evaluating the base and the tuned model ({fine_tuned_model})",
+                      data=usage, fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, usage=usage)
+
+
+def finish_evaluation(session: Session, *, job_id: str, evaluation: dict) -> bool:
+    """evaluating -> succeeded, adding the evaluation report to the job's usage."""
+    job = session.get(FineTuningJob, job_id)
+    if job is None:
+        return False
+    usage = {**(job.usage or {}), "evaluation": evaluation}
+    delta = ", ".join(f"pass@{k} {evaluation['base']['pass_at_k'][k]:.3f} -> {evaluation['tuned']['pass_at_k'][k]:.3f}"
+                      for k in evaluation.get("pass_at_k_delta", {}))
+    return transition(session, job_id, ("evaluating",), "succeeded",
+                      f"The job has successfully completed; fine-tuned model: {job.fine_tuned_model}"
+                      + (f" ({delta})" if delta else ""), data=evaluation, usage=usage)
 
 
 def fail(session: Session, *, job_id: str, code: str, message: str, param: str | None = None) -> bool:

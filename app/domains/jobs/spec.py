@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.domains.evaluations.spec import JobEvalSpec
+
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -69,4 +71,5 @@ class TrainingSpec(_Frozen):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
     training: TrainingSettings = TrainingSettings()
+    evaluation: JobEvalSpec | None = Field(None, description="Evaluate base and tuned model after training.")
     seed: int = 42

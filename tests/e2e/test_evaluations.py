@@ -1,0 +1,113 @@
+"""Evaluations through the API and the real worker: every number comes from executed programs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import wait_until
+from tests.factories import all_events, create_job, jsonl, upload, uploaded_file_id, wait_for_job
+
+FINAL = ("succeeded", "failed")
+
+
+def _wait_eval(client, evaluation_id: str, timeout: float = 300) -> dict:
+    return wait_until(lambda: (e := client.get(f"/evaluations/{evaluation_id}").json())["status"] in FINAL and e,
+                      timeout=timeout, interval=0.3, message=f"evaluation {evaluation_id}")
+
+
+def _results(client, evaluation_id: str) -> list[dict]:
+    r = client.get(f"/evaluations/{evaluation_id}/results")
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def test_job_with_eval_file_reports_base_and_tuned_from_real_executions(api, make_team, worker):
+    _, key = make_team()
+    client = api(key)
+    tasks = uploaded_file_id(client)  # the bundled MBPP-style tasks: train on them, evaluate on them
+    job = create_job(client, tasks, hyperparameters={"n_epochs": 1},
+                     eval={"tasks": tasks, "limit": 6, "max_tokens": 48, "timeout_seconds": 5})
+    assert job["spec"]["evaluation"]["tasks"] == tasks
+    done = wait_for_job(client, job["id"], timeout=600)
+    assert done["status"] == "succeeded", done
+    messages = [e["message"] for e in all_events(client, job["id"])]
+    assert any(m.startswith("Training done; evaluating") for m in messages)
+    report = done["usage"]["evaluation"]
+    for side in ("base", "tuned"):
+        r = report[side]
+        assert r["tasks"] == 6 and r["samples"] == 6 and sum(r["outcomes"].values()) == 6
+        assert r["sandbox_mode"] in ("strong", "weak") and 0.0 <= r["pass_at_k"]["1"] <= 1.0
+        assert r["passed"] == round(r["pass_at_k"]["1"] * 6)
+        assert math.isfinite(r["heldout_loss"]) and r["generation_seconds"] > 0 and r["execution_seconds"] > 0
+    assert report["pass_at_k_delta"]["1"] == pytest.approx(report["tuned"]["pass_at_k"]["1"] - report["base"]["pass_at_k"]["1"])
+    assert report["forgetting"]["increase"] == pytest.approx(
+        report["tuned"]["heldout_loss"] - report["base"]["heldout_loss"])
+    evals = [e for e in client.get("/evaluations").json()["data"] if e["job_id"] == job["id"]]
+    assert sorted(e["role"] for e in evals) == ["base", "tuned"]
+    for e in evals:
+        rows = _results(client, e["id"])
+        assert len(rows) == 6 and {r["task_id"] for r in rows} == {str(i) for i in range(1, 7)}
+        # Each row is an execution: an outcome, an exit code or a timeout, and the time it took.
+        assert all(r["outcome"] in ("passed", "failed", "timeout") and r["wall_s"] > 0 for r in rows)
+        assert sum(r["passed"] for r in rows) == e["result"]["passed"]
+
+
+def test_brought_completions_are_scored_on_humaneval(api, make_team, worker):
+    from worker.evaluation.harness import load_humaneval
+
+    _, key = make_team()
+    client = api(key)
+    problems = list(load_humaneval().values())[:6]
+    rows = [{"task_id": p.task_id, "completion": p.canonical_solution} for p in problems[:4]]
+    rows += [{"task_id": p.task_id, "completion": "    return None\n"} for p in problems[4:]]
+    r = upload(client, jsonl(rows), purpose="evals")
+    assert r.status_code == 200 and r.json()["format"] == "completions", r.text
+    ev = client.post("/evaluations", json={"completions_file": r.json()["id"], "tasks": "humaneval", "limit": 6})
+    assert ev.status_code == 200, ev.text
+    done = _wait_eval(client, ev.json()["id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["pass_at_k"]["1"] == pytest.approx(4 / 6) and done["result"]["passed"] == 4
+    by_task = {row["task_id"]: row for row in _results(client, done["id"])}
+    assert all(by_task[p.task_id]["passed"] for p in problems[:4])
+    assert not any(by_task[p.task_id]["passed"] for p in problems[4:])
+
+
+def test_a_model_is_evaluated_on_builtin_humaneval(api, make_team, worker):
+    _, key = make_team()
+    client = api(key)
+    ev = client.post("/evaluations", json={"model": "tiny-llama", "tasks": "humaneval", "limit": 3,
+                                           "max_tokens": 16, "timeout_seconds": 5}).json()
+    done = _wait_eval(client, ev["id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["samples"] == 3 and math.isfinite(done["result"]["heldout_loss"])
+    assert [r["task_id"] for r in _results(client, done["id"])] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "tiny-llama", "n": 3}, 422, None),                    # n > 1 needs temperature > 0
+    ({"model": "tiny-llama", "n": 2, "k": [3], "temperature": 0.8}, 422, None),  # k > n
+    ({"model": "no-such-model"}, 400, "model"),
+    ({}, 422, None),                                                 # neither model nor completions
+    ({"model": "tiny-llama", "tasks": "file-missing"}, 400, "tasks"),
+])
+def test_invalid_evaluations_are_refused(api, make_team, tiny_model, body, status, param):
+    _, key = make_team()
+    client = api(key)
+    r = client.post("/evaluations", json=body)
+    assert r.status_code == status, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+    assert client.get("/evaluations").json()["data"] == []
+
+
+def test_a_text_file_is_not_a_task_file(api, make_team, tiny_model):
+    _, key = make_team()
+    client = api(key)
+    fid = uploaded_file_id(client, jsonl([{"text": "just prose"}]))
+    r = client.post("/evaluations", json={"model": "tiny-llama", "tasks": fid})
+    assert r.status_code == 400 and "mbpp or humaneval" in r.json()["error"]["message"]
+    r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": fid, "eval": {"tasks": fid}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "eval.tasks"

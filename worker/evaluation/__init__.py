@@ -1,0 +1,2 @@
+"""Evaluation of model-written code: the sandbox that runs it (sandbox, identities, selfcheck),
+the HumanEval/MBPP harness (harness) and the pass@k estimator (passk)."""
