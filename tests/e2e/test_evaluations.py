@@ -111,3 +111,40 @@ def test_a_text_file_is_not_a_task_file(api, make_team, tiny_model):
     assert r.status_code == 400 and "mbpp or humaneval" in r.json()["error"]["message"]
     r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": fid, "eval": {"tasks": fid}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "eval.tasks"
+
+
+def test_auto_iterate_runs_rounds_and_stops_by_rule(api, make_team, worker):
+    _, key = make_team()
+    client = api(key)
+    tasks = uploaded_file_id(client)
+    # An unreachable target: the loop must stop on another rule (no improvement or max_rounds).
+    job = create_job(client, tasks, hyperparameters={"n_epochs": 1},
+                     eval={"tasks": tasks, "limit": 3, "max_tokens": 24, "timeout_seconds": 5},
+                     auto_iterate={"target": {"metric": "pass@1", "min": 1.0}, "max_rounds": 3})
+    done = wait_for_job(client, job["id"], timeout=900)
+    assert done["status"] == "succeeded", done
+    report = done["usage"]["auto_iterate"]
+    rounds = report["rounds"]
+    assert 2 <= len(rounds) <= 3 and [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))
+    assert report["stop_reason"] in ("no_improvement", "max_rounds")
+    if report["stop_reason"] == "no_improvement":
+        assert rounds[-1]["score"] <= max(r["score"] for r in rounds[:-1])
+    else:
+        assert len(rounds) == 3
+    assert report["best"]["score"] == max(r["score"] for r in rounds)
+    children = [client.get(f"/fine_tuning/jobs/{r['job_id']}").json() for r in rounds[1:]]
+    assert all(c["parent_job_id"] == job["id"] and c["status"] == "succeeded" for c in children)
+    assert children[0]["spec"]["training"]["epochs"] == 2 * done["spec"]["training"]["epochs"]
+    assert children[0]["spec"]["auto_iterate"] is None
+    if len(children) > 1:
+        assert children[1]["spec"]["lora"]["r"] == 2 * done["spec"]["lora"]["r"]
+    best_job = client.get(f"/fine_tuning/jobs/{report['best']['job_id']}").json()
+    assert report["best"]["adapter_id"] == best_job["adapter_id"] is not None
+
+
+def test_auto_iterate_needs_an_evaluation(api, make_team, tiny_model):
+    _, key = make_team()
+    client = api(key)
+    r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
+                                                "auto_iterate": {"target": {"min": 0.5}}})
+    assert r.status_code == 422 and "needs eval" in r.json()["error"]["message"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK
+from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK, enqueue_training
 from app.core.storage import get_storage
 from app.domains.adapters.models import Adapter
 from app.domains.evaluations import service as evaluations
@@ -165,10 +165,13 @@ def run_job(job_id: str) -> str:
     except Exception as exc:
         with session_scope() as session:
             jobs.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            jobs.end_round(session, job_id=job_id)
         return "failed"
     by_role = {p.role: results[p.id] for p in plans}
     with session_scope() as session:
-        jobs.finish_evaluation(session, job_id=job_id, evaluation=compare(by_role))
+        next_round = jobs.after_evaluation(session, job_id=job_id, evaluation=compare(by_role))
+    if next_round:
+        enqueue_training(next_round)
     return "succeeded"
 
 

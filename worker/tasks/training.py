@@ -95,6 +95,7 @@ def train(job_id: str) -> str:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         with session_scope() as session:
             jobs.fail(session, job_id=job_id, code="training_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            jobs.end_round(session, job_id=job_id)
         outcome = "failed"
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -31,6 +31,9 @@ class FineTuningJob(Base):
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(255))
+    # auto_iterate: later rounds are child jobs of the job the user submitted (round 1).
+    parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("fine_tuning_job.id", ondelete="SET NULL"), index=True)
+    round: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.domains.evaluations.spec import JobEvalSpec
-from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings
+from app.domains.jobs.spec import AutoIterateSpec, LoraSpec, QuantizationSpec, TrainingSettings
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -75,6 +75,18 @@ class JobCreate(BaseModel):
     training: TrainingSettings | None = None
     eval: JobEvalSpec | None = Field(None, description="After training, evaluate the base and the tuned model "
                                                        "on these code tasks (status 'evaluating' meanwhile).")
+    auto_iterate: AutoIterateSpec | None = Field(None, description="Retrain with adjusted settings until the eval "
+                                                                   "target is met (needs eval).")
+
+    @model_validator(mode="after")
+    def _iterate_needs_eval(self) -> "JobCreate":
+        if self.auto_iterate is not None:
+            if self.eval is None:
+                raise ValueError("auto_iterate needs eval: the target is measured by the job's evaluation")
+            k = int(self.auto_iterate.target.metric.removeprefix("pass@"))
+            if k not in self.eval.k:
+                raise ValueError(f"auto_iterate.target.metric pass@{k} needs {k} in eval.k ({list(self.eval.k)})")
+        return self
 
     @field_validator("suffix")
     @classmethod
@@ -137,6 +149,8 @@ class JobRead(BaseModel):
     method: dict[str, Any]
     user_provided_suffix: str | None = None
     # Tuneforge's additions.
+    parent_job_id: str | None = None
+    round: int | None = None
     spec: dict[str, Any]
     usage: dict[str, Any] | None = None
     adapter_id: str | None = None

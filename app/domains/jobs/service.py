@@ -23,6 +23,7 @@ from app.domains.files import service as files
 from app.domains.evaluations import service as evaluations
 from app.domains.files.errors import FileNotFound
 from app.domains.files.validation import TRAINABLE_FORMATS
+from app.domains.jobs import iteration
 from app.domains.jobs.errors import IllegalTransition, JobInvalid, JobNotFound, ModelNotFound
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
@@ -64,7 +65,7 @@ def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
         training = TrainingSettings.model_validate(training.model_dump())
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
-                        training=training, evaluation=body.eval, seed=seed)
+                        training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed)
 
 
 def _check_file(session: Session, team_id: str, file_id: str, param: str) -> None:
@@ -153,6 +154,7 @@ def to_read(session: Session, job: FineTuningJob) -> JobRead:
         validation_file=job.validation_file, estimated_finish=unix(job.estimated_finish), metadata=job.metadata_,
         method={"type": "supervised", "supervised": {"hyperparameters": hp}}, user_provided_suffix=job.suffix,
         spec=job.spec, usage=job.usage, adapter_id=adapter.id if adapter else None,
+        parent_job_id=job.parent_job_id, round=job.round,
     )
 
 
@@ -198,6 +200,11 @@ def cancel(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
             raise IllegalTransition(
                 f"Job {job_id} is {job.status}; only jobs that are {', '.join(CANCELLABLE)} can be cancelled.",
                 param="fine_tuning_job_id")
+        # auto_iterate: cancelling the loop cancels its running round; cancelling a round ends the loop.
+        for child in session.scalars(select(FineTuningJob.id).where(FineTuningJob.parent_job_id == job_id)):
+            transition(session, child, CANCELLABLE, "cancelled", f"Cancelled with its parent job {job_id}")
+        if job.parent_job_id:
+            end_round(session, job_id=job_id)
     session.refresh(job)
     return job
 
@@ -276,3 +283,92 @@ def stale_queued(session: Session, *, older_than: dt.datetime) -> list[str]:
 def model_name(*, base: str, team_name: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's naming: ft:<base>:<org>:<suffix>:<id>."""
     return f"ft:{base}:{team_name}:{suffix or ''}:{job_id}"
+
+
+# -- auto_iterate ---------------------------------------------------------------------------
+
+def _loop_parent(session: Session, job: FineTuningJob) -> FineTuningJob | None:
+    if job.parent_job_id:
+        return session.get(FineTuningJob, job.parent_job_id)
+    return job if TrainingSpec.model_validate(job.spec).auto_iterate else None
+
+
+def rounds_of(session: Session, parent: FineTuningJob) -> list[iteration.RoundResult]:
+    """Round 1 (the parent) and its child rounds, in order, each with its target metric."""
+    metric = TrainingSpec.model_validate(parent.spec).auto_iterate.target.metric
+    jobs_ = [parent, *session.scalars(select(FineTuningJob).where(FineTuningJob.parent_job_id == parent.id)
+                                      .order_by(FineTuningJob.round))]
+    return [iteration.RoundResult(round=j.round or 1, job_id=j.id,
+                                  score=iteration.metric_of((j.usage or {}).get("evaluation") or {}, metric)
+                                  if j.status in ("succeeded", "evaluating") else None)
+            for j in jobs_]
+
+
+def after_evaluation(session: Session, *, job_id: str, evaluation: dict) -> str | None:
+    """Record a job's evaluation. A plain job ends succeeded. In an auto_iterate loop, the round is
+    recorded and the loop either ends (the parent succeeds, reporting every round) or the next round
+    is created; returns that round's job id for the caller to enqueue after commit."""
+    job = session.get(FineTuningJob, job_id)
+    parent = _loop_parent(session, job)
+    if parent is None or (parent.id != job.id and parent.status != "evaluating"):
+        finish_evaluation(session, job_id=job_id, evaluation=evaluation)
+        return None
+    if job.id == parent.id:  # round 1 stays 'evaluating' while the loop runs
+        job.usage = {**(job.usage or {}), "evaluation": evaluation}
+        session.flush()
+    else:
+        finish_evaluation(session, job_id=job_id, evaluation=evaluation)
+    return _next_round(session, parent)
+
+
+def end_round(session: Session, *, job_id: str) -> None:
+    """A round that failed or was cancelled ends its loop (the best round so far is reported)."""
+    job = session.get(FineTuningJob, job_id)
+    parent = _loop_parent(session, job) if job else None
+    if parent is not None and parent.status == "evaluating":
+        _next_round(session, parent)
+
+
+def _next_round(session: Session, parent: FineTuningJob) -> str | None:
+    # Status changes are conditional UPDATEs that bypass loaded objects: read the rounds afresh.
+    session.expire_all()
+    policy = TrainingSpec.model_validate(parent.spec).auto_iterate
+    history = rounds_of(session, parent)
+    last = history[-1]
+    outcome = "failed or cancelled" if last.score is None else f"{policy.target.metric} {last.score:.3f}"
+    add_event(session, parent.id, f"Round {last.round} ({last.job_id}): {outcome} (target {policy.target.min})",
+              data={"round": last.round, "score": last.score})
+    reason = iteration.decide(history, policy)
+    if reason:
+        _conclude(session, parent, history, reason)
+        return None
+    last_job = session.get(FineTuningJob, last.job_id)
+    spec, change = iteration.adjust(TrainingSpec.model_validate(last_job.spec), last.round + 1)
+    spec = spec.model_copy(update={"auto_iterate": None})
+    child = FineTuningJob(
+        id=new_id("ftjob"), team_id=parent.team_id, model=parent.model, training_file=parent.training_file,
+        validation_file=parent.validation_file, status="queued", spec=spec.model_dump(mode="json"),
+        suffix=parent.suffix, seed=parent.seed, metadata_=parent.metadata_, attempts=0,
+        parent_job_id=parent.id, round=last.round + 1)
+    session.add(child)
+    session.flush()
+    add_event(session, child.id, f"Round {child.round} of {parent.id}'s auto_iterate: {change}")
+    add_event(session, parent.id, f"Round {child.round} started as {child.id}: {change}",
+              data={"round": child.round, "job_id": child.id, "change": change})
+    return child.id
+
+
+def _conclude(session: Session, parent: FineTuningJob, history: list[iteration.RoundResult], reason: str) -> None:
+    top = iteration.best(history)
+    report = {"stop_reason": reason,
+              "rounds": [{"round": r.round, "job_id": r.job_id, "score": r.score} for r in history],
+              "best": None}
+    if top is not None:
+        best_job = session.get(FineTuningJob, top.job_id)
+        adapter = adapters.for_job(session, top.job_id)
+        report["best"] = {"round": top.round, "job_id": top.job_id, "score": top.score,
+                          "fine_tuned_model": best_job.fine_tuned_model, "adapter_id": adapter.id if adapter else None}
+    usage = {**(parent.usage or {}), "auto_iterate": report}
+    best_text = f"best: round {top.round} ({top.score:.3f})" if top else "no round succeeded"
+    transition(session, parent.id, ("evaluating",), "succeeded",
+               f"auto_iterate finished after {len(history)} round(s): {reason}; {best_text}", data=report, usage=usage)

@@ -67,9 +67,22 @@ class TrainingSettings(_Frozen):
     logging_steps: int = Field(1, ge=1, le=100_000)
 
 
+class IterateTarget(_Frozen):
+    metric: str = Field("pass@1", pattern=r"^pass@[1-9][0-9]*$", description="pass@k, k among the evaluation's k.")
+    min: float = Field(ge=0.0, le=1.0, description="Stop once the tuned model reaches this.")
+
+
+class AutoIterateSpec(_Frozen):
+    """Train, evaluate, and while the target is missed adjust and train again (see jobs.iteration)."""
+
+    target: IterateTarget
+    max_rounds: int = Field(3, ge=1, le=10)
+
+
 class TrainingSpec(_Frozen):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
     training: TrainingSettings = TrainingSettings()
     evaluation: JobEvalSpec | None = Field(None, description="Evaluate base and tuned model after training.")
+    auto_iterate: AutoIterateSpec | None = None
     seed: int = 42
