@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import tarfile
@@ -106,6 +107,7 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
          work_dir: Path, team_id: str, team_name: str, suffix: str | None, base_name: str) -> str:
     from worker.training.recipe import LoraRecipe  # torch loads here, in the worker only
 
+    cpu_start = _cpu_seconds()
     hooks = JobHooks(job_id)
     recipe = LoraRecipe(spec=spec, base_model_path=base_path, train_file=train_path, validation_file=valid_path,
                         work_dir=work_dir, hooks=hooks)
@@ -133,7 +135,7 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
     blob = storage.put_file(archive, f"{prefix}/adapter.tar.gz")
 
     name = jobs.model_name(base=base_name, team_name=team_name, suffix=suffix, job_id=job_id)
-    usage = dataclasses.asdict(result)
+    usage = {**dataclasses.asdict(result), "cpu_seconds": _cpu_seconds() - cpu_start}
     evaluate = spec.evaluation is not None
     with session_scope() as session:
         finish = jobs.start_evaluating if evaluate else jobs.succeed
@@ -153,6 +155,12 @@ def _run(*, job_id: str, spec: TrainingSpec, base_path: Path, train_path: Path, 
         enqueue_job_evaluation(job_id)
         return "evaluating"
     return "succeeded"
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process so far (user + system), for the job's compute report."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def _make_portable(adapter_dir: Path, base_name: str) -> None:
