@@ -45,6 +45,10 @@ def test_openai_client_uploads_trains_lists_and_reads_events(oai, worker, api, t
     steps = [e.data["step"] for e in reversed(metrics)]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
+    # Tuneforge's own routes are reachable through the same client (as the README shows).
+    evaluation = client.post("/evaluations", body={"model": job.fine_tuned_model, "tasks": "humaneval", "limit": 1,
+                                                   "max_tokens": 8}, cast_to=object)
+    assert evaluation["id"].startswith("eval-") and evaluation["model"] == job.fine_tuned_model
 
 
 def test_openai_client_cancels_a_job_and_maps_errors(oai, tiny_model):
