@@ -3,13 +3,17 @@ It never imports torch, transformers or the worker: work is dispatched by task n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.api import errors
 from app.api.v1 import adapters, evaluations, files, jobs, models
+from app.core import queue
 from app.core.db import get_engine
+from app.core.storage import get_storage
 
 
 def create_app() -> FastAPI:
@@ -31,11 +35,33 @@ def create_app() -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        try:
-            with get_engine().connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:  # report, never raise: this is the probe
-            return JSONResponse({"status": "unavailable", "database": str(exc)[:200]}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        """503 unless the database, the broker and storage all answer."""
+        checks = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
+        results = {}
+        for name, check in checks.items():
+            try:
+                check()
+                results[name] = "ok"
+            except Exception as exc:  # report, never raise: this is the probe
+                results[name] = f"unavailable: {str(exc)[:200]}"
+        ok = all(v == "ok" for v in results.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", **results}, status_code=200 if ok else 503)
 
     return app
+
+
+def _check_database() -> None:
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check_broker() -> None:
+    with queue.client().connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _check_storage() -> None:
+    storage = get_storage()
+    with storage.temp_file() as tmp:
+        tmp.write(b"ok")
+    Path(tmp.name).unlink()

@@ -38,3 +38,4 @@ def test_key_is_stored_only_as_a_hash(make_team):
 def test_a_valid_key_is_accepted(api, make_team):
     _, key = make_team()
     assert api(key).get("/files").status_code == 200
+
