@@ -1,0 +1,110 @@
+"""The engine's counters for operators: cache behaviour, batching, throughput, per-adapter use.
+
+Updated by the engine thread, read by anyone through InferenceEngine.stats(); a lock keeps a
+snapshot consistent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+
+BASE_KEY = "__base__"  # per-adapter counts: requests without an adapter
+RECENT_WINDOW_S = 30.0
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One admission round: the requests prefilled together and then decoded together (joining any
+    rows already running)."""
+
+    id: int
+    at: float  # unix seconds
+    requests: int
+    rows: int
+    adapters: int  # distinct adapters among the new rows, the base counting as one
+    joined_rows: int  # rows already running that this batch joined
+
+
+class EngineStats:
+    def __init__(self, recent_batches: int = 256) -> None:
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+        self.requests = Counter()  # submitted, completed, failed, cancelled
+        self.cache = Counter()  # hits, misses, loads, load_failures, evictions
+        self.load_ms: deque[float] = deque(maxlen=256)
+        self.batches = 0
+        self.rows_per_batch = Counter()  # rows -> number of batches of that size
+        self.recent_batches: deque[BatchRecord] = deque(maxlen=recent_batches)
+        self.forwards = Counter()  # prefills, decode_steps
+        self.rows_per_step = Counter()  # running rows -> number of decode steps with that many
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.busy_s = 0.0  # time spent in forward passes and sampling
+        self.per_adapter = Counter()  # adapter id (or BASE_KEY) -> requests admitted
+        self._token_times: deque[tuple[float, int]] = deque()  # (monotonic, tokens) per forward
+
+    def count(self, group: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            getattr(self, group)[key] += n
+
+    def record_load(self, ms: float) -> None:
+        with self._lock:
+            self.cache["loads"] += 1
+            self.load_ms.append(ms)
+
+    def record_batch(self, record: BatchRecord, adapter_keys: list[str], prompt_tokens: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.rows_per_batch[record.rows] += 1
+            self.recent_batches.append(record)
+            self.per_adapter.update(adapter_keys)
+            self.prompt_tokens += prompt_tokens
+
+    def record_forward(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.forwards[kind] += 1
+            if kind == "decode_steps":
+                self.rows_per_step[rows] += 1
+            self.tokens_generated += tokens
+            self.busy_s += seconds
+            self._token_times.append((now, tokens))
+            while self._token_times and self._token_times[0][0] < now - RECENT_WINDOW_S:
+                self._token_times.popleft()
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            recent = [(t, n) for t, n in self._token_times if t >= now - RECENT_WINDOW_S]
+            span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+            steps = sum(self.rows_per_step.values())
+            return {
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "requests": {k: self.requests[k] for k in ("submitted", "completed", "failed", "cancelled")},
+                "cache": {k: self.cache[k] for k in ("hits", "misses", "loads", "load_failures", "evictions")}
+                | {"load_ms_last": round(self.load_ms[-1], 3) if self.load_ms else None,
+                   "load_ms_mean": round(sum(self.load_ms) / len(self.load_ms), 3) if self.load_ms else None},
+                "batches": {
+                    "count": self.batches,
+                    "rows_histogram": dict(sorted(self.rows_per_batch.items())),
+                    "max_rows": max(self.rows_per_batch, default=0),
+                    "recent": [asdict(b) for b in list(self.recent_batches)[-32:]],
+                },
+                "forwards": {
+                    "prefills": self.forwards["prefills"],
+                    "decode_steps": self.forwards["decode_steps"],
+                    "mean_rows_per_step": round(sum(r * c for r, c in self.rows_per_step.items()) / steps, 3)
+                    if steps else 0.0,
+                    "max_rows_per_step": max(self.rows_per_step, default=0),
+                },
+                "tokens": {
+                    "generated": self.tokens_generated,
+                    "prompt": self.prompt_tokens,
+                    "per_s_recent": round(sum(n for _, n in recent[1:]) / span, 2) if span > 0 else 0.0,
+                    "per_s_busy": round(self.tokens_generated / self.busy_s, 2) if self.busy_s else 0.0,
+                    "busy_s": round(self.busy_s, 3),
+                },
+                "per_adapter_requests": dict(self.per_adapter),
+            }
