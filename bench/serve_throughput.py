@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -48,6 +47,7 @@ import torch  # noqa: E402
 
 from worker.inference import AdapterRef, InferenceEngine  # noqa: E402
 from worker.training.tiny import make_tiny_model  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name -> LlamaConfig fields (the tiny one is make_tiny_model's own).
@@ -60,27 +60,10 @@ MODELS = {
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal"):
-                mem_kb = int(line.split()[1])
-    import peft
-    import transformers
+    import peft  # noqa: F401  (imported so describe() reports its version)
+    import transformers  # noqa: F401
 
-    return {
-        "host": socket.gethostname(), "kernel": platform.release(), "os": platform.platform(), "cpu": cpu,
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": round(mem_kb / 2**20, 1),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    return describe()
 
 
 # -- models and adapters -----------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""What every benchmark writes about the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+
+
+def _first(path: str, prefix: str) -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def describe(**extra) -> dict:
+    """Host, OS, CPU, memory and Python; torch, transformers, peft and the GPU where they are
+    already imported (a benchmark that does not use them does not pay for importing them)."""
+    mem_kb = _first("/proc/meminfo", "MemTotal").split()
+    out = {
+        "host": socket.gethostname(), "kernel": platform.release(), "os": platform.platform(),
+        "cpu": _first("/proc/cpuinfo", "model name"), "cpus": os.cpu_count(),
+        "memory_gib": round(int(mem_kb[0]) / 2**20, 1) if mem_kb else None,
+        "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        if name in sys.modules:
+            out[name] = getattr(sys.modules[name], "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out["torch_threads"] = torch.get_num_threads()
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {**out, **extra}
