@@ -29,6 +29,7 @@ from worker.training.data import (
     load_examples,
     tokenize_records,
 )
+from worker.training.model import cpu_has_bf16
 from worker.training.recipe import LoraRecipe, TrainResult
 from worker.training.tiny import EOS, make_tiny_model
 
@@ -209,13 +210,23 @@ def test_result_describes_the_run(trained):
     assert r.tokens_per_second > 0 and r.wall_seconds > 0 and r.peak_memory_bytes > 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback used without CUDA")
-def test_without_cuda_lora_trains_on_the_fp32_base_with_adamw_torch(trained):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU run uses")
+def test_on_cpu_lora_trains_on_the_4bit_nf4_base_with_fused_adamw(trained):
     r = trained.result
-    assert (r.device, r.precision, r.quantization) == ("cpu", "fp32", "none (no CUDA)")
+    assert (r.device, r.quantization, r.attention) == ("cpu", "nf4-double-quant", "sdpa")
+    assert r.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert (r.optimizer, r.gradient_checkpointing) == ("adamw_torch_fused", False)
+    # batch_size 2 on CPU: the spec's micro-batch, packed into one row.
+    assert (r.micro_batch_size, r.gradient_accumulation_steps, r.packing) == (2, 1, True)
     messages = trained.hooks.messages()
-    assert any(m.startswith("Quantization skipped: nf4-double-quant requested but no CUDA device") for m in messages)
-    assert "Optimizer paged_adamw_8bit needs CUDA (bitsandbytes); using adamw_torch on CPU" in messages
+    assert any("quantization nf4-double-quant" in m and "gradient checkpointing off" in m for m in messages)
+    assert any(m.startswith("Optimizer paged_adamw_8bit is a bitsandbytes GPU optimizer") for m in messages)
+
+
+def test_completion_only_loss_is_announced_with_its_token_count(trained):
+    data = next(d for t, m, d in trained.hooks.events if t == "message" and m.startswith("Training data:"))
+    # Prompt/completion records: the prompts (docstring and signature) carry no loss.
+    assert 0 < data["target_tokens"] < data["tokens"] - data["examples"]
 
 
 def test_validation_file_produces_a_validation_loss(trained):

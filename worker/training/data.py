@@ -1,8 +1,13 @@
-"""JSONL records -> training text -> token ids, and the batch collator.
+"""JSONL records -> training text -> token ids and labels, and the batch collators.
 
 Functions are pure (records in, strings or token id lists out) except
 read_records and load_examples, which read a file, and ensure_pad_token, which
 sets the tokenizer's pad token; so each dataset format is testable without a model.
+
+Labels follow Hugging Face's convention: labels[i] is the token at position i
+and the model shifts them (position i predicts labels[i + 1]); -100 marks a
+position whose token is not a training target (prompt tokens under
+completion-only loss, padding, and the first token of each packed example).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+import torch
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 RecordFormat = Literal["chat", "humaneval", "prompt_completion", "mbpp", "text"]
+
+IGNORE_INDEX = -100  # label of a position that is not a training target (torch cross_entropy's ignore_index)
 
 # Checked in this order: the first format whose keys are all present wins.
 # HumanEval has "prompt" and MBPP has "text", so each goes before the
@@ -35,16 +43,21 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizedExamples:
-    """Token ids of one dataset, one list per usable record.
+    """Token ids and labels of one dataset, one list each per usable record.
 
-    num_tokens counts real tokens (what the model trains on; padding is added
-    later, per batch). num_truncated records were cut to max_seq_length;
-    num_skipped records had fewer than 2 tokens and were left out, because a
-    causal LM has no next token to predict from a single token.
+    labels[k] has the length of input_ids[k]: the token id where the token is a
+    training target, IGNORE_INDEX where it is not (prompt tokens under
+    completion-only loss). num_tokens counts real tokens (what the model reads;
+    padding is added later, per batch), num_target_tokens the tokens with a
+    label. num_truncated records were cut to max_seq_length; num_skipped
+    records had fewer than 2 tokens, or no target token left, and were left
+    out: a causal LM learns nothing from them.
     """
 
     input_ids: list[list[int]]
+    labels: list[list[int]]
     num_tokens: int
+    num_target_tokens: int
     num_truncated: int
     num_skipped: int
 
@@ -100,29 +113,89 @@ def format_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) ->
 
     Raises DataFormatError for an unknown format or malformed chat messages.
     """
+    return _text_and_targets(record, tokenizer)[0]
+
+
+def _text_and_targets(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
+    """(training text, character spans [start, end) of what the model should write).
+
+    The spans are the completion of each format (everything for plain text);
+    each includes the eos or end-of-turn text that follows it, so the model
+    learns to stop. Raises DataFormatError like format_record.
+    """
     kind = detect_format(record)
     eos = tokenizer.eos_token
     if kind == "chat":
-        return _chat_text(record["messages"], tokenizer)
+        return _chat_text_and_targets(record["messages"], tokenizer)
+    if kind == "text":
+        text = f"{record['text']}{eos}"
+        return text, [(0, len(text))]
     if kind == "humaneval":
-        return f"{record['prompt']}{record['canonical_solution']}{eos}"
-    if kind == "prompt_completion":
-        return f"{record['prompt']}{record['completion']}{eos}"
-    if kind == "mbpp":
-        return f"{record['text']}\n{record['code']}{eos}"
-    return f"{record['text']}{eos}"
+        prompt, completion = record["prompt"], record["canonical_solution"]
+    elif kind == "prompt_completion":
+        prompt, completion = record["prompt"], record["completion"]
+    else:  # mbpp
+        prompt, completion = f"{record['text']}\n", record["code"]
+    text = f"{prompt}{completion}{eos}"
+    return text, [(len(prompt), len(text))]
 
 
-def _chat_text(messages: Any, tokenizer: PreTrainedTokenizerBase) -> str:
+def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataFormatError("'messages' must be a non-empty list of {role, content} objects")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataFormatError(f"each message needs string 'role' and 'content', got {m!r:.200}")
+
+
+def _chat_text_and_targets(messages: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
+    _check_messages(messages)
     if tokenizer.chat_template is None:
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + tokenizer.eos_token
+        parts, spans, pos = [], [], 0
+        for m in messages:
+            head, body = f"<|{m['role']}|>\n", f"{m['content']}\n"
+            if m["role"] == "assistant":
+                spans.append((pos + len(head), pos + len(head) + len(body)))
+            parts += [head, body]
+            pos += len(head) + len(body)
+        text = "".join(parts) + tokenizer.eos_token
+        if messages[-1]["role"] == "assistant":
+            spans[-1] = (spans[-1][0], len(text))
+        return text, spans
     # The template emits the model's own end-of-turn tokens; no eos is appended.
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return text, _assistant_spans(messages, text, tokenizer)
+
+
+def _assistant_spans(messages: list[dict[str, str]], text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in a chat-template rendering, each with its end-of-turn text.
+
+    A turn runs from the end of the template's rendering of the messages before
+    it plus the generation prompt, to the end of the rendering through it; that
+    holds for templates whose renderings extend each other. For a template where
+    they do not, the span is the message's content found in order in the text,
+    plus an eos token right after it.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if i and text.startswith(through) and through.startswith(prefix) and len(prefix) >= cursor:
+            spans.append((len(prefix), len(through)))
+            cursor = len(through)
+            continue
+        start = text.find(m["content"], cursor)
+        if start < 0:
+            continue
+        end = start + len(m["content"])
+        if tokenizer.eos_token and text.startswith(tokenizer.eos_token, end):
+            end += len(tokenizer.eos_token)
+        spans.append((start, end))
+        cursor = end
+    return spans
 
 
 def encode_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -132,59 +205,103 @@ def encode_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) ->
     already write the bos token as text, and adding it again would double it.
     Raises DataFormatError from format_record.
     """
-    text = format_record(record, tokenizer)
+    return encode_record_with_labels(record, tokenizer, completion_only=False)[0]
+
+
+def encode_record_with_labels(
+    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, completion_only: bool
+) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of one record, untruncated.
+
+    With completion_only, a token is a target when its characters overlap the
+    record's completion (see _text_and_targets); a token straddling the
+    prompt/completion boundary counts as completion. Otherwise every token is.
+    Raises DataFormatError for a bad record, ValueError for completion_only
+    with a tokenizer that has no character offsets (not a fast tokenizer).
+    """
+    text, spans = _text_and_targets(record, tokenizer)
     templated = detect_format(record) == "chat" and tokenizer.chat_template is not None
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    if not completion_only:
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        return ids, list(ids)
+    if not tokenizer.is_fast:
+        raise ValueError("training.completion_only_loss needs a fast tokenizer (character offsets per token); "
+                         "this base model's tokenizer is not one: set training.completion_only_loss to false")
+    enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        tok if end > start and any(end > s and start < e for s, e in spans) else IGNORE_INDEX
+        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    return ids, labels
 
 
-def collect_examples(token_ids: Iterable[list[int]], max_seq_length: int) -> TokenizedExamples:
+def collect_examples(
+    token_ids: Iterable[list[int] | tuple[list[int], list[int]]], max_seq_length: int
+) -> TokenizedExamples:
     """Keep the first max_seq_length tokens of each example and count what was kept.
 
+    Items are token ids (every token a target) or (token ids, labels) pairs.
     Truncation keeps the start (the prompt) so the model still sees what the
-    answer responds to.
+    answer responds to. An example is skipped when fewer than 2 tokens remain
+    or none of its labels after the first is a target (the first token is
+    never predicted).
     """
     input_ids: list[list[int]] = []
+    all_labels: list[list[int]] = []
     truncated = skipped = 0
-    for ids in token_ids:
+    for item in token_ids:
+        ids, labels = item if isinstance(item, tuple) else (item, item)
         if len(ids) > max_seq_length:
-            ids = ids[:max_seq_length]
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
             truncated += 1
-        if len(ids) < 2:
+        if len(ids) < 2 or all(label == IGNORE_INDEX for label in labels[1:]):
             skipped += 1
             continue
-        input_ids.append(ids)
+        input_ids.append(list(ids))
+        all_labels.append(list(labels))
     return TokenizedExamples(
         input_ids=input_ids,
+        labels=all_labels,
         num_tokens=sum(len(ids) for ids in input_ids),
+        num_target_tokens=sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in all_labels),
         num_truncated=truncated,
         num_skipped=skipped,
     )
 
 
 def tokenize_records(
-    records: Iterable[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+    records: Iterable[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
+    *, completion_only: bool = False,
 ) -> TokenizedExamples:
-    """encode_record + collect_examples. Raises DataFormatError for a bad record."""
-    return collect_examples((encode_record(r, tokenizer) for r in records), max_seq_length)
+    """encode_record_with_labels + collect_examples. Raises DataFormatError for a bad record."""
+    return collect_examples(
+        (encode_record_with_labels(r, tokenizer, completion_only=completion_only) for r in records), max_seq_length
+    )
 
 
-def load_examples(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> TokenizedExamples:
+def load_examples(
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, *, completion_only: bool = False
+) -> TokenizedExamples:
     """tokenize_records for one JSONL file.
 
     Raises DataFormatError naming the file and line of the first bad record,
     ValueError when no record is usable, and OSError when the file cannot be read.
     """
 
-    def encoded() -> Iterator[list[int]]:
+    def encoded() -> Iterator[tuple[list[int], list[int]]]:
         for line_no, record in read_records(path):
             try:
-                yield encode_record(record, tokenizer)
+                yield encode_record_with_labels(record, tokenizer, completion_only=completion_only)
             except DataFormatError as e:
                 raise DataFormatError(f"{path.name} line {line_no}: {e}") from e
 
     examples = collect_examples(encoded(), max_seq_length)
     if not examples.input_ids:
-        raise ValueError(f"{path.name} has no usable records (each needs at least 2 tokens)")
+        raise ValueError(
+            f"{path.name} has no usable records (each needs at least 2 tokens, and with completion_only_loss "
+            f"a completion within the first {max_seq_length} tokens)"
+        )
     return examples
 
 
@@ -193,7 +310,8 @@ class CausalLMCollator(DataCollatorForLanguageModeling):
 
     The stock collator sets every label equal to pad_token_id to -100. With
     pad = eos (paper step 2) that also hides each example's own final eos, so
-    the model never learns to stop. Here only padded positions are ignored.
+    the model never learns to stop. Here only padded positions are ignored,
+    and examples that carry "labels" (completion-only loss) keep them.
     Batches: input_ids, attention_mask, labels, all (batch, longest) int64.
     """
 
@@ -201,8 +319,36 @@ class CausalLMCollator(DataCollatorForLanguageModeling):
         super().__init__(tokenizer=tokenizer, mlm=False)
 
     def torch_call(self, examples: list[Any]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
+        given = [e["labels"] for e in examples] if all("labels" in e for e in examples) else None
+        batch = super().torch_call([{"input_ids": e["input_ids"]} for e in examples])
+        if given is None:
+            labels = batch["input_ids"].clone()
+        else:
+            labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+            right = self.tokenizer.padding_side == "right"
+            for row, example_labels in enumerate(given):
+                n = len(example_labels)
+                if right:
+                    labels[row, :n] = torch.tensor(example_labels)
+                else:
+                    labels[row, labels.shape[1] - n:] = torch.tensor(example_labels)
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels
         return batch
+
+
+class PackedCollator(DataCollatorWithFlattening):
+    """Padding-free batches: the micro-batch's examples concatenated into one row.
+
+    Returns input_ids, labels and position_ids, all (1, total tokens) int64,
+    with position ids restarting at 0 for each example and the label of each
+    example's first token set to -100, so no example predicts from the one
+    before it. transformers derives a block-diagonal causal mask from the
+    position ids (sdpa, eager) or passes the sequence boundaries to
+    flash-attention (with_flash_attn_kwargs), so attention stays within an
+    example and the loss equals that of the same examples padded.
+    """
+
+    def __init__(self, *, with_flash_attn_kwargs: bool = False):
+        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX,
+                         return_flash_attn_kwargs=with_flash_attn_kwargs)

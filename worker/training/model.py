@@ -1,25 +1,36 @@
 """Loading the base model and tokenizer and attaching LoRA (paper steps 1-3).
 
-All loading goes through load_base_model, so the rule for when the base is
-quantized lives in one place (_quantization_plan): on CUDA, bitsandbytes 4- or
-8-bit as the spec says; without CUDA the full-precision base, recorded as such.
+All loading goes through load_base, so the quantization rule lives in one
+place: bitsandbytes 4- or 8-bit as the spec says, on GPU and on CPU alike.
 Only local paths are read (local_files_only=True); nothing is downloaded.
+
+bitsandbytes 0.50 on CPUs with AVX512-BF16: the first no-grad forward of a
+Linear4bit in eval mode (generate, evaluation) repacks its weight into a
+layout only an inference kernel reads. After that, LoRA gradients through the
+layer are silently wrong (that kernel has no autograd) and layers whose output
+size is not a multiple of 32 fail. load_base turns the repacking off on every
+Linear4bit (support_avx512bf16_for_cpu = False), which fixes both; see
+tests/worker/test_quantized_training.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
+from worker.training.ops import apply_lean_ops
+from worker.training.packing import register_packed_sdpa
 
 Device = Literal["cuda", "cpu"]
 Precision = Literal["bf16", "fp16", "fp32"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
 
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,18 +45,49 @@ def device_label(device: Device) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def resolve_precision(setting: str, device: Device) -> Precision:
-    """The training precision for a spec's precision setting on `device`.
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 autocast is emulated and slow."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
-    "auto" means bf16 on a GPU that has it, fp16 on an older GPU and fp32 on
-    CPU (fp16 autocast is a GPU feature). Explicit settings are returned as
-    given; TrainingArguments rejects one the device cannot run.
+
+def resolve_precision(setting: str, device: Device) -> Precision:
+    """The training precision (autocast dtype) for a spec's precision setting on `device`.
+
+    "auto": bf16 on a GPU or CPU that has it, fp16 on an older GPU, else fp32.
+    On a 2-core AVX512-BF16 CPU, bf16 autocast measured about 1.05x fp32 on a
+    4-bit 30M model (its 4-bit matmuls run in bf16 either way) and ~2x on an
+    unquantized base (STACK-NOTES). Raises ValueError for a setting the device
+    cannot run (fp16 on CPU, bf16 on a GPU or CPU without it).
     """
-    if setting != "auto":
-        return setting  # type: ignore[return-value]
-    if device == "cpu":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if setting == "auto":
+        if device == "cpu":
+            return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if setting == "fp16" and device == "cpu":
+        raise ValueError("training.precision fp16 needs a GPU; on CPU use 'auto', 'bf16' or 'fp32'")
+    if setting == "bf16" and device == "cpu" and not cpu_has_bf16():
+        raise ValueError("training.precision bf16 needs a CPU with AVX512-BF16 or AMX; use 'auto' or 'fp32' here")
+    if setting == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"training.precision bf16 is not supported on {device_label(device)}; use 'auto' or 'fp16'")
+    return setting  # type: ignore[return-value]
+
+
+def resolve_attention(setting: str, device: Device, precision: Precision) -> Attention:
+    """The attention implementation for a spec's attention setting.
+
+    "auto": flash_attention_2 on CUDA when flash-attn is installed and training
+    runs in bf16/fp16 (it has no fp32 kernels), else PyTorch SDPA (on CPU its
+    flash kernel; with packed rows the block-diagonal mask keeps examples apart).
+    Raises ValueError when flash_attention_2 is asked for where it cannot run.
+    """
+    flash_ok = device == "cuda" and precision != "fp32" and importlib.util.find_spec("flash_attn") is not None
+    if setting == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if setting == "flash_attention_2" and not flash_ok:
+        raise ValueError("training.attention flash_attention_2 needs CUDA, the flash-attn package and bf16/fp16 "
+                         "precision; use 'auto' or 'sdpa'")
+    return setting  # type: ignore[return-value]
 
 
 def quantization_config(spec: QuantizationSpec) -> BitsAndBytesConfig | None:
@@ -95,27 +137,57 @@ def load_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, bool]:
     return tokenizer, pad_added
 
 
-def _quantization_plan(
-    spec: QuantizationSpec, device: Device
-) -> tuple[BitsAndBytesConfig | None, str, str | None]:
-    """(bitsandbytes config or None, quantization label, why quantization was skipped or None)."""
-    if spec.bits is None:
-        return None, "none", None
-    if device != "cuda":
-        # bitsandbytes does load 4-bit on CPU, but LoRA gradients through its
-        # repacked CPU kernels are silently wrong (see STACK-NOTES); until that
-        # path is verified, CPU jobs train LoRA on the full-precision base.
-        reason = f"{quantization_label(spec)} requested but no CUDA device; trained LoRA on the fp32 base"
-        return None, "none (no CUDA)", reason
-    return quantization_config(spec), quantization_label(spec), None
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 inference repacking on every Linear4bit; returns how many.
+
+    Must run before the model's first forward (see the module docstring). A
+    no-op for GPU tensors and for CPUs without AVX512-BF16, where the flag is
+    only read on CPU tensors.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base(
+    path: Path, quantization: QuantizationSpec, device: Device, *, dtype: torch.dtype = torch.float32,
+    attention: Attention = "sdpa",
+) -> PreTrainedModel:
+    """The base model from a local folder, quantized as `quantization` says, on `device`.
+
+    dtype is that of the weights left unquantized (all of them for bits null).
+    The same call serves training and inference, so an adapter trained on a
+    4-bit base is served on an identically loaded one. Raises OSError when the
+    folder is not a model.
+    """
+    # "sdpa" loads as transformers' SDPA plus per-example attention for packed rows (worker.training.packing).
+    implementation = register_packed_sdpa() if attention == "sdpa" else attention
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        local_files_only=True,
+        dtype=dtype,
+        attn_implementation=implementation,
+        quantization_config=quantization_config(quantization),
+        device_map={"": torch.cuda.current_device()} if device == "cuda" else None,
+    )
+    disable_cpu_weight_repacking(model)
+    return model
 
 
 def _base_dtype(spec: TrainingSpec, device: Device, precision: Precision, quantized: bool) -> torch.dtype:
     if device == "cpu":
-        return torch.float32  # CPU autocast (bf16) works on fp32 weights; LoRA wants fp32 anyway
+        # CPU autocast (bf16) works on fp32 weights; LoRA wants fp32 anyway
+        return torch.float32
     if quantized:
         # dtype of the layers left unquantized (norms, embeddings, head) until
-        # prepare_model_for_kbit_training casts them for stable training.
+        # prepare_model_for_kbit_training casts them to fp32 for stable training.
         return _DTYPES[spec.quantization.compute_dtype]
     return _DTYPES[precision]
 
@@ -126,38 +198,47 @@ def load_base_model(
     """Load base model and tokenizer from a local folder and attach a fresh LoRA adapter.
 
     Returns (peft model with only the LoRA weights trainable, tokenizer, info)
-    where info has: device (label), precision, dtype (of the base weights),
-    quantization (label, e.g. "nf4-double-quant" or "none (no CUDA)"),
-    quantization_skipped (reason or None), pad_token_added, trainable_parameters,
-    total_parameters. Seeds nothing: call transformers.set_seed first for a
-    reproducible LoRA init. Raises OSError when the folder is not a model,
-    ValueError (peft) when a target module does not exist in the model.
+    where info has: device (label), precision, attention, dtype (of the
+    unquantized base weights), quantization (label of what was loaded, e.g.
+    "nf4-double-quant", "int8" or "none"), gradient_checkpointing,
+    lean_modules (how many norms and MLPs run the memory-lean ops),
+    pad_token_added, trainable_parameters, total_parameters. Seeds nothing:
+    call transformers.set_seed first for a reproducible LoRA init. Raises
+    OSError when the folder is not a model, ValueError (peft) when a target
+    module does not exist in the model, ValueError for a precision or
+    attention setting the device cannot run.
     """
     tokenizer, pad_added = load_tokenizer(path)
-    bnb_config, quant_label, skipped = _quantization_plan(spec.quantization, device)
-    precision = resolve_precision(spec.training.precision, device)
-    dtype = _base_dtype(spec, device, precision, quantized=bnb_config is not None)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        local_files_only=True,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        quantization_config=bnb_config,
-        device_map={"": torch.cuda.current_device()} if device == "cuda" else None,
-    )
+    t = spec.training
+    precision = resolve_precision(t.precision, device)
+    attention = resolve_attention(t.attention, device, precision)
+    quantized = spec.quantization.bits is not None
+    dtype = _base_dtype(spec, device, precision, quantized=quantized)
+    model = load_base(path, spec.quantization, device, dtype=dtype, attention=attention)
     # The KV cache only serves generation; in training it costs memory per step.
     model.config.use_cache = False
-    if bnb_config is not None:
-        # Gradient checkpointing (on by default here) makes small models ~8x slower.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Non-reentrant checkpointing needs no enable_input_require_grads hook and
+    # works with inputs that do not require grad (peft's own default is reentrant).
+    checkpointing = {"use_reentrant": False}
+    if quantized:
+        # Freezes the base and casts its unquantized layers to fp32; its default
+        # would also turn gradient checkpointing on, which the spec decides.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     model = get_peft_model(model, lora_config(spec.lora))
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "device": device_label(device),
         "precision": precision,
+        "attention": attention,
         "dtype": str(dtype).removeprefix("torch."),
-        "quantization": quant_label,
-        "quantization_skipped": skipped,
+        "quantization": quantization_label(spec.quantization),
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "lean_modules": lean_modules,
         "pad_token_added": pad_added,
         "trainable_parameters": trainable,
         "total_parameters": total,

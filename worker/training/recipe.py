@@ -8,9 +8,11 @@ a work folder, receives progress through TrainingHooks, and records the result.
 from __future__ import annotations
 
 import gc
+import re
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,20 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from app.domains.jobs.spec import TrainingSpec
-from worker.training.data import CausalLMCollator, TokenizedExamples, load_examples
+from worker.training.data import CausalLMCollator, PackedCollator, TokenizedExamples, load_examples
 from worker.training.hooks import TrainingHooks
 from worker.training.model import Device, load_base_model, select_device
+from worker.training.packing import split_packed_batch
 
-# bitsandbytes optimizers need CUDA; this is what CPU runs use instead.
-_CPU_OPTIMIZER = "adamw_torch"
+# bitsandbytes' optimizers on CPU: paging does not exist there (they fall back,
+# with a warning) and the 8-bit step measured 61 ms against torch's fused
+# AdamW's 4 ms for the LoRA parameters of a 30M model; optimizer states of
+# LoRA-sized parameters are too small for 8 bits to save memory that matters.
+_CPU_OPTIMIZER = "adamw_torch_fused"
+_BNB_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
+# Share of GPU memory the micro-batch probe may use; the rest is headroom for
+# the optimizer states, allocator fragmentation and longer-than-probed batches.
+_GPU_MEMORY_BUDGET = 0.85
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,16 @@ class TrainResult:
     valid_loss the last validation loss (None without a validation file or
     when no epoch ended). tokens_per_second counts real (non-pad) tokens over
     wall_seconds, which include epoch-end evaluation and checkpoint writes
-    (the metrics events' rate covers training steps only). peak_memory_bytes is CUDA's max allocated memory on GPU and
-    the process's peak RSS on CPU.
+    (the metrics events' rate covers training steps only). peak_memory_bytes
+    covers this job from setup() to the end of train(): CUDA's max allocated
+    memory on GPU; on CPU the process's peak resident set size, reset at
+    setup() where Linux allows it (/proc/self/clear_refs), else the peak since
+    the process started. The other fields say how the job ran: quantization
+    loaded, precision (autocast dtype), attention kernel, packing, micro-batch
+    and accumulation (their product is the effective batch), optimizer,
+    whether gradient checkpointing was on, and row_tokens: when set, each
+    packed micro-batch ran as forward/backward passes over rows of at most
+    that many tokens (whole examples), the gradients summed.
     """
 
     steps: int
@@ -51,6 +69,13 @@ class TrainResult:
     precision: str
     quantization: str
     stopped_early: bool
+    attention: str = "sdpa"
+    packing: bool = False
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    row_tokens: int | None = None
 
 
 class _HooksCallback(TrainerCallback):
@@ -131,17 +156,89 @@ def _step_line(step: int, total: int, loss: float) -> str:
 
 def _optimizer_for(name: str, device: Device) -> tuple[str, str | None]:
     """(optimizer to use, message explaining a substitution or None)."""
-    if device == "cpu" and name != _CPU_OPTIMIZER:
-        return _CPU_OPTIMIZER, f"Optimizer {name} needs CUDA (bitsandbytes); using {_CPU_OPTIMIZER} on CPU"
+    if device == "cpu" and name in _BNB_OPTIMIZERS:
+        return _CPU_OPTIMIZER, (f"Optimizer {name} is a bitsandbytes GPU optimizer (no paging on CPU, and its 8-bit "
+                                f"step is slower there); using {_CPU_OPTIMIZER} on CPU")
     return name, None
 
 
-def _peak_memory_bytes(device: Device) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    return peak if sys.platform == "darwin" else peak * 1024
+class PeakMemory:
+    """Peak memory of this process from reset() on, in bytes.
+
+    CUDA: torch's max allocated bytes. CPU: the resident set's high-water mark
+    (VmHWM), which writing "5" to /proc/self/clear_refs resets (Linux >= 4.0);
+    where that is not allowed, the process's lifetime peak (ru_maxrss), which
+    may include earlier jobs of the same worker process.
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.per_job = False
+
+    def reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.per_job = True
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.per_job = True
+        except OSError:
+            self.per_job = False
+
+    def peak_bytes(self) -> int:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        try:
+            with open("/proc/self/status") as f:
+                match = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+            if match:
+                return int(match.group(1)) * 1024
+        except OSError:
+            pass
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss is in KiB on Linux and in bytes on macOS.
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def divisors_descending(n: int) -> list[int]:
+    """Every positive divisor of n, largest first."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
+
+
+def choose_micro_batch(effective_batch: int, fits: Callable[[int], bool]) -> int:
+    """The largest divisor of effective_batch for which fits(micro_batch) is True.
+
+    Trying divisors only keeps micro-batch x accumulation equal to the
+    effective batch, so the optimizer sees the same batches whatever is picked.
+    fits is called largest first and not again after the first True. Raises
+    MemoryError when not even a micro-batch of 1 fits.
+    """
+    for micro in divisors_descending(effective_batch):
+        if fits(micro):
+            return micro
+    raise MemoryError("a micro-batch of one example at the longest example's length does not fit in GPU memory; "
+                      "set training.gradient_checkpointing to true, lower training.max_seq_length, or use a "
+                      "larger GPU")
+
+
+class _RowTrainer(Trainer):
+    """Trainer that runs a packed micro-batch as rows of at most row_tokens tokens (None: whole).
+
+    Each row's loss is its summed token losses over the step's target count
+    (num_items_in_batch), so the rows' gradients add up to the micro-batch's.
+    Without that count (a model that takes no loss kwargs) rows are not used.
+    """
+
+    row_tokens: int | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.row_tokens is None or num_items_in_batch is None or "cu_seq_lens_q" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        rows = split_packed_batch(inputs, self.row_tokens)
+        return sum(super(_RowTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
 
 
 def _last_logged(log_history: list[dict[str, float]], key: str) -> float | None:
@@ -149,8 +246,8 @@ def _last_logged(log_history: list[dict[str, float]], key: str) -> float | None:
 
 
 def _as_dataset(examples: TokenizedExamples) -> list[dict[str, list[int]]]:
-    # A list of dicts is a map-style dataset for the Trainer; the collator pads per batch.
-    return [{"input_ids": ids} for ids in examples.input_ids]
+    # A list of dicts is a map-style dataset for the Trainer; the collator pads or packs per batch.
+    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples.input_ids, examples.labels, strict=True)]
 
 
 class LoraRecipe:
@@ -183,43 +280,70 @@ class LoraRecipe:
         self.work_dir = Path(work_dir)
         self.hooks = hooks
         self._device: Device = select_device()
+        self._memory = PeakMemory(self._device)
         self._model: Any = None
         self._tokenizer: Any = None
         self._trainer: Trainer | None = None
         self._callback: _HooksCallback | None = None
         self._info: dict[str, Any] = {}
 
-    def setup(self) -> None:
-        """Seed, load base model + tokenizer, attach LoRA, tokenize the data, build the Trainer.
+    @property
+    def model(self) -> Any:
+        """The peft model (base + adapter) between setup() and cleanup(), else None."""
+        return self._model
 
-        Emits message events (device, quantization, optimizer, data sizes).
-        Raises DataFormatError for a bad record (with file and line),
-        ValueError for a file with no usable record or a LoRA target module
-        the model lacks, OSError for a missing file or model folder.
+    def setup(self) -> None:
+        """Seed, load base model + tokenizer, attach LoRA, tokenize the data, plan batches, build the Trainer.
+
+        Emits message events (device, quantization, batches, optimizer, data
+        sizes). Peak memory is measured from here. Raises DataFormatError for a
+        bad record (with file and line), ValueError for a file with no usable
+        record, a LoRA target module the model lacks, or a precision/attention
+        setting the device cannot run; MemoryError when not even a micro-batch
+        of 1 fits on the GPU; OSError for a missing file or model folder.
         """
+        self._memory.reset()
         set_seed(self.spec.seed)
+        t = self.spec.training
         self._model, self._tokenizer, self._info = load_base_model(self.base_model_path, self.spec, self._device)
         self._announce_model()
-        max_len = self.spec.training.max_seq_length
-        train = load_examples(self.train_file, self._tokenizer, max_len)
+        max_len = t.max_seq_length
+        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss)
         self._announce_data("Training", train, max_len)
         valid = None
         if self.validation_file is not None:
-            valid = load_examples(self.validation_file, self._tokenizer, max_len)
+            valid = load_examples(self.validation_file, self._tokenizer, max_len,
+                                  completion_only=t.completion_only_loss)
             self._announce_data("Validation", valid, max_len)
-        optim, note = _optimizer_for(self.spec.training.optimizer, self._device)
+        micro, accumulation, packing, row_tokens = self._plan_batches(train)
+        self._info.update(micro_batch_size=micro, gradient_accumulation_steps=accumulation, packing=packing,
+                          row_tokens=row_tokens)
+        rows = f", run as rows of at most {row_tokens} tokens" if row_tokens else ""
+        self.hooks.on_event(
+            "message",
+            f"Batches: {micro} example(s) per micro-batch x {accumulation} accumulation step(s) "
+            f"= {micro * accumulation} per optimizer step; packing {'on' if packing else 'off'}{rows}",
+            {"micro_batch_size": micro, "gradient_accumulation_steps": accumulation, "packing": packing,
+             "row_tokens": row_tokens},
+        )
+        optim, note = _optimizer_for(t.optimizer, self._device)
+        self._info["optimizer"] = optim
         if note:
             self.hooks.on_event("message", note, None)
+        # Packed batches carry their example boundaries (cu_seq_lens): flash-attention and the
+        # per-example SDPA read them, and rows are cut along them.
+        collator = PackedCollator(with_flash_attn_kwargs=True) if packing else CausalLMCollator(self._tokenizer)
         self._callback = _HooksCallback(self.hooks)
-        self._trainer = Trainer(
+        self._trainer = _RowTrainer(
             model=self._model,
             args=self._training_arguments(optim=optim, has_validation=valid is not None),
-            data_collator=CausalLMCollator(self._tokenizer),
+            data_collator=collator,
             train_dataset=_as_dataset(train),
             eval_dataset=_as_dataset(valid) if valid is not None else None,
             processing_class=self._tokenizer,
             callbacks=[self._callback],
         )
+        self._trainer.row_tokens = row_tokens
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
         self._trainer.remove_callback(PrinterCallback)
 
@@ -232,8 +356,6 @@ class LoraRecipe:
         """
         if self._trainer is None or self._callback is None:
             raise RuntimeError("call setup() before train()")
-        if self._device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         self.hooks.on_event("message", "Training started", None)
         start = time.perf_counter()
         self._trainer.train()
@@ -266,15 +388,93 @@ class LoraRecipe:
         if self._device == "cuda":
             torch.cuda.empty_cache()
 
+    def _plan_batches(self, train: TokenizedExamples) -> tuple[int, int, bool, int | None]:
+        """(micro-batch size, accumulation steps, packing, row tokens) for this device.
+
+        The effective batch (batch_size x gradient_accumulation_steps) is kept,
+        and with it what the optimizer sees. With auto_micro_batch and packing:
+        on CUDA the micro-batch is the largest divisor of it that a forward +
+        backward at the longest examples fits in (choose_micro_batch); on CPU it
+        is the whole effective batch, run as packed rows no longer than the
+        longest example, so activation memory stays that of one example while
+        short examples share a pass (measured 1.1x the tokens/s of one example
+        per pass on a 30M model). Otherwise the spec's batch_size as given.
+        """
+        t = self.spec.training
+        effective = t.batch_size * t.gradient_accumulation_steps
+
+        def packing_for(micro: int) -> bool:
+            if micro == 1:
+                return False  # one example per micro-batch: nothing to pack, nothing padded
+            return True if t.packing == "auto" else bool(t.packing)
+
+        if not t.auto_micro_batch or not packing_for(effective):
+            return t.batch_size, t.gradient_accumulation_steps, packing_for(t.batch_size), None
+        lengths = sorted((len(ids) for ids in train.input_ids), reverse=True)
+        if self._device == "cpu":
+            return effective, 1, True, lengths[0]
+        micro = choose_micro_batch(effective, lambda m: self._cuda_step_fits(lengths[:m], packing_for(m)))
+        self._memory.reset()  # the job's peak is training's, not the probe's
+        return micro, effective // micro, packing_for(micro), None
+
+    def _cuda_step_fits(self, lengths: list[int], packing: bool) -> bool:
+        """Whether a forward + backward on a worst-case micro-batch stays within the GPU memory budget.
+
+        The batch has the given example lengths (the longest of the data),
+        padded to the longest or packed into one row. Runs under the training
+        autocast, restores the RNG state and leaves no gradients behind, so the
+        probe changes nothing about the training that follows.
+        """
+        model, vocab = self._model, self._model.config.vocab_size
+        device = next(p for p in model.parameters() if p.device.type == "cuda").device
+        precision = self._info["precision"]
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        batch: dict[str, torch.Tensor] = {}
+        try:
+            if packing:
+                ids = torch.randint(0, vocab, (1, sum(lengths)), device=device)
+                positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
+                edges = torch.tensor([0, *lengths], device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                batch = {"input_ids": ids, "labels": ids, "position_ids": positions, "cu_seq_lens_q": edges,
+                         "cu_seq_lens_k": edges, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+            else:
+                ids = torch.randint(0, vocab, (len(lengths), max(lengths)), device=device)
+                batch = {"input_ids": ids, "labels": ids}
+            model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                                enabled=precision != "fp32"):
+                loss = model(**batch).loss
+            loss.backward()
+            fits = torch.cuda.max_memory_allocated(device) <= _GPU_MEMORY_BUDGET * torch.cuda.get_device_properties(
+                device).total_memory
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        finally:
+            loss = None
+            batch.clear()
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state(rng[1], device)
+        return fits
+
     def _training_arguments(self, *, optim: str, has_validation: bool) -> TrainingArguments:
         t = self.spec.training
-        precision = self._info["precision"]
+        info = self._info
+        precision = info["precision"]
+        micro, packing = info["micro_batch_size"], info["packing"]
         on_cpu = self._device == "cpu"
         return TrainingArguments(
             output_dir=str(self.work_dir / "checkpoints"),
-            per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            per_device_train_batch_size=micro,
+            # Evaluation keeps no activations but does keep each pass's logits (tokens x vocabulary);
+            # on CPU, where the micro-batch is a whole optimizer step, it goes by the spec's batch_size.
+            per_device_eval_batch_size=micro if self._device == "cuda" else t.batch_size,
+            gradient_accumulation_steps=info["gradient_accumulation_steps"],
             num_train_epochs=t.epochs,
             max_steps=t.max_steps if t.max_steps is not None else -1,
             learning_rate=t.learning_rate,
@@ -297,12 +497,15 @@ class LoraRecipe:
             # Evaluation needs only the loss; otherwise the Trainer keeps every
             # batch's logits (batch x length x vocab floats) in memory.
             prediction_loss_only=True,
-            include_num_input_tokens_seen="non_padding",
-            # Length-grouped batches cut padding waste; with batch 1 there is none.
-            train_sampling_strategy="group_by_length" if t.batch_size > 1 else "random",
-            # Data is pre-tokenized in memory: worker processes would only add
-            # start-up cost and compete for the CPU cores the model uses.
-            dataloader_num_workers=0,
+            # Packed rows have no padding (and no attention mask to count by):
+            # every input token is real. Padded batches count the attention mask.
+            include_num_input_tokens_seen="all" if packing else "non_padding",
+            # Length-grouped batches cut padding waste; with one example per
+            # micro-batch, or packed rows, there is none to cut.
+            train_sampling_strategy="group_by_length" if t.group_by_length and micro > 1 and not packing
+            else "random",
+            # The Trainer's gradient checkpointing stays at its default (off): load_base_model applied the spec's.
+            dataloader_num_workers=t.dataloader_workers,
             dataloader_pin_memory=not on_cpu,
             report_to="none",
             disable_tqdm=True,
@@ -312,13 +515,12 @@ class LoraRecipe:
         info = self._info
         self.hooks.on_event(
             "message",
-            f"Loaded base model on {info['device']} ({info['dtype']} weights, {info['precision']} training, "
-            f"quantization {info['quantization']}); {info['trainable_parameters']:,} of "
-            f"{info['total_parameters']:,} parameters trainable",
+            f"Loaded base model on {info['device']} (quantization {info['quantization']}, {info['dtype']} "
+            f"unquantized weights, {info['precision']} training, {info['attention']} attention, gradient "
+            f"checkpointing {'on' if info['gradient_checkpointing'] else 'off'}); "
+            f"{info['trainable_parameters']:,} of {info['total_parameters']:,} parameters trainable",
             dict(info),
         )
-        if info["quantization_skipped"]:
-            self.hooks.on_event("message", f"Quantization skipped: {info['quantization_skipped']}", None)
         if info["pad_token_added"]:
             self.hooks.on_event("message", "The tokenizer has no pad token; using its eos token for padding", None)
 
@@ -326,19 +528,23 @@ class LoraRecipe:
         data = {
             "examples": len(examples.input_ids),
             "tokens": examples.num_tokens,
+            "target_tokens": examples.num_target_tokens,
             "truncated": examples.num_truncated,
             "skipped": examples.num_skipped,
         }
         line = f"{name} data: {data['examples']} examples, {data['tokens']:,} tokens"
+        if examples.num_target_tokens < examples.num_tokens - len(examples.input_ids):
+            line += f" ({examples.num_target_tokens:,} of them completion tokens the loss is computed on)"
         if examples.num_truncated:
             line += f"; {examples.num_truncated} truncated to {max_len} tokens"
         if examples.num_skipped:
-            line += f"; {examples.num_skipped} skipped (under 2 tokens)"
+            line += f"; {examples.num_skipped} skipped (under 2 tokens, or no completion token)"
         self.hooks.on_event("message", line, data)
 
     def _result(self, wall_seconds: float) -> TrainResult:
         state = self._trainer.state
         tokens = state.num_input_tokens_seen
+        info = self._info
         return TrainResult(
             steps=state.global_step,
             total_steps=state.max_steps,
@@ -347,9 +553,16 @@ class LoraRecipe:
             valid_loss=_last_logged(state.log_history, "eval_loss"),
             tokens_per_second=tokens / wall_seconds if wall_seconds > 0 else 0.0,
             wall_seconds=wall_seconds,
-            peak_memory_bytes=_peak_memory_bytes(self._device),
-            device=self._info["device"],
-            precision=self._info["precision"],
-            quantization=self._info["quantization"],
+            peak_memory_bytes=self._memory.peak_bytes(),
+            device=info["device"],
+            precision=info["precision"],
+            quantization=info["quantization"],
             stopped_early=self._callback.stop_requested,
+            attention=info["attention"],
+            packing=info["packing"],
+            micro_batch_size=info["micro_batch_size"],
+            gradient_accumulation_steps=info["gradient_accumulation_steps"],
+            optimizer=info["optimizer"],
+            gradient_checkpointing=info["gradient_checkpointing"],
+            row_tokens=info["row_tokens"],
         )

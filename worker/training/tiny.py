@@ -35,29 +35,13 @@ def _corpus(max_bytes: int) -> list[str]:
     return texts
 
 
-def make_tiny_model(
-    path: str | Path,
-    *,
-    vocab_size: int = 4096,
-    hidden_size: int = 128,
-    intermediate_size: int = 384,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    max_position_embeddings: int = 2048,
-    corpus_bytes: int = 3_000_000,
-    seed: int = 0,
-    pretrain_steps: int = 0,
-) -> Path:
-    """Write config, weights and tokenizer to `path`; returns it. Deterministic for a seed.
+def make_tokenizer(path: str | Path, *, vocab_size: int = 4096, corpus_bytes: int = 3_000_000,
+                   max_position_embeddings: int = 2048):
+    """Train the byte-level BPE tokenizer on the stdlib sources and save it (with the chat template) to `path`.
 
-    pretrain_steps > 0 first trains all weights briefly on the same Python sources, so the model
-    writes Python-looking text (the demo uses this; tests keep random weights, which is faster)."""
-    import torch
+    Returns the PreTrainedTokenizerFast. Deterministic for the same Python stdlib."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,19 +56,61 @@ def make_tiny_model(
         model_max_length=max_position_embeddings,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(Path(path))
+    return tokenizer
+
+
+def make_tiny_model(
+    path: str | Path,
+    *,
+    vocab_size: int = 4096,
+    hidden_size: int = 128,
+    intermediate_size: int = 384,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_key_value_heads: int | None = None,
+    max_position_embeddings: int = 2048,
+    corpus_bytes: int = 3_000_000,
+    seed: int = 0,
+    pretrain_steps: int = 0,
+    tokenizer_from: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Path:
+    """Write config, weights and tokenizer to `path`; returns it. Deterministic for a seed.
+
+    pretrain_steps > 0 first trains all weights briefly on the same Python sources, so the model
+    writes Python-looking text (the demo uses this; tests keep random weights, which is faster).
+    tokenizer_from: a folder with a tokenizer made here before, copied instead of training one
+    (about 2 s saved per model). num_key_value_heads < num_heads gives grouped-query attention.
+    dtype and device are those the random weights are created in and saved as ("cuda" makes
+    billion-parameter shapes quick to initialize)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(Path(tokenizer_from), local_files_only=True)
+        tokenizer.save_pretrained(path)
+    else:
+        tokenizer = make_tokenizer(path, vocab_size=vocab_size, corpus_bytes=corpus_bytes,
+                                   max_position_embeddings=max_position_embeddings)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_key_value_heads or num_heads,
         max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch_dtype)
     if pretrain_steps:
-        corpus_ids = tok.encode("\n".join(_corpus(corpus_bytes))).ids
+        corpus_ids = tokenizer.backend_tokenizer.encode("\n".join(_corpus(corpus_bytes))).ids
         _pretrain(model, corpus_ids, steps=pretrain_steps, seed=seed)
     model.save_pretrained(path)
     return path

@@ -1,0 +1,94 @@
+"""Packed batches: attention per example without a dense mask, and splitting a packed batch into rows.
+
+A packed batch (data.PackedCollator with flash-attention kwargs) is one row of concatenated
+examples with cu_seq_lens_q/k, the cumulative example lengths [0, l1, l1+l2, ...]. Stock SDPA
+attends over it with a dense block-diagonal (tokens x tokens) mask: the cost of the whole row
+squared. packed_sdpa_attention runs SDPA's causal kernel once per example instead, which costs
+the sum of the squared example lengths, as flash-attention's varlen kernel does on GPU. Measured
+on a 2-core CPU, 30M Llama, 8 examples of 50-1,000 tokens per row: 1.9x the tokens/s of the
+dense mask, and 1.17x that of one example per forward pass.
+
+split_packed_batch cuts a packed batch at example boundaries into rows of at most row_tokens
+tokens, so that a whole optimizer step can be one Trainer step (the per-pass overheads paid once
+per row instead of once per example) while activation memory stays that of one row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+# The attn_implementation name models are loaded with when the spec's attention is "sdpa".
+PACKED_SDPA = "tuneforge_packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: per-example causal SDPA for packed rows, stock SDPA otherwise.
+
+    query (1, heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim); returns
+    (1, tokens, heads, head_dim). Packed means batch size 1 with cu_seq_lens_q in kwargs and no
+    KV cache (training and the loss pass of evaluation); anything else, generation included,
+    goes to transformers' own sdpa_attention_forward unchanged.
+    """
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    edges = bounds.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                       scale=scaling, is_causal=True)
+        for s, e in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_packed_sdpa() -> str:
+    """Make PACKED_SDPA a valid attn_implementation (idempotent); returns the name."""
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # Masks as for sdpa: needed by the unpacked fallback; packed rows ignore theirs.
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    return PACKED_SDPA
+
+
+def split_packed_batch(batch: dict[str, Any], row_tokens: int) -> list[dict[str, Any]]:
+    """Cut a packed batch at example boundaries into rows of at most row_tokens tokens.
+
+    batch: input_ids, labels, position_ids (1, tokens) and cu_seq_lens_q/k (examples + 1,),
+    max_length_q/k, as PackedCollator(with_flash_attn_kwargs=True) makes them. Examples are
+    taken in order; an example longer than row_tokens gets a row of its own. Each row has the
+    same keys, with boundaries relative to the row. The rows' labels together are the batch's.
+    """
+    edges = batch["cu_seq_lens_q"].tolist()
+    rows: list[tuple[int, int, list[int]]] = []  # (start, end, example edges relative to start)
+    start, row_edges = edges[0], [0]
+    for end in edges[1:]:
+        if end - start > row_tokens and len(row_edges) > 1:
+            rows.append((start, start + row_edges[-1], row_edges))
+            start, row_edges = start + row_edges[-1], [0]
+        row_edges.append(end - start)
+    rows.append((start, start + row_edges[-1], row_edges))
+    out = []
+    for s, e, rel in rows:
+        row = {key: batch[key][:, s:e] for key in ("input_ids", "labels", "position_ids") if key in batch}
+        cu = torch.tensor(rel, dtype=batch["cu_seq_lens_q"].dtype, device=batch["cu_seq_lens_q"].device)
+        longest = max(b - a for a, b in zip(rel[:-1], rel[1:]))
+        row.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        out.append(row)
+    return out
