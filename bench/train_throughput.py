@@ -35,10 +35,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,31 +72,19 @@ GPU_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A1
 
 
 def machine() -> dict[str, Any]:
+    import peft  # noqa: F401  (imported so that describe() reports its version)
     import torch
-    import transformers
-    import peft
+    import transformers  # noqa: F401
 
-    cpu = platform.processor() or "unknown"
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import bitsandbytes
-        bnb_version = bitsandbytes.__version__
+        import bitsandbytes  # noqa: F401
     except ImportError:
-        bnb_version = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {
-        "host": socket.gethostname(), "os": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": gpu, "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu
-        else None,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "bitsandbytes": bnb_version,
-        "cpu_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
-    }
+        pass
+    from bench.machine import describe
+
+    gpu_memory = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None
+    return describe(gpu_memory_gib=gpu_memory,
+                    cpu_bf16=bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()))
 
 
 def build_model(name: str, cache_dir: Path) -> Path:
