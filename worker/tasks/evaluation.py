@@ -112,7 +112,7 @@ def _evaluate(plan: _Plan) -> tuple[dict, str]:
     storage = get_storage()
     with storage.temp_file() as tmp:
         for r in score.results:
-            tmp.write((json.dumps({k: v for k, v in asdict(r).items()}) + "\n").encode())
+            tmp.write((json.dumps(asdict(r)) + "\n").encode())
     storage.commit(tmp.name, key)
     return summary, key
 

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from sqlalchemy.exc import IntegrityError
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
+from app.api.idempotent import create_once
 from app.core import queue
 from app.core.errors import Conflict
 from app.core.storage import get_storage
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.schemas import EvaluationCreate, EvaluationList, EvaluationRead
-from app.domains.idempotency import service as idempotency
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
@@ -20,20 +19,12 @@ def create_evaluation(body: EvaluationCreate, session: SessionDep, principal: Pr
                       idempotency_key: IdempotencyKey = None) -> EvaluationRead:
     """Generate completions with a model (or take the team's completions_file) and run every program
     in the sandbox; pass@k per k. Runs on the evaluation workers; poll GET /v1/evaluations/{id}."""
-    existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="evaluations", key=idempotency_key)
-    if existing:
-        return evaluations.to_read(evaluations.get(session, team_id=principal.team_id, evaluation_id=existing))
-    row = evaluations.create(session, team_id=principal.team_id, body=body)
-    idempotency.remember(session, team_id=principal.team_id, endpoint="evaluations", key=idempotency_key,
-                         object_id=row.id)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="evaluations",
-                                      key=idempotency_key)
-        return evaluations.to_read(evaluations.get(session, team_id=principal.team_id, evaluation_id=existing))
-    queue.enqueue_evaluation(row.id)
+    row, created = create_once(
+        session, principal, endpoint="evaluations", key=idempotency_key,
+        create=lambda: evaluations.create(session, team_id=principal.team_id, body=body),
+        fetch=lambda evaluation_id: evaluations.get(session, team_id=principal.team_id, evaluation_id=evaluation_id))
+    if created:
+        queue.enqueue_evaluation(row.id)
     return evaluations.to_read(row)
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import IntegrityError
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
+from app.api.idempotent import create_once
 from app.core import queue
-from app.domains.idempotency import service as idempotency
 from app.domains.jobs import service as jobs
 from app.domains.jobs.schemas import EventList, JobCreate, JobList, JobRead
 
@@ -19,18 +18,12 @@ _META_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
 def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep,
                idempotency_key: IdempotencyKey = None) -> JobRead:
     """Validates the spec and files, stores the job as queued, then enqueues its id (after commit)."""
-    existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="jobs", key=idempotency_key)
-    if existing:
-        return jobs.to_read(session, jobs.get(session, team_id=principal.team_id, job_id=existing))
-    job = jobs.create(session, team_id=principal.team_id, body=body)
-    idempotency.remember(session, team_id=principal.team_id, endpoint="jobs", key=idempotency_key, object_id=job.id)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="jobs", key=idempotency_key)
-        return jobs.to_read(session, jobs.get(session, team_id=principal.team_id, job_id=existing))
-    queue.enqueue_training(job.id)
+    job, created = create_once(
+        session, principal, endpoint="jobs", key=idempotency_key,
+        create=lambda: jobs.create(session, team_id=principal.team_id, body=body),
+        fetch=lambda job_id: jobs.get(session, team_id=principal.team_id, job_id=job_id))
+    if created:
+        queue.enqueue_training(job.id)
     return jobs.to_read(session, job)
 
 

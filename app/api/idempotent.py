@@ -1,0 +1,32 @@
+"""Creating an object at most once per Idempotency-Key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.domains.idempotency import service as idempotency
+from app.domains.teams.service import Principal
+
+T = TypeVar("T")
+
+
+def create_once(session: Session, principal: Principal, *, endpoint: str, key: str | None,
+                create: Callable[[], T], fetch: Callable[[str], T]) -> tuple[T, bool]:
+    """Return (object, created). A key seen before returns the object its first request made; a
+    concurrent request with the same key that commits first wins, and its object is returned.
+    Commits on creation, so the caller can dispatch work afterwards only when created is True."""
+    existing = idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)
+    if existing:
+        return fetch(existing), False
+    obj = create()
+    idempotency.remember(session, team_id=principal.team_id, endpoint=endpoint, key=key, object_id=obj.id)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return fetch(idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)), False
+    return obj, True
