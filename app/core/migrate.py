@@ -20,7 +20,7 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+def upgrade(url: str | None = None, revision: str = "heads") -> None:
     _ensure_sqlite_dir(url or get_settings().effective_database_url)
     command.upgrade(alembic_config(url), revision)
 
