@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from torch import nn
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec
 from worker.training.model import load_base, lora_config
-from worker.training.ops import apply_lean_ops
+from worker.training.ops import IGNORE_INDEX, apply_chunked_loss, apply_lean_ops, linear_cross_entropy
 from worker.training.tiny import make_tiny_model
 
 
@@ -75,3 +76,75 @@ def test_lean_ops_give_the_stock_loss_and_gradients_and_save_less(base_path, bit
 def test_architectures_without_lean_ops_are_left_alone():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     assert apply_lean_ops(model) == 0
+
+
+# -- the chunked loss -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_items", [None, 300])
+def test_linear_cross_entropy_matches_cross_entropy_over_full_logits(num_items):
+    """Several chunks, a partial last chunk, a fully ignored chunk, and both reductions."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, hidden_size, vocab = 200, 16, 50
+    hidden = torch.randn(tokens, hidden_size, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=gen)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[::7] = IGNORE_INDEX
+    labels[64:128] = IGNORE_INDEX  # the second chunk of 64 holds no labels at all
+    reduction = "mean" if num_items is None else "sum"
+    stock = nn.functional.cross_entropy(hidden @ weight.T, labels, reduction=reduction)
+    stock = stock if num_items is None else stock / num_items
+    stock_grad, = torch.autograd.grad(stock * 3.0, hidden)
+    chunked = linear_cross_entropy(hidden, weight, labels, num_items, chunk=64)
+    chunked_grad, = torch.autograd.grad(chunked * 3.0, hidden)
+    assert chunked.item() == pytest.approx(stock.item(), rel=1e-6)
+    assert torch.allclose(chunked_grad, stock_grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits, autocast, tolerance", [(None, False, 1e-5), (None, True, 1e-2), (4, True, 1e-2)])
+def test_chunked_loss_gives_the_stock_loss_and_gradients_without_keeping_logits(base_path, bits, autocast,
+                                                                                 tolerance):
+    quantization = QuantizationSpec(bits=bits)
+    stock, _ = _peft(base_path, quantization, lean=False)
+    chunked, _ = _peft(base_path, quantization, lean=False)
+    assert apply_chunked_loss(chunked.base_model.model)
+    for model in (stock, chunked):  # as in training: no KV cache (which would also skip the packed-sequence mask)
+        model.base_model.model.config.use_cache = False
+    # Two packed examples in one row: positions restart, the second example's first label is masked.
+    ids = torch.randint(5, 4000, (1, 256), generator=torch.Generator().manual_seed(4))
+    positions = torch.cat([torch.arange(100), torch.arange(156)])[None]
+    labels = ids.clone()
+    labels[0, :20] = IGNORE_INDEX
+    labels[0, 100] = IGNORE_INDEX
+    results = []
+    for model in (stock, chunked):
+        model.zero_grad(set_to_none=True)
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=torch.tensor(230))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.item(), grads, sum(saved.values()), out.logits))
+    (stock_loss, stock_grads, stock_saved, stock_logits), (loss, grads, saved_bytes, logits) = results
+    assert stock_logits is not None and logits is None
+    assert loss == pytest.approx(stock_loss, rel=1e-3 if autocast else 1e-6)
+    for name, grad in stock_grads.items():
+        error = ((grads[name] - grad).norm() / grad.norm()).item()
+        assert error < tolerance, f"{name}: {error:.2e}"
+    vocab = stock.base_model.model.config.vocab_size
+    assert stock_saved - saved_bytes >= 256 * vocab * 2  # at least the compute-dtype logits
+
+
+def test_chunked_loss_leaves_generation_alone(base_path):
+    model = load_base(base_path, QuantizationSpec(bits=None), "cpu")
+    ids = torch.randint(5, 4000, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert apply_chunked_loss(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size

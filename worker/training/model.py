@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
-from worker.training.ops import apply_lean_ops
+from worker.training.ops import apply_chunked_loss, apply_lean_ops
 from worker.training.packing import register_packed_sdpa
 
 Device = Literal["cuda", "cpu"]
@@ -201,7 +201,8 @@ def load_base_model(
     where info has: device (label), precision, attention, dtype (of the
     unquantized base weights), quantization (label of what was loaded, e.g.
     "nf4-double-quant", "int8" or "none"), gradient_checkpointing,
-    lean_modules (how many norms and MLPs run the memory-lean ops),
+    lean_modules (how many norms and MLPs run the memory-lean ops), chunked_loss (whether the
+    loss runs without a logits tensor),
     pad_token_added, trainable_parameters, total_parameters. Seeds nothing:
     call transformers.set_seed first for a reproducible LoRA init. Raises
     OSError when the folder is not a model, ValueError (peft) when a target
@@ -229,6 +230,7 @@ def load_base_model(
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
+    chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
     model = get_peft_model(model, lora_config(spec.lora))
     trainable, total = model.get_nb_trainable_parameters()
     info = {
@@ -239,6 +241,7 @@ def load_base_model(
         "quantization": quantization_label(spec.quantization),
         "gradient_checkpointing": t.gradient_checkpointing,
         "lean_modules": lean_modules,
+        "chunked_loss": chunked_loss,
         "pad_token_added": pad_added,
         "trainable_parameters": trainable,
         "total_parameters": total,

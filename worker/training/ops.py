@@ -117,3 +117,99 @@ def apply_lean_ops(model: nn.Module) -> int:
             module.forward = types.MethodType(swiglu_mlp, module)
             patched += 1
     return patched
+
+
+# -- the loss without the logits tensor --------------------------------------------------------
+
+IGNORE_INDEX = -100
+LOSS_CHUNK_TOKENS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, labels)) / divisor, a chunk of tokens at a time.
+
+    The stock head materializes logits for every token (tokens x vocabulary, in the compute dtype,
+    again in fp32 for the loss, and once more as their gradient): with a 32k vocabulary and a
+    2,000-token packed micro-batch that is 0.75 GB, more than the rest of a small model's step.
+    Here each chunk's logits live only while the chunk is processed. The frozen head's gradient
+    with respect to the hidden states is computed in the forward pass (softmax minus one-hot,
+    times the weight) and kept: tokens x hidden values instead of tokens x vocabulary.
+    Matmuls run under the caller's autocast exactly as the stock head's do.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, divisor: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            y = labels[start:start + chunk]
+            valid = y != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            logits = nn.functional.linear(hidden[start:start + chunk], weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = y.clamp(min=0)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(y.shape[0], device=y.device), target] -= 1.0
+                probs.mul_((valid.to(probs.dtype) / divisor)[:, None])
+                grad[start:start + chunk] = nn.functional.linear(probs, weight.t()).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         num_items_in_batch: torch.Tensor | int | None = None,
+                         chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """transformers' causal-LM loss on already shifted labels, without the logits tensor.
+
+    hidden (tokens, hidden), labels (tokens,). Like transformers' ForCausalLMLoss: the mean over
+    labelled tokens, or their sum over num_items_in_batch when the Trainer passes it (gradient
+    accumulation then weighs every token alike). Not for a head whose weight trains.
+    """
+    if num_items_in_batch is None:
+        divisor = (labels != IGNORE_INDEX).sum().to(torch.float32)
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, divisor, chunk)
+
+
+def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          labels=None, **kwargs):
+    """A causal LM's forward that, given labels, returns the loss and no logits (see _LinearCrossEntropy).
+    Without labels (generation, scoring) or with a head that trains it is the stock forward."""
+    stock = type(self).forward.__get__(self)
+    if labels is None or self.lm_head.weight.requires_grad or kwargs.get("use_cache"):
+        return stock(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                shift_labels.reshape(-1).to(hidden.device), kwargs.get("num_items_in_batch"),
+                                chunk=LOSS_CHUNK_TOKENS)
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def apply_chunked_loss(model: nn.Module) -> bool:
+    """Give a causal LM with an lm_head and a decoder at .model the chunked loss. Returns whether it
+    applied. Idempotent; only this instance changes."""
+    if not (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")):
+        return False
+    model.forward = types.MethodType(_chunked_loss_forward, model)
+    return True
