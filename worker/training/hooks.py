@@ -1,22 +1,28 @@
 """The recipe's only channel to the outside world while it trains.
 
-Kept free of torch so that the task wrapper (which writes events to Postgres and
-reads the job's cancel flag) can implement it without importing the trainer.
+Kept free of torch so that the task wrapper (which writes events to Postgres,
+reads the job's cancel and pause requests and uploads checkpoints) can
+implement it without importing the trainer.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 EventType = Literal["message", "metrics"]
+# Why training should stop: the user cancelled (no checkpoint), paused the job
+# or the worker is shutting down (both checkpoint first, so the job can resume).
+StopReason = Literal["cancel", "pause", "shutdown"]
 
 
 class TrainingHooks(Protocol):
     """Implemented by the caller of LoraRecipe.
 
-    Both methods are called from the training thread, between optimizer steps;
+    Every method is called from the training thread, between optimizer steps;
     they should return quickly (a short database write, a flag read) because the
-    trainer waits for them. An exception raised by either aborts training.
+    trainer waits for them, except on_checkpoint, which uploads. An exception
+    raised by any of them aborts training.
     """
 
     def on_event(self, type: EventType, message: str, data: dict[str, Any] | None) -> None:
@@ -28,5 +34,19 @@ class TrainingHooks(Protocol):
         trained_tokens, eta_seconds} or a validation result {valid_loss, step}.
         """
 
-    def should_stop(self) -> bool:
-        """Polled after every optimizer step; True stops training after that step (user cancel)."""
+    def should_stop(self) -> StopReason | None:
+        """Polled after every optimizer step; a reason stops training after that step, None continues.
+
+        "pause" and "shutdown" write a checkpoint at that step first (passed to
+        on_checkpoint); "cancel" stops without one. Truthy means stop, so
+        callers that treat the answer as a bool keep working.
+        """
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        """Called after a complete checkpoint directory was written at path for global step `step`.
+
+        The callee uploads it (worker.tasks.checkpoints.upload); the recipe may
+        delete the directory once this returns. metrics: {step, train_loss,
+        valid_loss?} as known at that step. Only called when the spec asks for
+        checkpoints (training.checkpoint_every_steps) or on a pause/shutdown stop.
+        """

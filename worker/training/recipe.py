@@ -8,8 +8,10 @@ a work folder, receives progress through TrainingHooks, and records the result.
 from __future__ import annotations
 
 import gc
+import json
 import re
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,10 +21,12 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from app.domains.jobs.spec import TrainingSpec
 from worker.training.data import CausalLMCollator, PackedCollator, TokenizedExamples, load_examples
-from worker.training.hooks import TrainingHooks
+from worker.training.hooks import StopReason, TrainingHooks
 from worker.training.model import Device, load_base_model, select_device
 from worker.training.packing import split_packed_batch
 
@@ -54,7 +58,11 @@ class TrainResult:
     and accumulation (their product is the effective batch), optimizer,
     whether gradient checkpointing was on, and row_tokens: when set, each
     packed micro-batch ran as forward/backward passes over rows of at most
-    that many tokens (whole examples), the gradients summed.
+    that many tokens (whole examples), the gradients summed. stopped is why
+    hooks.should_stop() ended training early (None: the schedule ran out;
+    a plain True counts as "cancel"), resumed_from_step the checkpoint's step
+    when training continued from one (steps and total_steps count the whole
+    job, not this call).
     """
 
     steps: int
@@ -76,19 +84,30 @@ class TrainResult:
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
     row_tokens: int | None = None
+    stopped: StopReason | None = None
+    resumed_from_step: int | None = None
 
 
 class _HooksCallback(TrainerCallback):
-    """Forwards the Trainer's logs, saves and stop checks to TrainingHooks.
+    """Forwards the Trainer's logs, saves and stop checks to TrainingHooks, and decides when to checkpoint.
 
     Token counts come from the Trainer's own non-padding counter
     (state.num_input_tokens_seen, the sum of attention masks), which is also
     saved in checkpoints and so survives a resume.
+
+    Checkpoints: with every_steps, at each multiple of it (overriding the
+    Trainer's own end-of-training save) and handed to hooks.on_checkpoint;
+    without, at epoch ends (the Trainer's save_strategy) and kept local. A
+    "pause" or "shutdown" stop writes one at that step and hands it over too;
+    a "cancel" stop writes none. Runs after the Trainer's DefaultFlowCallback,
+    so its control flags win.
     """
 
-    def __init__(self, hooks: TrainingHooks):
+    def __init__(self, hooks: TrainingHooks, every_steps: int | None = None):
         self.hooks = hooks
+        self.every_steps = every_steps
         self.stop_requested = False
+        self.stop_reason: StopReason | None = None
         self._start_time = self._last_time = 0.0
         self._start_step = 0
         self._last_tokens = 0
@@ -106,21 +125,44 @@ class _HooksCallback(TrainerCallback):
             self._epoch_ended_at = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.stop_requested and self.hooks.should_stop():
-            self.stop_requested = True
-            control.should_training_stop = True
-            self.hooks.on_event("message", f"Stop requested; training stops at step {state.global_step}", None)
+        if self.every_steps is not None:
+            control.should_save = state.global_step % self.every_steps == 0
+        if self.stop_requested:
+            return
+        reason = self.hooks.should_stop()
+        if not reason:
+            return
+        # Callers that answer with a bool only knew cancellation.
+        self.stop_reason = reason if reason in ("pause", "shutdown") else "cancel"
+        self.stop_requested = True
+        control.should_training_stop = True
+        control.should_save = self.stop_reason != "cancel"
+        why = {"cancel": "Stop requested", "pause": "Pause requested", "shutdown": "Worker shutting down"}
+        self.hooks.on_event("message", f"{why[self.stop_reason]}; training stops at step {state.global_step}", None)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._epoch_ended_at = time.perf_counter()
         if self.stop_requested:
-            # The Trainer still evaluates and checkpoints at the end of the epoch
-            # it was stopped in; a cancelled job needs neither, only a fast exit.
+            # The Trainer still evaluates and checkpoints at the end of the epoch it was
+            # stopped in; a stopped job needs neither (a pause already saved at its step).
             control.should_evaluate = False
             control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
-        self.hooks.on_event("message", f"Checkpoint saved at step {state.global_step}", {"step": state.global_step})
+        step = state.global_step
+        self.hooks.on_event("message", f"Checkpoint saved at step {step}", {"step": step})
+        if self.every_steps is None and self.stop_reason not in ("pause", "shutdown"):
+            return
+        path = Path(args.output_dir) / f"checkpoint-{step}"
+        # The pickled TrainingArguments: never read on resume (the spec rebuilds them), so never shipped.
+        (path / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        metrics: dict[str, Any] = {"step": step, "train_loss": _last_logged(state.log_history, "loss")}
+        valid_loss = _last_logged(state.log_history, "eval_loss")
+        if valid_loss is not None:
+            metrics["valid_loss"] = valid_loss
+        self.hooks.on_checkpoint(step, path, metrics)
+        # Handed over (uploaded): the local copy only takes disk space from here on.
+        shutil.rmtree(path, ignore_errors=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -224,8 +266,33 @@ def choose_micro_batch(effective_batch: int, fits: Callable[[int], bool]) -> int
                       "larger GPU")
 
 
+class _EpochSeededLengthSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped sampler, its shuffle seeded by (seed + epoch).
+
+    The Trainer's own draws from the global RNG, whose state at an epoch's start
+    depends on everything before it (dropout included), so a run resumed in
+    the middle of an epoch would see that epoch in another order. Seeded per
+    epoch (like accelerate's SeedableRandomSampler for the random strategy),
+    the order is a function of the epoch alone and skipping the trained
+    batches lands on the same data position. The Trainer calls set_epoch.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class _RowTrainer(Trainer):
-    """Trainer that runs a packed micro-batch as rows of at most row_tokens tokens (None: whole).
+    """Trainer that runs a packed micro-batch as rows of at most row_tokens tokens (None: whole),
+    and resumes exactly (a per-epoch seeded length-grouped sampler, no step past max_steps).
 
     Each row's loss is its summed token losses over the step's target count
     (num_items_in_batch), so the rows' gradients add up to the micro-batch's.
@@ -233,6 +300,21 @@ class _RowTrainer(Trainer):
     """
 
     row_tokens: int | None = None
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint at max_steps in mid-epoch (the last step's): the Trainer would skip
+        # the trained batches and run one step more before it checks the limit.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return _EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         [len(row["input_ids"]) for row in dataset], self.args.data_seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.row_tokens is None or num_items_in_batch is None or "cu_seq_lens_q" not in inputs:
@@ -245,6 +327,15 @@ def _last_logged(log_history: list[dict[str, float]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The global step of a checkpoint directory the Trainer wrote; ValueError if it is not one."""
+    state_file = Path(path) / "trainer_state.json"
+    try:
+        return int(json.loads(state_file.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a training checkpoint (no readable {state_file.name}): {exc}") from exc
+
+
 def _as_dataset(examples: TokenizedExamples) -> list[dict[str, list[int]]]:
     # A list of dicts is a map-style dataset for the Trainer; the collator pads or packs per batch.
     return [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples.input_ids, examples.labels, strict=True)]
@@ -255,11 +346,17 @@ class LoraRecipe:
 
     Lifecycle: setup() once, train() once, save() any number of times, then
     cleanup(). Checkpoints (adapter, optimizer, scheduler, RNG and trainer
-    state, keeping spec.training.save_total_limit of them) are written at each
-    epoch end under work_dir/checkpoints; the caller owns work_dir and deletes
-    it. Progress and messages go to hooks; hooks.should_stop() is polled after
-    every optimizer step. The instance is not thread-safe and not reusable
-    after cleanup().
+    state with the global step, from which the data position follows) are
+    written under work_dir/checkpoints: with spec.training.checkpoint_every_steps
+    at every multiple of it, each handed to hooks.on_checkpoint and then
+    deleted; otherwise at each epoch end, kept locally (save_total_limit of
+    them). A "pause" or "shutdown" from hooks.should_stop() (polled after every
+    optimizer step) writes one at that step and hands it over before training
+    stops; "cancel" stops without one. With resume_from (such a checkpoint
+    directory) training continues at its step with the same total steps, the
+    same batches and the same random draws as a run that was never stopped.
+    The caller owns work_dir and deletes it. The instance is not thread-safe
+    and not reusable after cleanup().
     """
 
     def __init__(
@@ -271,14 +368,23 @@ class LoraRecipe:
         validation_file: Path | None,
         work_dir: Path,
         hooks: TrainingHooks,
+        resume_from: Path | None = None,
     ):
-        """Stores the inputs only; nothing is loaded until setup()."""
+        """Stores the inputs only; nothing is loaded until setup().
+
+        Raises TypeError when the spec asks for periodic checkpoints and hooks
+        has no on_checkpoint to hand them to.
+        """
+        if spec.training.checkpoint_every_steps is not None and not hasattr(hooks, "on_checkpoint"):
+            raise TypeError("training.checkpoint_every_steps is set but the hooks have no on_checkpoint method")
         self.spec = spec
         self.base_model_path = Path(base_model_path)
         self.train_file = Path(train_file)
         self.validation_file = Path(validation_file) if validation_file is not None else None
         self.work_dir = Path(work_dir)
         self.hooks = hooks
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self._resumed_from_step: int | None = None
         self._device: Device = select_device()
         self._memory = PeakMemory(self._device)
         self._model: Any = None
@@ -333,7 +439,7 @@ class LoraRecipe:
         # Packed batches carry their example boundaries (cu_seq_lens): flash-attention and the
         # per-example SDPA read them, and rows are cut along them.
         collator = PackedCollator(with_flash_attn_kwargs=True) if packing else CausalLMCollator(self._tokenizer)
-        self._callback = _HooksCallback(self.hooks)
+        self._callback = _HooksCallback(self.hooks, t.checkpoint_every_steps)
         self._trainer = _RowTrainer(
             model=self._model,
             args=self._training_arguments(optim=optim, has_validation=valid is not None),
@@ -350,18 +456,27 @@ class LoraRecipe:
     def train(self) -> TrainResult:
         """Run training to the end of the schedule, or until hooks.should_stop().
 
-        Emits metrics events at every logging step and epoch-end validation,
-        and a message per checkpoint. Raises RuntimeError when setup() has not
-        run; exceptions from the model or the hooks propagate (the job fails).
+        Continues from resume_from when given. Emits metrics events at every
+        logging step and epoch-end validation, and a message per checkpoint.
+        Raises RuntimeError when setup() has not run, ValueError when
+        resume_from is not a checkpoint this recipe wrote; exceptions from the
+        model or the hooks propagate (the job fails).
         """
         if self._trainer is None or self._callback is None:
             raise RuntimeError("call setup() before train()")
+        resume = None
+        if self.resume_from is not None:
+            self._resumed_from_step = _checkpoint_step(self.resume_from)
+            resume = str(self.resume_from)
+            self.hooks.on_event("message", f"Resuming from the checkpoint at step {self._resumed_from_step}",
+                                {"step": self._resumed_from_step})
         self.hooks.on_event("message", "Training started", None)
         start = time.perf_counter()
-        self._trainer.train()
+        self._trainer.train(resume_from_checkpoint=resume)
         wall = time.perf_counter() - start
         result = self._result(wall)
-        verb = "stopped early" if result.stopped_early else "finished"
+        verb = {None: "finished", "cancel": "stopped early", "pause": "paused",
+                "shutdown": "stopped for the worker's shutdown"}[result.stopped]
         self.hooks.on_event("message", f"Training {verb} at step {result.steps} after {wall:.1f} s", None)
         return result
 
@@ -467,6 +582,9 @@ class LoraRecipe:
         info = self._info
         precision = info["precision"]
         micro, packing = info["micro_batch_size"], info["packing"]
+        # Periodic checkpoints by step, else the recipe's local epoch-end ones; _HooksCallback has the last word.
+        every = t.checkpoint_every_steps
+        saving = {"save_strategy": "steps", "save_steps": every} if every is not None else {"save_strategy": "epoch"}
         on_cpu = self._device == "cpu"
         return TrainingArguments(
             output_dir=str(self.work_dir / "checkpoints"),
@@ -491,7 +609,7 @@ class LoraRecipe:
             data_seed=self.spec.seed,
             logging_strategy="steps",
             logging_steps=t.logging_steps,
-            save_strategy="epoch",
+            **saving,
             save_total_limit=t.save_total_limit,
             eval_strategy="epoch" if has_validation else "no",
             # Evaluation needs only the loss; otherwise the Trainer keeps every
@@ -565,4 +683,6 @@ class LoraRecipe:
             optimizer=info["optimizer"],
             gradient_checkpointing=info["gradient_checkpointing"],
             row_tokens=info["row_tokens"],
+            stopped=self._callback.stop_reason,
+            resumed_from_step=self._resumed_from_step,
         )

@@ -77,6 +77,15 @@ class TrainingSettings(_Frozen):
     )
     max_seq_length: int = Field(1024, ge=8, le=131_072, description="Longer examples are truncated.")
     save_total_limit: int = Field(3, ge=1, le=100, description="Checkpoints kept.")
+    checkpoint_every_steps: int | None = Field(
+        50, ge=1, le=10_000_000,
+        description="Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) to storage "
+                    "every this many optimizer steps, so a job whose worker dies loses at most that many; null: "
+                    "only when the job is paused or its worker shuts down. A retried or resumed job continues "
+                    "from the latest one.",
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=20, description="Stored checkpoints kept per job; older ones are "
+                                                              "deleted as new ones are written.")
     logging_steps: int = Field(1, ge=1, le=100_000)
     completion_only_loss: bool = Field(
         True, description="Compute the loss only on what the model should write: completions (prompt/completion), "
@@ -101,6 +110,11 @@ class TrainingSettings(_Frozen):
         True, description="Memory-lean RMSNorm and SwiGLU for Llama, Mistral and Qwen2 models: identical "
                           "outputs, and the backward pass recomputes their cheap elementwise parts instead of "
                           "keeping them (about 35% less activation memory). Other architectures are unaffected.",
+    )
+    chunked_loss: bool = Field(
+        True, description="Compute the loss a chunk of tokens at a time without keeping the logits (tokens x "
+                          "vocabulary floats): the same loss and gradients, and the largest tensor of a step "
+                          "on small models is gone. Applies to models with a separate lm_head.",
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel. auto: flash_attention_2 on CUDA when the flash-attn package is "
