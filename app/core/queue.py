@@ -23,9 +23,21 @@ def celery_config(settings: Settings) -> dict:
     for folder in settings.broker_transport_options.values():
         if isinstance(folder, str):
             Path(folder).mkdir(parents=True, exist_ok=True)
+    options = dict(settings.broker_transport_options)
+    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers a message not acknowledged within visibility_timeout (acks_late: one per
+        # running job). Recovery does not wait on it: the reaper requeues a dead worker's job once its
+        # lease expires. Redelivery of a job still running elsewhere is refused by the claim (a live
+        # lease), so the timeout only trades duplicate no-op deliveries against how long a message
+        # taken by a worker that died before claiming waits (re-dispatch usually re-sends it sooner).
+        options["visibility_timeout"] = settings.visibility_timeout_seconds
+        # kombu sweeps for such messages every interval x throttle seconds (100 s by default); sweep
+        # every tenth of the timeout (at most every minute), so redelivery follows the timeout closely.
+        options["unacked_restore_interval"] = max(1, min(60, settings.visibility_timeout_seconds // 10))
+        options["unacked_restore_throttle"] = 1
     return {
         "broker_url": settings.effective_broker_url,
-        "broker_transport_options": settings.broker_transport_options,
+        "broker_transport_options": options,
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
         "task_serializer": "json",

@@ -37,6 +37,14 @@ class FineTuningJob(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The running job's lease: only the worker holding lease_token may renew it or write a final
+    # state; the reaper requeues (or fails) a running job whose lease_expires_at has passed.
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # "cancel" or "pause", asked by the API of a running job; the lease holder acts on it.
+    stop_request: Mapped[str | None] = mapped_column(String(16))
+    # When the job's id was last sent to the queue (None: at creation); paces re-dispatch.
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     estimated_finish: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 

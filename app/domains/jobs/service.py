@@ -5,14 +5,21 @@ transaction: a change from a state the job is no longer in matches no row and
 is refused, so two actors (a worker finishing, a user cancelling) can never
 both win. States: validating_files -> queued -> running -> succeeded | failed
 | cancelled; cancel is allowed from validating_files, queued, running, paused.
+
+A running job has exactly one holder: the worker whose claim wrote its
+lease_token. Only the holder renews the lease and writes what follows running
+(a final state, paused, or queued on hand-back); the API asks a running job to
+cancel or pause through stop_request, and the reaper takes over jobs whose
+lease expired (their holder died): requeued up to max_attempts, then failed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import secrets
+from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import get_owned, unix, utcnow
@@ -29,10 +36,14 @@ from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
 from app.domains.jobs.spec import TrainingSettings, TrainingSpec
 from app.domains.models import service as models
+from app.domains.quotas import service as quotas
 
 ACTIVE = ("validating_files", "queued", "running", "evaluating", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE = ("validating_files", "queued", "running", "evaluating", "paused")
+# States with no lease holder, which the API may end directly.
+UNHELD = ("validating_files", "queued", "evaluating", "paused")
+StopReason = Literal["cancel", "pause", "shutdown"]
 DEFAULT_LR = TrainingSettings().learning_rate
 
 
@@ -89,6 +100,7 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
                             param="model")
     seed = body.seed if body.seed is not None else 42
     spec = resolve_spec(body, seed)
+    quotas.check_can_queue(session, team_id=team_id)  # 429 when the team has its limit of jobs waiting
     job = FineTuningJob(
         id=new_id("ftjob"), team_id=team_id, model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, status="validating_files", spec=spec.model_dump(mode="json"),
@@ -170,16 +182,20 @@ def add_event(session: Session, job_id: str, message: str, *, level: str = "info
 
 
 def transition(session: Session, job_id: str, from_states: tuple[str, ...], to_state: str, message: str, *,
-               level: str = "info", data: dict | None = None, **values: Any) -> bool:
-    """Move the job to `to_state` only if it is in one of `from_states`; write the event.
-    Returns False (and writes nothing) when the job was not in those states."""
+               level: str = "info", data: dict | None = None, where: tuple[ColumnElement[bool], ...] = (),
+               **values: Any) -> bool:
+    """Move the job to `to_state` only if it is in one of `from_states` (and `where` holds); write
+    the event. Returns False (and writes nothing) when it did not match. Leaving running always
+    drops the lease and any pending stop request."""
     now = utcnow()
     if to_state in FINAL:
         values.setdefault("finished_at", now)
         values.setdefault("estimated_finish", None)
+    if to_state != "running":
+        values.update(lease_token=None, lease_expires_at=None, stop_request=None)
     result = session.execute(
         update(FineTuningJob)
-        .where(FineTuningJob.id == job_id, FineTuningJob.status.in_(from_states))
+        .where(FineTuningJob.id == job_id, FineTuningJob.status.in_(from_states), *where)
         .values(status=to_state, **values)
         .returning(FineTuningJob.id)
         .execution_options(synchronize_session=False)
@@ -191,67 +207,218 @@ def transition(session: Session, job_id: str, from_states: tuple[str, ...], to_s
 
 
 def cancel(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
-    """Cancel a queued, running or paused job; a running trainer stops at its next step.
-    Idempotent for an already cancelled job. Raises JobNotFound, IllegalTransition."""
+    """Cancel a job that has not ended. One with no holder (queued, paused, ...) ends cancelled
+    here; a running one gets a cancel request that its worker acts on at its next step (the reaper,
+    if that worker died). Idempotent for an already cancelled job. Raises JobNotFound, IllegalTransition."""
     job = get(session, team_id=team_id, job_id=job_id)
     if job.status != "cancelled":
-        if not transition(session, job_id, CANCELLABLE, "cancelled", "Job cancelled"):
+        if not _cancel_one(session, job_id, "Job cancelled", "Cancellation requested"):
             session.refresh(job)
             raise IllegalTransition(
                 f"Job {job_id} is {job.status}; only jobs that are {', '.join(CANCELLABLE)} can be cancelled.",
                 param="fine_tuning_job_id")
         # auto_iterate: cancelling the loop cancels its running round; cancelling a round ends the loop.
         for child in session.scalars(select(FineTuningJob.id).where(FineTuningJob.parent_job_id == job_id)):
-            transition(session, child, CANCELLABLE, "cancelled", f"Cancelled with its parent job {job_id}")
+            _cancel_one(session, child, f"Cancelled with its parent job {job_id}",
+                        f"Cancellation requested with its parent job {job_id}")
         if job.parent_job_id:
             end_round(session, job_id=job_id)
     session.refresh(job)
     return job
 
 
+def _cancel_one(session: Session, job_id: str, message: str, request: str) -> bool:
+    """Cancel directly, or ask the holder. Retried once: the job may have left running (reaped,
+    handed back) between the two conditional UPDATEs."""
+    for _ in range(2):
+        if transition(session, job_id, UNHELD, "cancelled", message):
+            return True
+        if _request_stop(session, job_id, "cancel", f"{request}; the worker stops at its next step"):
+            return True
+    return False
+
+
+def _request_stop(session: Session, job_id: str, request: str, message: str) -> bool:
+    """Record a stop request on a running job for its holder. A cancel overrides a pending pause;
+    a pause never overrides a pending cancel."""
+    allowed = FineTuningJob.stop_request.is_(None) | (FineTuningJob.stop_request == request)
+    if request == "cancel":
+        allowed = allowed | (FineTuningJob.stop_request == "pause")
+    matched = session.execute(
+        update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "running", allowed)
+        .values(stop_request=request).returning(FineTuningJob.id).execution_options(synchronize_session=False)
+    ).first()
+    if matched is not None:
+        add_event(session, job_id, message)
+    return matched is not None
+
+
+def pause(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
+    """Pause a job: a queued one at once (it keeps its checkpoints), a running one through its
+    worker, which checkpoints at its next step and moves it to paused. Idempotent for a paused job.
+    Raises JobNotFound, IllegalTransition."""
+    job = get(session, team_id=team_id, job_id=job_id)
+    if job.status != "paused" and not (
+            transition(session, job_id, ("queued",), "paused", "Job paused before it started")
+            or _request_stop(session, job_id, "pause",
+                             "Pause requested; the worker checkpoints and pauses at its next step")):
+        session.refresh(job)
+        pending = " (a cancellation is pending)" if job.stop_request == "cancel" else ""
+        raise IllegalTransition(f"Job {job_id} is {job.status}{pending}; only queued or running jobs can be paused.",
+                                param="fine_tuning_job_id")
+    session.refresh(job)
+    return job
+
+
+def resume(session: Session, *, team_id: str, job_id: str) -> tuple[FineTuningJob, bool]:
+    """Resume a paused job: back to queued, to continue from its latest checkpoint; returns the job
+    and True when the caller must enqueue it (after commit). A running job whose pause is still
+    pending just has the request withdrawn. Raises JobNotFound, IllegalTransition."""
+    job = get(session, team_id=team_id, job_id=job_id)
+    now = utcnow()
+    requeued = transition(session, job_id, ("paused",), "queued", "Job resumed; queued to continue from its "
+                          "latest checkpoint", enqueued_at=now)
+    if not requeued:
+        withdrawn = session.execute(
+            update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "running",
+                                        FineTuningJob.stop_request == "pause")
+            .values(stop_request=None).returning(FineTuningJob.id).execution_options(synchronize_session=False)
+        ).first()
+        if withdrawn is None:
+            session.refresh(job)
+            raise IllegalTransition(f"Job {job_id} is {job.status}; only paused jobs can be resumed.",
+                                    param="fine_tuning_job_id")
+        add_event(session, job_id, "Pause withdrawn; the job keeps running")
+    session.refresh(job)
+    return job, requeued
+
+
 # -- what workers record ---------------------------------------------------------------
 
-def claim(session: Session, *, job_id: str, worker_id: str) -> FineTuningJob | None:
-    """Atomically move a queued job to running for this worker. Returns None when the job is not
-    queued (already claimed, finished, cancelled or unknown): a redelivered message does nothing."""
+def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float,
+          max_attempts: int) -> FineTuningJob | None:
+    """Atomically move a queued job to running for this worker with a new lease (the returned row's
+    lease_token) and count the attempt. Returns None when the job is not queued (claimed and still
+    leased, finished, cancelled, paused or unknown), has used its attempts, or its team may not start
+    another job yet (it stays queued; re-dispatch retries it): a redelivered message does nothing."""
+    team_id = session.scalar(select(FineTuningJob.team_id).where(FineTuningJob.id == job_id,
+                                                                  FineTuningJob.status == "queued"))
+    if team_id is None or not quotas.may_start(session, team_id):
+        return None
     now = utcnow()
+    live_lease = FineTuningJob.lease_expires_at.is_not(None) & (FineTuningJob.lease_expires_at > now)
     if not transition(session, job_id, ("queued",), "running", f"Claimed by worker {worker_id}",
-                      data={"worker_id": worker_id}, worker_id=worker_id, started_at=now, heartbeat_at=now,
-                      attempts=FineTuningJob.attempts + 1):
+                      data={"worker_id": worker_id},
+                      where=(FineTuningJob.attempts < max_attempts, ~live_lease),
+                      worker_id=worker_id, started_at=func.coalesce(FineTuningJob.started_at, now),
+                      heartbeat_at=now, attempts=FineTuningJob.attempts + 1, lease_token=secrets.token_hex(16),
+                      lease_expires_at=now + dt.timedelta(seconds=lease_seconds), stop_request=None):
         return None
     return session.get(FineTuningJob, job_id, populate_existing=True)
+
+
+def _held(job_id: str, lease_token: str) -> tuple[ColumnElement[bool], ...]:
+    return (FineTuningJob.id == job_id, FineTuningJob.status == "running", FineTuningJob.lease_token == lease_token)
+
+
+def renew(session: Session, *, job_id: str, lease_token: str, lease_seconds: float) -> bool:
+    """Extend the holder's lease from now. False when the lease is no longer this holder's (the
+    reaper requeued the job, or it ended): the holder must stop and write nothing more."""
+    now = utcnow()
+    return session.execute(
+        update(FineTuningJob).where(*_held(job_id, lease_token))
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds), heartbeat_at=now)
+        .returning(FineTuningJob.id).execution_options(synchronize_session=False)
+    ).first() is not None
+
+
+def holds(session: Session, *, job_id: str, lease_token: str) -> bool:
+    """Whether this holder still holds the lease; locks the row until the caller's transaction ends,
+    so what the holder writes in that transaction cannot interleave with a reap."""
+    return session.execute(select(FineTuningJob.id).where(*_held(job_id, lease_token))
+                           .with_for_update()).first() is not None
+
+
+def holder_view(session: Session, *, job_id: str, lease_token: str) -> Literal["lost", "cancel", "pause"] | None:
+    """What the holder should do now: "lost" (stop, write nothing), "cancel" or "pause" (requested
+    by the API), or None (keep training)."""
+    row = session.execute(select(FineTuningJob.status, FineTuningJob.lease_token, FineTuningJob.stop_request)
+                          .where(FineTuningJob.id == job_id)).first()
+    if row is None or row.status != "running" or row.lease_token != lease_token:
+        return "lost"
+    return row.stop_request
+
+
+def release(session: Session, *, job_id: str, lease_token: str, reason: StopReason,
+            message: str | None = None) -> str | None:
+    """The holder stopped training early: settle the job and drop the lease. A pending cancel
+    request wins (cancelled), then a pause request (paused), then a shutdown (queued again, for the
+    caller to enqueue after commit). A pause or a hand-back does not use up an attempt. Returns the
+    new status, or None when the lease is no longer held (nothing is written)."""
+    row = session.execute(select(FineTuningJob.stop_request).where(*_held(job_id, lease_token))
+                          .with_for_update()).first()
+    if row is None:
+        return None
+    # A pause withdrawn after the trainer already stopped for it: hand the job back instead.
+    request = row.stop_request or ("shutdown" if reason != "cancel" else None)
+    if request == "cancel":
+        transition(session, job_id, ("running",), "cancelled", "Job cancelled", where=_held(job_id, lease_token))
+        status = "cancelled"
+    elif request in ("pause", "shutdown"):
+        status = "paused" if request == "pause" else "queued"
+        text = ("Job paused at its latest checkpoint" if status == "paused"
+                else "Worker shutting down; job handed back and queued to continue from its latest checkpoint")
+        transition(session, job_id, ("running",), status, text, where=_held(job_id, lease_token),
+                   attempts=FineTuningJob.attempts - 1, enqueued_at=utcnow())
+    else:  # "cancel" with no request: the lease was lost in between; leave it to the new owner
+        return None
+    if message:
+        add_event(session, job_id, message)
+    return status
 
 
 def status_of(session: Session, job_id: str) -> str | None:
     return session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
 
 
-def record_metrics(session: Session, *, job_id: str, message: str, data: dict) -> None:
-    """A training-progress event; also refreshes trained_tokens, the ETA and the heartbeat."""
-    add_event(session, job_id, message, type="metrics", data=data)
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+def record_metrics(session: Session, *, job_id: str, lease_token: str, message: str, data: dict) -> bool:
+    """A training-progress event; also refreshes trained_tokens and the ETA. Only by the lease
+    holder: returns False (and writes nothing) otherwise."""
+    values: dict[str, Any] = {}
     if data.get("trained_tokens") is not None:
         values["trained_tokens"] = int(data["trained_tokens"])
     if data.get("eta_seconds") is not None:
         values["estimated_finish"] = utcnow() + dt.timedelta(seconds=float(data["eta_seconds"]))
-    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "running")
-                    .values(**values).execution_options(synchronize_session=False))
+    if not holds(session, job_id=job_id, lease_token=lease_token):
+        return False
+    if values:
+        session.execute(update(FineTuningJob).where(*_held(job_id, lease_token))
+                        .values(**values).execution_options(synchronize_session=False))
+    add_event(session, job_id, message, type="metrics", data=data)
+    return True
 
 
-def succeed(session: Session, *, job_id: str, fine_tuned_model: str, trained_tokens: int,
+def _held_without_cancel(job_id: str, lease_token: str) -> tuple[ColumnElement[bool], ...]:
+    return (*_held(job_id, lease_token), FineTuningJob.stop_request.is_distinct_from("cancel"))
+
+
+def succeed(session: Session, *, job_id: str, lease_token: str, fine_tuned_model: str, trained_tokens: int,
             usage: dict) -> bool:
-    """Final state, only from running. Returns False when the job was cancelled meanwhile."""
+    """Final state, only by the lease holder of a running job. Returns False when the lease is lost
+    or a cancel was requested meanwhile (the caller then release()s)."""
     return transition(session, job_id, ("running",), "succeeded",
                       f"The job has successfully completed; fine-tuned model: {fine_tuned_model}",
-                      data=usage, fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, usage=usage)
+                      data=usage, where=_held_without_cancel(job_id, lease_token), fine_tuned_model=fine_tuned_model,
+                      trained_tokens=trained_tokens, usage=usage)
 
 
-def start_evaluating(session: Session, *, job_id: str, fine_tuned_model: str, trained_tokens: int,
-                     usage: dict) -> bool:
-    """running -> evaluating once the adapter is saved. Returns False when the job was cancelled meanwhile."""
+def start_evaluating(session: Session, *, job_id: str, lease_token: str, fine_tuned_model: str,
+                     trained_tokens: int, usage: dict) -> bool:
+    """running -> evaluating once the adapter is saved, by the lease holder. False as for succeed()."""
     return transition(session, job_id, ("running",), "evaluating",
                       f"Training done; evaluating the base and the tuned model ({fine_tuned_model})",
-                      data=usage, fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, usage=usage)
+                      data=usage, where=_held_without_cancel(job_id, lease_token), fine_tuned_model=fine_tuned_model,
+                      trained_tokens=trained_tokens, usage=usage)
 
 
 def finish_evaluation(session: Session, *, job_id: str, evaluation: dict) -> bool:
@@ -267,17 +434,73 @@ def finish_evaluation(session: Session, *, job_id: str, evaluation: dict) -> boo
                       + (f" ({delta})" if delta else ""), data=evaluation, usage=usage)
 
 
-def fail(session: Session, *, job_id: str, code: str, message: str, param: str | None = None) -> bool:
-    """Final state, only from an unfinished state. Returns False when the job already ended."""
-    return transition(session, job_id, ("validating_files", "queued", "running", "evaluating"), "failed",
-                      f"The job failed: {message}", level="error",
-                      error={"code": code, "message": message, "param": param})
+def fail(session: Session, *, job_id: str, code: str, message: str, param: str | None = None,
+         lease_token: str | None = None) -> bool:
+    """Final state. A running job fails only by its lease holder (pass lease_token); without one,
+    only a job with no holder (validating_files, queued, evaluating) fails. Returns False otherwise."""
+    states, where = ("validating_files", "queued", "evaluating"), ()
+    if lease_token is not None:
+        states, where = ("running",), _held(job_id, lease_token)
+    return transition(session, job_id, states, "failed", f"The job failed: {message}", level="error",
+                      where=where, error={"code": code, "message": message, "param": param})
+
+
+def reap(session: Session, *, max_attempts: int) -> list[str]:
+    """Take over running jobs whose lease expired (their worker died or lost the database): a
+    pending cancel ends them cancelled, a pending pause paused; otherwise they are queued again
+    while attempts remain, else failed with code lease_expired. Each is one conditional UPDATE, so
+    a holder renewing at the same moment either wins or loses cleanly. Returns the requeued ids,
+    for the caller to enqueue after commit."""
+    now = utcnow()
+    expired = (FineTuningJob.status == "running", FineTuningJob.lease_expires_at < now)
+    lost = "its worker stopped renewing its lease"
+    outcomes = (
+        ((FineTuningJob.stop_request == "cancel",), "cancelled", {}),
+        ((FineTuningJob.stop_request == "pause",), "paused", {}),
+        ((FineTuningJob.attempts >= max_attempts,), "failed", {"level": "error"}),
+        ((), "queued", {"enqueued_at": now}),
+    )
+    requeued: list[str] = []
+    for where, status, extra in outcomes:
+        values: dict[str, Any] = {k: v for k, v in extra.items() if k != "level"}
+        if status in FINAL:
+            values.update(finished_at=now, estimated_finish=None)
+        rows = session.execute(
+            update(FineTuningJob).where(*expired, *where)
+            .values(status=status, lease_token=None, lease_expires_at=None, stop_request=None, **values)
+            .returning(FineTuningJob.id, FineTuningJob.attempts, FineTuningJob.worker_id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        for job_id, attempts, worker in rows:
+            if status == "failed":
+                text = f"{lost} on all {attempts} attempts (max_attempts {max_attempts})"
+                session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(
+                    error={"code": "lease_expired", "message": f"The job was given up: {text}.", "param": None})
+                    .execution_options(synchronize_session=False))
+                add_event(session, job_id, f"The job failed: {text}", level="error")
+            elif status == "queued":
+                add_event(session, job_id, f"Requeued: worker {worker} stopped renewing its lease "
+                                           f"(attempt {attempts} of {max_attempts} used)")
+                requeued.append(job_id)
+            else:
+                add_event(session, job_id, f"Job {status} ({lost}; it had been asked to "
+                                           f"{'cancel' if status == 'cancelled' else 'pause'})")
+            if status in FINAL:
+                end_round(session, job_id=job_id)
+    return requeued
 
 
 def stale_queued(session: Session, *, older_than: dt.datetime) -> list[str]:
-    """Queued jobs created before `older_than`: candidates for re-dispatch (a lost enqueue)."""
-    return list(session.scalars(select(FineTuningJob.id).where(
-        FineTuningJob.status == "queued", FineTuningJob.created_at < older_than)))
+    """Queued jobs last enqueued (or created) before `older_than`: candidates for re-dispatch (a
+    lost enqueue, a message lost with the broker, a claim the quota deferred). Marks them enqueued
+    now, so one job is re-sent at most once per interval."""
+    ids = list(session.scalars(select(FineTuningJob.id).where(
+        FineTuningJob.status == "queued",
+        func.coalesce(FineTuningJob.enqueued_at, FineTuningJob.created_at) < older_than)))
+    if ids:
+        session.execute(update(FineTuningJob).where(FineTuningJob.id.in_(ids)).values(enqueued_at=utcnow())
+                        .execution_options(synchronize_session=False))
+    return ids
 
 
 def model_name(*, base: str, team_name: str, suffix: str | None, job_id: str) -> str:
