@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
+from app.domains.quotas import ratelimit
+from app.domains.quotas import service as quotas
+from app.domains.quotas.errors import RateLimited
 from app.domains.teams import service as teams
+from app.domains.teams.errors import AdminRequired
 from app.domains.teams.service import Principal
 
 
@@ -22,17 +27,44 @@ def _session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
-def _principal(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _principal(request: Request, session: SessionDep,
+               authorization: Annotated[str | None, Header()] = None) -> Principal:
     key = None
     if authorization:
         scheme, _, value = authorization.partition(" ")
         key = value.strip() if scheme.lower() == "bearer" else None
         if key is None:
             key = ""
-    return teams.authenticate(session, key)
+    principal = teams.authenticate(session, key)
+    request.state.principal = principal  # for the audit log (app.api.middleware)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def _admin(principal: PrincipalDep) -> Principal:
+    """403 for member keys: managing keys and reading the audit log take an admin key."""
+    if not principal.is_admin:
+        raise AdminRequired("This route needs an admin key, and this key's role is 'member'. "
+                            "An admin of your team can do it, or give you an admin key.")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(_admin)]
+# openapi_extra of every route taking AdminDep: the docs (and the route-walking tests) read it.
+ADMIN_ONLY = {"x-tuneforge-role": "admin"}
+
+
+def rate_limit(session: SessionDep, principal: PrincipalDep) -> None:
+    """The per-key token bucket, a dependency of every /v1 route (app.main). Raises RateLimited (429,
+    with Retry-After). Limits: the team's overrides, else TUNEFORGE_RATE_LIMIT__*."""
+    quota = quotas.limits(session, principal.team_id)
+    wait = ratelimit.buckets().take(principal.key_id, rate=quota.rate_per_second, burst=quota.rate_burst)
+    if wait > 0:
+        retry = max(1, math.ceil(wait))
+        raise RateLimited(f"Rate limit exceeded for this key: {quota.rate_burst} requests at once, then "
+                          f"{quota.rate_per_second:g} per second. Retry after {retry} s.", retry_after=retry)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 

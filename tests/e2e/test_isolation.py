@@ -8,7 +8,8 @@ from tests.routes import v1_routes
 
 # Route parameter -> (key in the `trained` fixture's objects, prefix of a missing id of that kind)
 PARAMS = {"file_id": ("file_id", "file-"), "job_id": ("job_id", "ftjob-"), "adapter_id": ("adapter_id", "ftadapter-"),
-          "model_id": ("model_id", "ft:tiny-llama:nobody::ftjob-"), "evaluation_id": ("evaluation_id", "eval-")}
+          "model_id": ("model_id", "ft:tiny-llama:nobody::ftjob-"), "evaluation_id": ("evaluation_id", "eval-"),
+          "key_id": ("key_id", "key-")}
 MISSING_SUFFIX = "0000000000000000deadbeef"
 
 
@@ -28,7 +29,8 @@ def test_every_route_hides_another_teams_objects(trained, api, make_team):
     evaluation = trained["client"].post("/evaluations", json={"model": job["fine_tuned_model"], "tasks": "humaneval",
                                                              "limit": 1, "max_tokens": 8}).json()
     owned = {"file_id": trained["file_id"], "job_id": job["id"], "adapter_id": job["adapter_id"],
-             "model_id": job["fine_tuned_model"], "evaluation_id": evaluation["id"]}
+             "model_id": job["fine_tuned_model"], "evaluation_id": evaluation["id"],
+             "key_id": trained["client"].get("/keys").json()["data"][0]["id"]}
     missing = {name: prefix + MISSING_SUFFIX for name, (_, prefix) in PARAMS.items()}
     _, other_key = make_team()
     other = api(other_key)

@@ -15,6 +15,7 @@ from app.domains.files.schemas import FileDeleted, FileList, FileRead
 from app.domains.files.validation import JsonlValidator
 from app.domains.idempotency import service as idempotency
 from app.domains.jobs import service as jobs
+from app.domains.quotas import service as quotas
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -29,11 +30,13 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 async def upload_file(request: Request, session: SessionDep, principal: PrincipalDep,
                       idempotency_key: IdempotencyKey = None) -> FileRead:
     """Streams the upload to storage while hashing and validating it line by line.
-    400 with the first errors and their line numbers for an invalid file, 413 over the size limit;
-    nothing is stored in either case."""
+    400 with the first errors and their line numbers for an invalid file, 413 over the size limit,
+    409 over the team's storage or files quota; nothing is stored in any of these cases."""
     existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
     if existing:
         return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
+    # Refuse a team already at its quota before reading the body; the final check is below.
+    quotas.check_upload(session, team_id=principal.team_id, size=1, lock=False)
     settings = get_settings()
     storage = get_storage()
     upload = await receive_upload(
@@ -43,6 +46,8 @@ async def upload_file(request: Request, session: SessionDep, principal: Principa
     key = None
     try:
         purpose = files.check_purpose(upload.fields.get("purpose"))
+        files.report_errors(upload.report)
+        quotas.check_upload(session, team_id=principal.team_id, size=upload.bytes)
         row = files.create(session, team_id=principal.team_id, storage=storage, temp_path=upload.temp_path,
                            filename=upload.filename, purpose=purpose, size=upload.bytes, sha256=upload.sha256,
                            report=upload.report)

@@ -26,5 +26,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(64), default="default")
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
+    # "admin" manages keys and reads the audit log; "member" does everything else.
+    role: Mapped[str] = mapped_column(String(16), default="member")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The key stops working at this time; a future value is a rotated key's grace period.
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -1,0 +1,120 @@
+"""Per-team quotas: jobs running at once, jobs waiting, storage bytes and number of files.
+
+Limits are the settings' defaults (TUNEFORGE_QUOTAS__*) unless the team's team_quota row overrides
+them. Each check that precedes a write locks the team's row first (teams.lock_team), so two
+concurrent requests of one team cannot both take the last unit: the second waits, then sees the
+first one's row. Over quota answers 429 where waiting helps (queued jobs) and 409 where it does not
+until the team frees something (storage, files); every message names the limit and the usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.config import get_settings
+from app.domains.files.models import File
+from app.domains.jobs.models import FineTuningJob
+from app.domains.quotas.errors import QueueFull, StorageFull, TooManyFiles
+from app.domains.quotas.models import TeamQuota
+from app.domains.quotas.schemas import QuotaItem, QuotaRead
+from app.domains.teams import service as teams
+
+RUNNING = ("running",)
+WAITING = ("validating_files", "queued")
+OVERRIDABLE = ("running_jobs", "queued_jobs", "storage_bytes", "files", "rate_per_second", "rate_burst")
+
+
+@dataclass(frozen=True)
+class Limits:
+    running_jobs: int
+    queued_jobs: int
+    storage_bytes: int
+    files: int
+    rate_per_second: float
+    rate_burst: int
+
+
+def limits(session: Session, team_id: str) -> Limits:
+    """The team's effective limits: its overrides, else the defaults."""
+    settings = get_settings()
+    row = session.get(TeamQuota, team_id)
+    defaults = {**settings.quotas.model_dump(), "rate_per_second": settings.rate_limit.per_second,
+                "rate_burst": settings.rate_limit.burst}
+    return Limits(**{name: (getattr(row, name) if row is not None and getattr(row, name) is not None
+                            else default) for name, default in defaults.items()})
+
+
+def _jobs_in(session: Session, team_id: str, statuses: tuple[str, ...]) -> int:
+    return session.scalar(select(func.count()).select_from(FineTuningJob).where(
+        FineTuningJob.team_id == team_id, FineTuningJob.status.in_(statuses))) or 0
+
+
+def _storage(session: Session, team_id: str) -> tuple[int, int]:
+    count, total = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
+                                   .where(File.team_id == team_id)).one()
+    return int(count), int(total)
+
+
+def may_start(session: Session, team_id: str) -> bool:
+    """Whether one more of the team's jobs may start running now. Call it in the claim's transaction,
+    right before the claiming UPDATE: it locks the team's row until that transaction ends, so two
+    workers claiming jobs of one team at once cannot both take the last running slot."""
+    teams.lock_team(session, team_id)
+    return _jobs_in(session, team_id, RUNNING) < limits(session, team_id).running_jobs
+
+
+def check_can_queue(session: Session, *, team_id: str) -> None:
+    """Before a job is created. Raises QueueFull (429) when the team already has its limit of jobs
+    waiting to start. Locks the team's row until the transaction ends."""
+    teams.lock_team(session, team_id)
+    limit = limits(session, team_id).queued_jobs
+    waiting = _jobs_in(session, team_id, WAITING)
+    if waiting >= limit:
+        raise QueueFull(f"Queued jobs quota exceeded: the team has {waiting} job(s) waiting to start and its limit "
+                        f"is {limit}. Retry when some have started, or cancel some.", param=None,
+                        extra={"limit": limit, "usage": waiting})
+
+
+def check_upload(session: Session, *, team_id: str, size: int, lock: bool = True) -> None:
+    """Before a file of `size` bytes is stored. Raises TooManyFiles or StorageFull (409). With lock (the
+    final check, in the transaction that records the file) the team's row is locked until it ends;
+    the early check before reading the body passes lock=False and size=1."""
+    if lock:
+        teams.lock_team(session, team_id)
+    quota = limits(session, team_id)
+    count, used = _storage(session, team_id)
+    if count + 1 > quota.files:
+        raise TooManyFiles(f"Files quota exceeded: the team has {count} file(s) and its limit is {quota.files}. "
+                           "Delete files (DELETE /v1/files/{id}) or ask an operator to raise the quota.",
+                           param="file", extra={"limit": quota.files, "usage": count})
+    if used + size > quota.storage_bytes:
+        raise StorageFull(f"Storage quota exceeded: the team's files use {used} bytes, this upload adds {size} and "
+                          f"the limit is {quota.storage_bytes} bytes. Delete files or ask an operator to raise "
+                          "the quota.", param="file", extra={"limit": quota.storage_bytes, "usage": used})
+
+
+def read(session: Session, *, team_id: str) -> QuotaRead:
+    quota = limits(session, team_id)
+    count, used = _storage(session, team_id)
+    return QuotaRead(
+        running_jobs=QuotaItem(limit=quota.running_jobs, usage=_jobs_in(session, team_id, RUNNING)),
+        queued_jobs=QuotaItem(limit=quota.queued_jobs, usage=_jobs_in(session, team_id, WAITING)),
+        storage_bytes=QuotaItem(limit=quota.storage_bytes, usage=used),
+        files=QuotaItem(limit=quota.files, usage=count),
+        rate_limit_per_second=quota.rate_per_second, rate_limit_burst=quota.rate_burst)
+
+
+def set_overrides(session: Session, *, team_id: str, **values: int | float | None) -> TeamQuota:
+    """Set (a number) or clear (None) the team's overrides; names not given are left as they are."""
+    unknown = set(values) - set(OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"unknown quota(s): {', '.join(sorted(unknown))}")
+    row = session.get(TeamQuota, team_id) or TeamQuota(team_id=team_id)
+    for name, value in values.items():
+        setattr(row, name, value)
+    session.add(row)
+    session.flush()
+    return row
