@@ -2,7 +2,8 @@
 
 Domain errors carry their own status/code/param. Request validation errors
 (the body does not match the schema) answer 422 with the offending field as
-param. Database or broker outages answer 503. Nothing else leaks a stack trace.
+param. Database or broker outages answer 503; a value the database cannot
+hold (NUL in text) answers 400. Nothing else leaks a stack trace.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import TuneforgeError
@@ -21,6 +24,29 @@ log = logging.getLogger("tuneforge.api")
 
 _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ErrorDetail(BaseModel):
+    # Some errors add fields (a refused file lists its line errors).
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Documented on every /v1 route, so clients (and schema checks) know the error shape of each status.
+RESPONSES: dict = {
+    "4XX": {"model": ErrorResponse, "description": "Refused: 400 invalid, 401 no or bad key, 404 not found or "
+                                                  "another team's, 409 conflict, 413 too large, 422 schema, "
+                                                  "429 quota or rate limit."},
+    503: {"model": ErrorResponse, "description": "The database or the broker is unavailable; retry later."},
+}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **extra) -> dict:
@@ -66,6 +92,15 @@ async def _database_down(_: Request, exc: Exception) -> JSONResponse:
                         status_code=503, headers={"Retry-After": "5"})
 
 
+async def _unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+    # The database refused a value the schema allowed: Postgres text cannot hold NUL, and numbers
+    # have ranges. That is the request's fault, whichever route it reached.
+    log.info("value refused by the database: %s", exc.orig)
+    return JSONResponse(error_body("A value in the request cannot be stored or searched for: text must not contain "
+                                   "NUL (\\u0000) characters and numbers must be in range.",
+                                   "invalid_request_error", None, "invalid_value"), status_code=400)
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("Internal error; it has been logged.", "server_error", None, "internal_error"),
@@ -78,4 +113,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(DBAPIError, _database_down)
+    app.add_exception_handler(PoolTimeout, _database_down)  # every pooled connection busy: overloaded
+    app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(Exception, _unexpected)

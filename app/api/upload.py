@@ -2,9 +2,10 @@
 storage while being hashed, counted and validated as JSONL, in one pass.
 
 Memory stays flat whatever the size: nothing is buffered beyond one chunk and
-the validator's one-line window. A body over the limit is refused with 413 as
-soon as the limit is crossed (or at once, from Content-Length), and the
-temporary file is removed: nothing half-written survives a refused upload.
+the validator's one-line window. A file over the limit is refused with 413 as
+soon as the limit is crossed, and the temporary file is removed: nothing
+half-written survives a refused upload. The raw body (envelope included) is
+capped before it gets here, by app/api/limits.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -22,8 +24,6 @@ from app.domains.files.validation import JsonlValidator, ValidationReport
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 4096
-# Room for the multipart envelope and the small form fields around the file.
-_ENVELOPE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -126,27 +126,20 @@ async def receive_upload(request: Request, *, storage: LocalStorage, max_bytes: 
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidRequest("Upload with Content-Type multipart/form-data, fields 'purpose' and 'file'.",
                              param="file", code="invalid_content_type")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + _ENVELOPE_BYTES:
-        raise TooLarge(f"The upload ({declared} bytes) exceeds the limit of {max_bytes} bytes.", param="file",
-                       code="file_too_large")
-
     state = _State(storage=storage, max_bytes=max_bytes, validator=validator)
     parser = MultipartParser(params[b"boundary"], state.callbacks())
-    received = 0
     try:
         async for chunk in request.stream():
-            received += len(chunk)
-            # The raw body is capped too, so no envelope trick streams unbounded bytes.
-            if received > max_bytes + _ENVELOPE_BYTES:
-                raise TooLarge(f"The upload exceeds the limit of {max_bytes} bytes.", param="file",
-                               code="file_too_large")
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect:
         _close(state, delete=True)
         raise InvalidRequest("The client disconnected before the upload finished.", param="file",
                              code="upload_incomplete") from None
+    except MultipartParseError as exc:
+        _close(state, delete=True)
+        raise InvalidRequest(f"The multipart body is malformed ({exc}); send fields 'purpose' and 'file' as "
+                             "multipart/form-data.", param="file", code="invalid_multipart") from None
     except BaseException:
         _close(state, delete=True)
         raise

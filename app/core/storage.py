@@ -1,7 +1,8 @@
 """Blob storage under per-team prefixes (a local directory by default).
 
 Keys are relative POSIX paths built by the services from ids, never from user
-input; every key is checked to resolve inside the root. Writes go to a
+input; every key is checked to resolve inside its prefix (the team's folder for
+teams/<team_id>/..., else the root), symlinks followed. Writes go to a
 temporary name first and are renamed into place, so a reader never sees half
 a file.
 """
@@ -38,11 +39,18 @@ class LocalStorage:
         (self.root / ".tmp").mkdir(exist_ok=True)
 
     def path(self, key: str) -> Path:
-        if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        """The file of a key. Raises StorageKeyError for a key that is not a plain relative path, or
+        that resolves (through `..`, an absolute part or a symlink) outside its prefix: the storage
+        root, and for a team's key (teams/<team_id>/...) that team's folder."""
+        parts = key.split("/")
+        if (not key or key.startswith("/") or "\\" in key or "\0" in key
+                or any(p in ("", ".", "..") for p in parts)):
             raise StorageKeyError(f"invalid storage key {key!r}")
+        prefix = self.root / "teams" / parts[1] if parts[0] == "teams" and len(parts) > 2 else self.root
         path = (self.root / key).resolve()
-        if self.root not in path.parents:
-            raise StorageKeyError(f"storage key {key!r} escapes the storage root")
+        # The prefix is not resolved: a team folder that is itself a symlink elsewhere is refused too.
+        if prefix not in path.parents:
+            raise StorageKeyError(f"storage key {key!r} escapes its prefix {prefix.relative_to(self.root)}")
         return path
 
     def temp_file(self) -> tempfile._TemporaryFileWrapper:
@@ -55,6 +63,7 @@ class LocalStorage:
         os.replace(temp_path, dest)
 
     def put_file(self, src: Path, key: str) -> StoredBlob:
+        self.path(key)  # refuse a bad key before writing anything
         digest, size = hashlib.sha256(), 0
         with open(src, "rb") as f, self.temp_file() as tmp:
             for chunk in iter(lambda: f.read(1 << 20), b""):

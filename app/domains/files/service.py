@@ -31,7 +31,8 @@ def check_purpose(purpose: str | None) -> str:
 def display_name(filename: str) -> str:
     """The name shown back to the user. It is never used as a path."""
     name = _UNSAFE.sub("_", os.path.basename(filename.replace("\\", "/")))[:255]
-    return name or "upload.jsonl"
+    # "." and ".." survive basename(); a client saving the file under its name must not get them.
+    return name if name.strip(".") else "upload.jsonl"
 
 
 def report_errors(report: ValidationReport) -> None:

@@ -1,0 +1,100 @@
+"""Request body caps on the raw ASGI stream, for every route.
+
+An upload (POST /v1/files) may carry `upload_max_bytes` plus room for the multipart envelope; every
+other body `request_max_bytes`. The cap holds whatever the client declares: a Content-Length over the
+cap answers 413 before a byte of the body is read, and a chunked body (no Content-Length) is counted
+as it arrives and cut off as soon as it crosses the cap. A body longer than its Content-Length never
+reaches the app: uvicorn's HTTP parser hands over exactly the declared bytes and parses the surplus as
+the next request, which it refuses as malformed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_body
+from app.core.config import get_settings
+from app.core.errors import TooLarge
+
+UPLOAD_ROUTES = frozenset({("POST", "/v1/files")})
+# Room for the multipart envelope and the small form fields around an uploaded file.
+ENVELOPE_BYTES = 64 * 1024
+
+
+class BodyLimitMiddleware:
+    """Answers 413 in the one error shape once a body crosses its route's cap. Past the cap the
+    app's receive() raises TooLarge, so an upload in progress removes its temporary file; whatever
+    the app then answers (a parse error, most often) is replaced by the 413."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = get_settings()
+        if (scope["method"], scope["path"].rstrip("/")) in UPLOAD_ROUTES:
+            limit = settings.upload_max_bytes + ENVELOPE_BYTES
+            error = TooLarge(f"The upload exceeds the limit of {settings.upload_max_bytes} bytes.", param="file",
+                             code="file_too_large")
+        else:
+            limit = settings.request_max_bytes
+            error = TooLarge(f"The request body exceeds the limit of {limit} bytes; send less per request.",
+                             code="request_too_large")
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _send_413(send, error)
+            return
+
+        received = 0
+        refused = False
+        answered: str | None = None  # "app" once the app's response started, "ours" once the 413 did
+
+        async def capped_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    raise error
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if answered == "ours":
+                return
+            if message["type"] == "http.response.start" and answered is None:
+                if refused:
+                    answered = "ours"
+                    await _send_413(send, error)
+                    return
+                answered = "app"
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:
+            if not refused or answered is not None:
+                raise
+            await _send_413(send, error)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            # The HTTP parser has already refused a malformed value.
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _send_413(send: Send, error: TooLarge) -> None:
+    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    # The rest of the body is never read, so the connection cannot carry another request.
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
