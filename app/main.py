@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.api import errors
+from app.api import errors, middleware
+from app.api.deps import rate_limit
+from app.api.limits import BodyLimitMiddleware
 from app.api.v1 import adapters, evaluations, files, jobs, models
+from app.api.v1 import completions, inference
+from app.api.v1 import audit, keys, quotas
 from app.core import queue
 from app.core.db import get_engine
 from app.core.storage import get_storage
@@ -24,8 +28,14 @@ def create_app() -> FastAPI:
                     "OpenAI-compatible: point the openai client at /v1 with a team key.",
     )
     errors.install(app)
-    v1 = APIRouter(prefix="/v1")
+    app.add_middleware(BodyLimitMiddleware)
+    middleware.install(app)  # after the body limit, so the audit log sees its refusals too
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit)], responses=errors.RESPONSES)
     for module in (files, jobs, adapters, models, evaluations):
+        v1.include_router(module.router)
+    for module in (completions, inference):
+        v1.include_router(module.router)
+    for module in (keys, audit, quotas):
         v1.include_router(module.router)
     app.include_router(v1)
 

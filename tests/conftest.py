@@ -125,6 +125,29 @@ def tiny_model(services_env) -> Path:
     return path
 
 
+@pytest.fixture
+def private_database(services_env, tiny_model) -> str:
+    """A database of this test's own (with tiny-llama registered), for the test process too. For
+    tests whose jobs no other worker may touch: every worker's reaper re-sends the stale jobs of
+    the database it serves, so jobs in the session's database would reach the session's worker."""
+    from app.core.db import session_scope
+    from app.core.migrate import upgrade
+    from app.domains.models import service as models
+
+    name = f"tuneforge_test_{RUN_ID}_{secrets.token_hex(3)}"
+    url = create_database(name)
+    upgrade(url)
+    previous = os.environ["TUNEFORGE_DATABASE_URL"]
+    os.environ["TUNEFORGE_DATABASE_URL"] = url
+    _clear_caches()
+    with session_scope() as session:
+        models.register(session, name="tiny-llama", path=tiny_model)
+    yield url
+    os.environ["TUNEFORGE_DATABASE_URL"] = previous
+    _clear_caches()
+    drop_database(name)
+
+
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             cwd=ROOT, start_new_session=True)
@@ -143,10 +166,16 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def server(services_env) -> str:
     """A real uvicorn process serving the API; yields its base URL."""
+    proc, base = start_api(services_env, Path(services_env["TUNEFORGE_DATA_DIR"]) / "api.log")
+    yield base
+    _stop(proc)
+
+
+def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn process with the given environment; returns it and its base URL once healthy."""
     port = free_port()
-    log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "api.log"
     proc = _spawn([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                   "--port", str(port)], services_env, log)
+                   "--port", str(port)], env, log)
     base = f"http://127.0.0.1:{port}"
 
     def up():
@@ -158,8 +187,7 @@ def server(services_env) -> str:
             return False
 
     wait_until(up, timeout=60, message="the API to start")
-    yield base
-    _stop(proc)
+    return proc, base
 
 
 def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:

@@ -1,10 +1,14 @@
 """The `tuneforge` command.
 
-    tuneforge up                      API + one worker (embedded default: SQLite, filesystem broker)
+    tuneforge up                      API + one worker + inference per base model (embedded default: SQLite, filesystem broker)
     tuneforge serve [--port 8000]     the API process alone
     tuneforge worker                  one Celery worker (training + evaluation queues)
+    tuneforge inference --model NAME  serve a registered base model and its adapters (one per base per GPU)
     tuneforge migrate                 alembic upgrade head
-    tuneforge admin create-team NAME  prints the team's API key, once
+    tuneforge admin create-team NAME  prints the team's first (admin) API key, once
+    tuneforge admin create-key TEAM [--role admin|member] [--name N]
+    tuneforge admin set-quota TEAM [--running-jobs N] [--queued-jobs N] [--storage-bytes N] [--files N]
+                                   [--rate-per-second R] [--rate-burst N]   ("default" clears one)
     tuneforge models register NAME PATH | make-tiny PATH | list
     tuneforge demo                    the whole path on a fresh embedded instance
 
@@ -44,6 +48,32 @@ def _worker_cmd(concurrency: int, queues: str | None = None) -> list[str]:
             "--concurrency", str(concurrency), "-Q", queues, "--hostname", f"worker-{os.getpid()}@%h"]
 
 
+def _inference_cmd(model: str, host: str = "127.0.0.1", port: int = 0) -> list[str]:
+    return [sys.executable, "-m", "tuneforge.cli", "inference", "--model", model, "--host", host, "--port", str(port)]
+
+
+def _inference(args: argparse.Namespace) -> int:
+    from app.core.errors import TuneforgeError
+    from worker.inference.server import serve
+
+    try:
+        return serve(args.model, host=args.host, port=args.port, advertise_url=args.advertise_url,
+                     device=args.device, load_in_4bit=args.load_in_4bit, max_adapters=args.max_adapters,
+                     max_adapter_bytes=args.max_adapter_mb << 20, batch_window_ms=args.batch_window_ms,
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    except TuneforgeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _base_model_names() -> list[str]:
+    from app.core.db import session_scope
+    from app.domains.models import service as models
+
+    with session_scope() as session:
+        return [m.id for m in models.list_base(session)]
+
+
 def _serve(args: argparse.Namespace) -> int:
     os.execv(sys.executable, _serve_cmd(args.host, args.port))
 
@@ -56,7 +86,11 @@ def _up(args: argparse.Namespace) -> int:
     """Run the API and one worker until interrupted; stop both on SIGINT/SIGTERM or when one dies."""
     _migrate(args)
     procs = [subprocess.Popen(_serve_cmd(args.host, args.port)), subprocess.Popen(_worker_cmd(args.concurrency))]
-    print(f"Tuneforge is up at http://{args.host}:{args.port} (docs at /docs). Ctrl-C stops it.", flush=True)
+    # On one machine, one inference process per registered base model (it registers its own URL).
+    bases = _base_model_names() if args.inference else []
+    procs += [subprocess.Popen(_inference_cmd(name)) for name in bases]
+    print(f"Tuneforge is up at http://{args.host}:{args.port} (docs at /docs)"
+          + (f", serving {', '.join(bases)}" if bases else "") + ". Ctrl-C stops it.", flush=True)
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -91,6 +125,60 @@ def _create_team(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     print(f"team {team.name} ({team.id}) created. Its API key, shown only now:\n{key}")
+    return 0
+
+
+def _team_id(session, name: str) -> str | None:
+    from app.domains.teams import service as teams
+
+    team = teams.get_team_by_name(session, name)
+    if team is None:
+        print(f"error: no team named {name!r}", file=sys.stderr)
+    return team.id if team else None
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    """An operator's way in when a team has lost its admin keys."""
+    from app.core.db import session_scope
+    from app.domains.teams import service as teams
+
+    with session_scope() as session:
+        team_id = _team_id(session, args.team)
+        if team_id is None:
+            return 1
+        row, key = teams.create_key(session, team_id=team_id, name=args.name, role=args.role)
+    print(f"{args.role} key {row.id} created for team {args.team}. The key, shown only now:\n{key}")
+    return 0
+
+
+_QUOTA_OPTIONS = {"running_jobs": int, "queued_jobs": int, "storage_bytes": int, "files": int,
+                  "rate_per_second": float, "rate_burst": int}
+
+
+def _set_quota(args: argparse.Namespace) -> int:
+    from app.core.db import session_scope
+    from app.domains.quotas import service as quotas
+
+    values = {}
+    for name, kind in _QUOTA_OPTIONS.items():
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        try:
+            values[name] = None if raw == "default" else kind(raw)
+        except ValueError:
+            print(f"error: --{name.replace('_', '-')} takes a number or 'default', not {raw!r}", file=sys.stderr)
+            return 1
+        if values[name] is not None and values[name] < 0:
+            print(f"error: --{name.replace('_', '-')} must not be negative", file=sys.stderr)
+            return 1
+    with session_scope() as session:
+        team_id = _team_id(session, args.team)
+        if team_id is None:
+            return 1
+        quotas.set_overrides(session, team_id=team_id, **values)
+        current = quotas.read(session, team_id=team_id)
+    print(current.model_dump_json(indent=2))
     return 0
 
 
@@ -137,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tuning as a service.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="API and one worker together")
+    p = sub.add_parser("up", help="API, one worker and inference for each registered base model, together")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--no-inference", dest="inference", action="store_false",
+                   help="do not start an inference process for each registered base model")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("serve", help="the API process")
@@ -154,12 +244,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; e.g. 'training' on GPU machines, 'evaluation' on CPU machines")
     p.set_defaults(func=_worker)
 
+    p = sub.add_parser("inference", help="serve one registered base model and its adapters (completions)")
+    p.add_argument("--model", required=True, help="a registered base model name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
+    p.add_argument("--advertise-url", default=None,
+                   help="the URL the API reaches this process at (default http://HOST:PORT); "
+                        "e.g. http://inference:8100 in docker-compose")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights, as training uses")
+    p.add_argument("--max-adapters", type=int, default=32, help="adapters kept in memory (LRU)")
+    p.add_argument("--max-adapter-mb", type=int, default=1024, help="memory bound of the adapter cache, MiB")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long an idle engine waits for other requests to share a batch")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=4096)
+    p.set_defaults(func=_inference)
+
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=_migrate)
 
     admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="admin", required=True)
     p = admin.add_parser("create-team", help="create a team and print its API key once")
     p.add_argument("name")
     p.set_defaults(func=_create_team)
+    p = admin.add_parser("create-key", help="create an API key for a team and print it once")
+    p.add_argument("team")
+    p.add_argument("--role", choices=("admin", "member"), default="admin")
+    p.add_argument("--name", default="operator")
+    p.set_defaults(func=_create_key)
+    p = admin.add_parser("set-quota", help="override a team's quotas and rate limit ('default' clears one)")
+    p.add_argument("team")
+    for name in _QUOTA_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N|default")
+    p.set_defaults(func=_set_quota)
 
     mdl = sub.add_parser("models", help="base models").add_subparsers(dest="models", required=True)
     p = mdl.add_parser("register", help="register a local model directory")

@@ -3,7 +3,9 @@
 Builds and registers the tiny model, creates a team, starts the API and a worker,
 uploads the bundled Python code tasks, runs a fine-tuning job with the paper's
 recipe, follows its events to the end, downloads the adapter, loads it with
-peft and generates a line of code with it. Nothing is downloaded.
+peft and generates a line of code with it, then starts the inference process
+for the base model and asks the fine-tuned model a question through the API's
+chat completions. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -133,6 +135,20 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int
         with step("Loading the base model with the adapter (peft) and generating"):
             line = _generate(model_dir, adapter_dir, "# Write a function to add two numbers.\ndef add(")
             print(f"    generated: {line!r}")
+        with step("Starting the inference process for tiny-llama (one base model; adapters swapped per request)"):
+            from tuneforge.cli import _inference_cmd
+
+            procs.append(subprocess.Popen(_inference_cmd("tiny-llama"), env=env,
+                                          stdout=open(logs / "inference.log", "w"), stderr=subprocess.STDOUT))
+            _wait_serving(client, job["fine_tuned_model"], procs[-1], logs)
+        with step(f"Chat completion through the API with {job['fine_tuned_model']}"):
+            r = client.post("/chat/completions", json={
+                "model": job["fine_tuned_model"], "max_tokens": 48, "temperature": 0,
+                "messages": [{"role": "user", "content": "Write a function to add two numbers."}]})
+            r.raise_for_status()
+            reply = r.json()
+            print(f"    reply: {reply['choices'][0]['message']['content']!r}")
+            print(f"    usage: {reply['usage']}")
         print(f"Demo finished in {time.monotonic() - _T0:.1f} s.")
         return 0
     finally:
@@ -170,6 +186,20 @@ def _follow(client: httpx.Client, job_id: str, procs: list[subprocess.Popen], lo
             return job
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} did not finish within {deadline_s} s")
+
+
+def _wait_serving(client: httpx.Client, model: str, proc: subprocess.Popen, logs: Path,
+                  deadline_s: float = 120) -> None:
+    """Until /v1/models says `model` serves (its inference process registered itself)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the inference process exited with code {proc.returncode}; "
+                               f"see {logs / 'inference.log'}")
+        if client.get(f"/models/{model}").json().get("serving"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{model} was not serving within {deadline_s} s")
 
 
 def _generate(model_dir: Path, adapter_dir: Path, prompt: str) -> str:

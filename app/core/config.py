@@ -10,8 +10,29 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QuotaDefaults(BaseModel):
+    """Per-team limits; a team's row in team_quota overrides each one (`tuneforge admin set-quota`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    running_jobs: int = Field(default=4, ge=0, description="Jobs of one team training at once.")
+    queued_jobs: int = Field(default=100, ge=0, description="Jobs of one team waiting to start.")
+    storage_bytes: int = Field(default=50 * 1024**3, ge=0, description="Total size of a team's files.")
+    files: int = Field(default=10_000, ge=0, description="Number of a team's files.")
+
+
+class RateLimitSettings(BaseModel):
+    """Token bucket per API key: `burst` requests at once, refilled at `per_second`. Shared across
+    API processes through Redis when the broker is Redis, per process otherwise."""
+
+    model_config = ConfigDict(frozen=True)
+
+    per_second: float = Field(default=200.0, gt=0)
+    burst: int = Field(default=2000, ge=1)
 
 
 class Settings(BaseSettings):
@@ -26,6 +47,8 @@ class Settings(BaseSettings):
     upload_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted upload, in bytes.")
     upload_max_line_bytes: int = Field(default=8 * 1024 * 1024, gt=0, description="Longest accepted JSONL line.")
     upload_max_errors: int = Field(default=10, gt=0, description="How many line errors a refused upload reports.")
+    request_max_bytes: int = Field(default=1024 * 1024, gt=0, description=(
+        "Largest request body of every route except uploads (JSON), in bytes; enforced on the raw stream."))
 
     training_queue: str = Field(default="training", min_length=1)
     evaluation_queue: str = Field(default="evaluation", min_length=1,
@@ -36,8 +59,20 @@ class Settings(BaseSettings):
     # How long a queued job may wait undelivered before a worker re-dispatches it
     # (covers an enqueue that failed after the job's row was committed).
     redispatch_after_seconds: float = Field(default=30.0, gt=0)
+    # Leases (README, "Leases and recovery"): a running job's worker renews its lease every
+    # worker_heartbeat_seconds; the reaper requeues a job whose lease is lease_seconds stale.
+    lease_seconds: float = Field(default=30.0, gt=0, description="How long a running job's lease lasts unrenewed.")
+    reaper_interval_seconds: float = Field(default=5.0, gt=0, description="How often each worker reaps expired leases.")
+    max_attempts: int = Field(default=3, ge=1, description="Claims of a job whose worker died before it is failed.")
+    visibility_timeout_seconds: int = Field(default=6 * 3600, gt=0, description=(
+        "Redis redelivers an unacknowledged message after this long; leases, not this, recover jobs."))
+    stop_wait_seconds: float = Field(default=5.0, ge=0, description=(
+        "How long cancel/pause of a running job waits for its worker to act before answering."))
 
     admin_token: SecretStr | None = Field(default=None, description="Reserved for operator routes.")
+
+    quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)  # TUNEFORGE_QUOTAS__STORAGE_BYTES, ...
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)  # TUNEFORGE_RATE_LIMIT__PER_SECOND
 
     @field_validator("data_dir")
     @classmethod

@@ -11,6 +11,7 @@ from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
 from app.domains.models import service as models
 from app.domains.models.errors import ModelNotFound
+from app.domains.serving import service as serving
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -23,6 +24,7 @@ class ModelRead(BaseModel):
     kind: Literal["base", "fine-tuned"]
     base_model: str | None = None
     adapter_id: str | None = None
+    serving: bool = False  # an inference process serves it now: completions with this model work
 
 
 class ModelList(BaseModel):
@@ -37,16 +39,19 @@ class ModelDeleted(BaseModel):
 
 
 def _all(session, team_id: str) -> list[ModelRead]:
-    out = [ModelRead(id=m.id, created=unix(m.created_at), owned_by="tuneforge", kind="base")
+    live = serving.serving_bases(session)
+    out = [ModelRead(id=m.id, created=unix(m.created_at), owned_by="tuneforge", kind="base", serving=m.id in live)
            for m in models.list_base(session)]
     out += [ModelRead(id=a.name, created=unix(a.created_at), owned_by=team_id, kind="fine-tuned",
-                      base_model=a.base_model, adapter_id=a.id) for a in adapters.list_all(session, team_id=team_id)]
+                      base_model=a.base_model, adapter_id=a.id, serving=a.base_model in live)
+            for a in adapters.list_all(session, team_id=team_id)]
     return out
 
 
 @router.get("", response_model=ModelList)
 def list_models(session: SessionDep, principal: PrincipalDep) -> ModelList:
-    """The registered base models and the team's fine-tuned models."""
+    """The registered base models and the team's fine-tuned models; `serving` tells which answer completions
+    now (an inference process serves their base)."""
     return ModelList(data=_all(session, principal.team_id))
 
 

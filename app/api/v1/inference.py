@@ -1,0 +1,65 @@
+"""Operators' view of the inference processes: each live one with its engine's counters (loaded
+adapters, cache hits / misses / evictions, queue depth, batches, tokens/s, requests per adapter).
+
+An admin key sees the engine-wide counters and, per adapter, only its own team's adapters: the ids
+of other teams' adapters stay hidden, as everywhere else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import ADMIN_ONLY, AdminDep, SessionDep
+from app.core.db import unix
+from app.domains.adapters import service as adapters
+from app.domains.serving import service as serving
+
+BASE_KEY = "__base__"  # the engine's per-adapter key for requests without an adapter
+
+router = APIRouter(prefix="/inference", tags=["inference"])
+
+
+class EndpointStats(BaseModel):
+    id: str
+    object: str = "inference.endpoint"
+    base_model: str
+    url: str
+    started_at: int
+    heartbeat_at: int
+    stats: dict | None = None
+    error: str | None = None  # why stats is missing: the process did not answer
+
+
+class EndpointStatsList(BaseModel):
+    object: str = "list"
+    data: list[EndpointStats]
+
+
+@router.get("/stats", response_model=EndpointStatsList, openapi_extra=ADMIN_ONLY)
+async def inference_stats(session: SessionDep, principal: AdminDep) -> EndpointStatsList:
+    """Counters of every inference process with a fresh heartbeat (admin keys only)."""
+    endpoints = await run_in_threadpool(serving.live, session)
+    own = {a.id for a in await run_in_threadpool(lambda: adapters.list_all(session, team_id=principal.team_id))}
+    rows = [EndpointStats(id=e.id, base_model=e.base_model, url=e.url, started_at=unix(e.started_at),
+                          heartbeat_at=unix(e.heartbeat_at)) for e in endpoints]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0)) as client:
+        answers = await asyncio.gather(*(client.get(f"{r.url}/v1/stats") for r in rows), return_exceptions=True)
+    for row, answer in zip(rows, answers):
+        if isinstance(answer, httpx.Response) and answer.status_code == 200:
+            row.stats = _team_view(answer.json(), own)
+        else:
+            row.error = f"{type(answer).__name__}: {answer}" if isinstance(answer, Exception) else \
+                f"answered {answer.status_code}"
+    return EndpointStatsList(data=rows)
+
+
+def _team_view(stats: dict, own: set[str]) -> dict:
+    """The engine's counters with the per-adapter parts cut to the team's own adapters (and the base),
+    and without storage paths."""
+    loaded = [{k: v for k, v in e.items() if k != "path"} for e in stats.get("adapters_loaded", []) if e["id"] in own]
+    requests = {k: v for k, v in stats.get("per_adapter_requests", {}).items() if k in own or k == BASE_KEY}
+    return stats | {"adapters_loaded": loaded, "per_adapter_requests": requests}

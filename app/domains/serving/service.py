@@ -1,0 +1,106 @@
+"""Serving: which inference process serves which base model, and what a model name resolves to.
+
+An inference process registers itself (base model, URL) and refreshes a heartbeat; the API reads
+the table to find where to forward a completion. Works the same on SQLite (one machine) and
+Postgres (separate containers), since the URL is whatever the process advertises."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.core.db import utcnow
+from app.core.ids import new_id
+from app.core.storage import get_storage
+from app.domains.adapters import service as adapters
+from app.domains.adapters.models import Adapter
+from app.domains.models import service as models
+from app.domains.models.errors import ModelNotFound
+from app.domains.serving.errors import ModelNotServing
+from app.domains.serving.models import InferenceEndpoint
+
+HEARTBEAT_SECONDS = 5.0  # how often a live inference process refreshes its row
+STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS + 5  # a row older than this is a dead process's
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` names: a base model alone, or a team's adapter on its base."""
+
+    model: str
+    base_model: str
+    adapter: Adapter | None
+
+
+def register(session: Session, *, base_model: str, url: str) -> InferenceEndpoint:
+    """Record (or take over) the row for `url`. Raises ModelNotFound when the base is not registered."""
+    if models.get_base(session, base_model) is None:
+        raise ModelNotFound(f"No base model named {base_model!r} is registered; register it with "
+                            "`tuneforge models register NAME PATH`.", param="model")
+    row = session.scalar(select(InferenceEndpoint).where(InferenceEndpoint.url == url))
+    now = utcnow()
+    if row is None:
+        row = InferenceEndpoint(id=new_id("infsrv"), base_model=base_model, url=url, started_at=now,
+                                heartbeat_at=now)
+        session.add(row)
+    else:
+        row.base_model, row.started_at, row.heartbeat_at = base_model, now, now
+    session.flush()
+    return row
+
+
+def heartbeat(session: Session, *, endpoint_id: str) -> bool:
+    """Refresh the row; False when it is gone (e.g. the base model was deleted)."""
+    row = session.get(InferenceEndpoint, endpoint_id)
+    if row is None:
+        return False
+    row.heartbeat_at = utcnow()
+    session.flush()
+    return True
+
+
+def unregister(session: Session, *, endpoint_id: str) -> None:
+    session.execute(delete(InferenceEndpoint).where(InferenceEndpoint.id == endpoint_id))
+
+
+def live(session: Session, *, base_model: str | None = None) -> list[InferenceEndpoint]:
+    """Endpoints with a fresh heartbeat, the most recently refreshed first."""
+    cutoff = utcnow() - dt.timedelta(seconds=STALE_AFTER_SECONDS)
+    query = select(InferenceEndpoint).where(InferenceEndpoint.heartbeat_at >= cutoff)
+    if base_model is not None:
+        query = query.where(InferenceEndpoint.base_model == base_model)
+    return list(session.scalars(query.order_by(InferenceEndpoint.heartbeat_at.desc())))
+
+
+def serving_bases(session: Session) -> set[str]:
+    return {e.base_model for e in live(session)}
+
+
+def resolve(session: Session, *, team_id: str, model: str) -> Target:
+    """The base model or the team's fine-tuned model named `model`. Raises ModelNotFound for an unknown
+    name and for another team's model, alike."""
+    if models.get_base(session, model) is not None:
+        return Target(model=model, base_model=model, adapter=None)
+    adapter = adapters.get_by_name(session, team_id=team_id, name=model)
+    if adapter is None:
+        raise ModelNotFound(f"The model {model!r} does not exist or you do not have access to it.", param="model")
+    return Target(model=model, base_model=adapter.base_model, adapter=adapter)
+
+
+def endpoint_for(session: Session, *, base_model: str) -> InferenceEndpoint:
+    """The live endpoint serving `base_model`. Raises ModelNotServing when there is none."""
+    endpoints = live(session, base_model=base_model)
+    if not endpoints:
+        raise ModelNotServing(
+            f"No inference process is serving base model {base_model!r}; start one with "
+            f"`tuneforge inference --model {base_model}` (or `tuneforge up` on one machine).", param="model")
+    return endpoints[0]
+
+
+def adapter_dir(adapter: Adapter) -> Path:
+    """The adapter's peft directory in storage (what the training task stored under files/)."""
+    return get_storage().path(f"{adapter.storage_prefix}/files")

@@ -1,0 +1,313 @@
+"""Serving through the API with the official openai client: a real `tuneforge inference` process
+(tiny model, CPU) registered in the database, the real API forwarding to it, adapters written with
+peft and stored through the adapters service. Every greedy output is checked against peft alone
+(base + one adapter loaded fresh, generate(do_sample=False))."""
+
+from __future__ import annotations
+
+import io
+import secrets
+import sys
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import _spawn, _stop, wait_until
+from tests.factories import create_team
+
+BASE = "tiny-llama"
+PROMPT = "def fibonacci(n):"
+MESSAGES = [{"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "Write a function to add two numbers."}]
+MAX_TOKENS = 16
+TIMEOUT = 120.0
+# Adapter b's tokenizer carries its own chat template, so the chat endpoint must use the adapter's.
+OTHER_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}### assistant:{% endif %}")
+
+
+@dataclass
+class Served:
+    url: str  # the inference process (internal protocol)
+    team_id: str
+    key: str
+    models: dict[str, str]  # "a", "b", "c", "corrupt", "missing" -> fine-tuned model name
+    ids: dict[str, str]  # the same -> adapter id (what the engine's counters name)
+    dirs: dict[str, Path]  # adapter name -> its peft directory (the one written with peft)
+
+
+def _store_adapter(team_id: str, name: str, src: Path) -> tuple[str, Path]:
+    """Store a peft directory as a training job would (files/ + .tar.gz) and add its row."""
+    from app.core.db import session_scope
+    from app.core.ids import new_id
+    from app.core.storage import get_storage
+    from app.domains.adapters import service as adapters
+
+    storage = get_storage()
+    adapter_id = new_id("ftadapter")
+    prefix = f"teams/{team_id}/adapters/{adapter_id}"
+    storage.put_tree(src, f"{prefix}/files")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(src.iterdir()):
+            tar.add(path, arcname=path.name)
+    archive = src.parent / f"{src.name}.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    blob = storage.put_file(archive, f"{prefix}/adapter.tar.gz")
+    with session_scope() as session:
+        adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=None, base_model=BASE, name=name,
+                        storage_prefix=prefix, archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
+    return adapter_id, storage.path(f"{prefix}/files")
+
+
+@pytest.fixture(scope="module")
+def served(services_env, server, tiny_model, tmp_path_factory) -> Served:
+    """Three good adapters (b with its own chat template), one corrupt and one whose files are gone, all
+    of one team; and an inference process on the tiny base holding at most 2 adapters in memory."""
+    from transformers import AutoTokenizer
+
+    from tests.worker.inference.conftest import make_adapter
+
+    root = tmp_path_factory.mktemp("serving")
+    team_id, key = create_team()
+    suffix = secrets.token_hex(3)
+    dirs = {"a": make_adapter(tiny_model, root / "a", seed=11),
+            "b": make_adapter(tiny_model, root / "b", seed=12),
+            "c": make_adapter(tiny_model, root / "c", seed=13, r=4, targets=("q_proj", "v_proj")),
+            "corrupt": make_adapter(tiny_model, root / "corrupt", seed=14),
+            "missing": make_adapter(tiny_model, root / "missing", seed=15)}
+    tokenizer = AutoTokenizer.from_pretrained(dirs["b"], local_files_only=True)
+    tokenizer.chat_template = OTHER_TEMPLATE
+    tokenizer.save_pretrained(dirs["b"])
+    models, ids, stored = {}, {}, {}
+    for name, path in dirs.items():
+        models[name] = f"ft:{BASE}:{name}-{suffix}"
+        ids[name], stored[name] = _store_adapter(team_id, models[name], path)
+    (stored["corrupt"] / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    for file in stored["missing"].iterdir():
+        file.unlink()
+    stored["missing"].rmdir()
+
+    log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "inference.log"
+    proc = _spawn([sys.executable, "-m", "tuneforge.cli", "inference", "--model", BASE, "--port", "0",
+                   "--max-adapters", "2"], services_env, log)
+
+    def registered():
+        if proc.poll() is not None:
+            pytest.fail(f"inference process exited:\n{log.read_text()[-3000:]}")
+        from app.core.db import session_scope
+        from app.domains.serving import service as serving
+
+        with session_scope() as session:
+            live = serving.live(session, base_model=BASE)
+            return live[0].url if live else None
+
+    url = wait_until(registered, timeout=TIMEOUT, interval=0.2, message="the inference process to register")
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout=TIMEOUT,
+               message="the inference process to answer")
+    yield Served(url=url, team_id=team_id, key=key, models=models, ids=ids, dirs=dirs)
+    _stop(proc)
+
+
+class Reference:
+    """peft alone: the tiny base, or base + one adapter, loaded fresh; greedy generate()."""
+
+    def __init__(self, base: Path, dirs: dict[str, Path]) -> None:
+        self.base, self.dirs = base, dirs
+        self._cache: dict[tuple, tuple[list[int], str]] = {}
+
+    def completion(self, adapter: str | None, prompt: str = PROMPT) -> tuple[list[int], str]:
+        return self._run(adapter, ("prompt", prompt))
+
+    def chat(self, adapter: str | None, messages=tuple(tuple(m.items()) for m in MESSAGES)) -> tuple[list[int], str]:
+        return self._run(adapter, ("chat", messages))
+
+    def _run(self, adapter: str | None, what: tuple) -> tuple[list[int], str]:
+        key = (adapter, what)
+        if key not in self._cache:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            source = self.dirs[adapter] if adapter else self.base
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(self.base, local_files_only=True)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, self.dirs[adapter])
+            model.eval()
+            if what[0] == "prompt":
+                ids = tokenizer(what[1], return_tensors="pt")["input_ids"]
+            else:
+                text = tokenizer.apply_chat_template([dict(m) for m in what[1]], tokenize=False,
+                                                     add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            tokens = out[0, ids.shape[1]:].tolist()
+            self._cache[key] = (tokens, tokenizer.decode(tokens, skip_special_tokens=True))
+        return self._cache[key]
+
+
+@pytest.fixture(scope="module")
+def reference(served, tiny_model) -> Reference:
+    return Reference(tiny_model, served.dirs)
+
+
+@pytest.fixture
+def client(served, server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=served.key, max_retries=0, timeout=TIMEOUT)
+
+
+def _model(served: Served, adapter: str | None) -> str:
+    return served.models[adapter] if adapter else BASE
+
+
+def _complete(client, served, adapter, **kwargs):
+    return client.completions.create(model=_model(served, adapter), prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                     temperature=0, **kwargs)
+
+
+def _chat(client, served, adapter, **kwargs):
+    return client.chat.completions.create(model=_model(served, adapter), messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                          temperature=0, **kwargs)
+
+
+def _stats(server: str, key: str) -> dict:
+    r = httpx.get(f"{server}/v1/inference/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    (endpoint,) = [e for e in r.json()["data"] if e["base_model"] == BASE]
+    assert endpoint["error"] is None, endpoint
+    return endpoint["stats"]
+
+
+def test_completions_match_peft_alone_for_two_adapters_and_the_base(client, served, reference):
+    texts = set()
+    for adapter in (None, "a", "b"):
+        tokens, text = reference.completion(adapter)
+        out = _complete(client, served, adapter)
+        assert out.object == "text_completion" and out.model == _model(served, adapter)
+        assert out.choices[0].text == text, adapter
+        assert out.usage.completion_tokens == len(tokens), adapter
+        assert out.choices[0].finish_reason in ("stop", "length")
+        texts.add(text)
+    assert len(texts) == 3  # the adapters really change the output
+
+
+def test_chat_completions_use_the_adapters_chat_template_and_match_peft(client, served, reference):
+    for adapter in (None, "a", "b"):
+        tokens, text = reference.chat(adapter)
+        out = _chat(client, served, adapter)
+        assert out.object == "chat.completion"
+        assert out.choices[0].message.role == "assistant"
+        assert out.choices[0].message.content == text, adapter
+        assert out.usage.completion_tokens == len(tokens), adapter
+    # b's own template renders another prompt than the base template: its prompt token count differs.
+    base_prompt = _chat(client, served, None).usage.prompt_tokens
+    assert _chat(client, served, "b").usage.prompt_tokens != base_prompt
+    assert _chat(client, served, "a").usage.prompt_tokens == base_prompt
+
+
+def test_concurrent_requests_for_different_adapters_are_served_in_one_batch(client, served, server, reference):
+    plan = [None, "a", "b"]
+    results: dict[int, object] = {}
+    httpx.post(f"{served.url}/v1/pause", timeout=10).raise_for_status()
+    try:
+        threads = [threading.Thread(target=lambda i=i, a=a: results.__setitem__(i, _complete(client, served, a)))
+                   for i, a in enumerate(plan)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: _stats(server, served.key)["queue_depth"] == len(plan), timeout=TIMEOUT,
+                   message="all three requests queued")
+    finally:
+        httpx.post(f"{served.url}/v1/resume", timeout=10).raise_for_status()
+    for t in threads:
+        t.join(TIMEOUT)
+    for i, adapter in enumerate(plan):
+        assert results[i].choices[0].text == reference.completion(adapter)[1], adapter
+    batches = _stats(server, served.key)["batches"]["recent"]
+    assert any(b["requests"] == 3 and b["adapters"] == 3 for b in batches), batches
+
+
+def test_another_teams_model_answers_404_like_a_missing_one(served, server):
+    _, other_key = create_team()
+    other = openai.OpenAI(base_url=f"{server}/v1", api_key=other_key, max_retries=0, timeout=TIMEOUT)
+    errors = []
+    for model in (served.models["a"], f"ft:{BASE}:no-such-model"):
+        with pytest.raises(openai.NotFoundError) as info:
+            other.completions.create(model=model, prompt=PROMPT, max_tokens=4)
+        errors.append(info.value.body)
+        with pytest.raises(openai.NotFoundError):
+            other.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
+    theirs, missing = errors
+    assert theirs["code"] == missing["code"] == "model_not_found"
+    assert theirs["param"] == missing["param"] == "model"
+    assert theirs["message"].replace(served.models["a"], "X") == missing["message"].replace(
+        f"ft:{BASE}:no-such-model", "X")
+    # The operators' counters show a team only its own adapters.
+    _complete(openai.OpenAI(base_url=f"{server}/v1", api_key=served.key, max_retries=0), served, "a")
+    mine, others = _stats(server, served.key), _stats(server, other_key)
+    assert served.ids["a"] in mine["per_adapter_requests"] and served.ids["a"] in {
+        e["id"] for e in mine["adapters_loaded"]}
+    assert not set(served.ids.values()) & (set(others["per_adapter_requests"]) | {
+        e["id"] for e in others["adapters_loaded"]})
+    assert others["requests"]["completed"] == mine["requests"]["completed"] > 0
+
+
+def test_streaming_yields_the_same_text_as_non_streaming(client, served):
+    for adapter in ("a", None):
+        whole = _complete(client, served, adapter).choices[0].text
+        chunks = list(_complete(client, served, adapter, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        chat_whole = _chat(client, served, adapter).choices[0].message.content
+        chat_chunks = list(_chat(client, served, adapter, stream=True))
+        assert chat_chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == chat_whole
+
+
+def test_an_evicted_adapter_reloads_with_the_same_output(client, served, server, reference):
+    first = _complete(client, served, "a").choices[0].text
+    evictions = _stats(server, served.key)["cache"]["evictions"]
+    _complete(client, served, "b")
+    _complete(client, served, "c")  # the cache holds 2: a, the least recently used, goes
+    stats = _stats(server, served.key)
+    assert stats["cache"]["evictions"] > evictions
+    assert [e["id"] for e in stats["adapters_loaded"]] == [served.ids["c"], served.ids["b"]]  # most recent first
+    again = _complete(client, served, "a").choices[0].text
+    assert again == first == reference.completion("a")[1]
+
+
+def test_corrupt_or_missing_adapter_fails_clearly_and_others_keep_serving(client, served, reference):
+    with pytest.raises(openai.InternalServerError) as info:
+        _complete(client, served, "corrupt")
+    assert info.value.body["code"] == "adapter_corrupt" and "safetensors" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, served, "missing")
+    assert info.value.body["code"] == "adapter_not_found" and "missing" in info.value.body["message"]
+    with pytest.raises(openai.InternalServerError):
+        _complete(client, served, "corrupt", stream=True)
+    for adapter in ("a", None):
+        assert _complete(client, served, adapter).choices[0].text == reference.completion(adapter)[1]
+
+
+def test_models_show_what_serves_and_an_unserved_base_answers_503(client, served, tiny_model):
+    from app.core.db import session_scope
+    from app.domains.models import service as models
+
+    unserved = f"tiny-unserved-{secrets.token_hex(3)}"
+    with session_scope() as session:
+        models.register(session, name=unserved, path=tiny_model)
+    listed = {m.id: m.model_extra["serving"] for m in client.models.list()}
+    assert listed[BASE] is True and listed[served.models["a"]] is True
+    assert listed[unserved] is False
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=unserved, prompt=PROMPT, max_tokens=4)
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "model_not_serving" and unserved in info.value.body["message"]

@@ -1,0 +1,291 @@
+"""`tuneforge inference`: one process serving one base model over a small internal HTTP protocol.
+
+The API forwards completions here; users never call it directly. Standard library only on the
+HTTP side (the worker never imports fastapi), one thread per connection, every thread submitting
+to the one InferenceEngine, which batches them.
+
+    GET  /health                 {"status": "ok", "base_model": ...}
+    GET  /v1/stats               the engine's counters (InferenceEngine.stats())
+    POST /v1/generate            {team_id, adapter_id | null, prompt | messages, max_tokens, temperature,
+                                  top_p, stop, n, seed, stream}
+                                 -> a result object, or with stream=true newline-delimited JSON:
+                                 {"type": "delta", id, index, text, token_ids, finish_reason} ...,
+                                 then {"type": "done", "result": {...}} or {"type": "error", "error": {...}}
+    POST /v1/pause | /v1/resume  stop / restart admitting queued requests (operators, tests)
+    POST /v1/adapters/{id}/evict drop an adapter from memory
+
+Errors answer {"error": {message, type, param, code}} with the error's status, so the API can relay
+them as they are. Adapters are resolved per request from the database (the team's adapter row) and
+storage (its peft directory), then loaded by the engine on demand, safetensors only.
+
+The process registers (base model, URL) in the inference_endpoint table and refreshes a heartbeat
+there; that is how the API finds it, on SQLite and on Postgres alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+from app.core.db import session_scope
+from app.core.errors import InvalidRequest, NotFound, TuneforgeError
+from app.domains.adapters import service as adapters
+from app.domains.adapters.errors import AdapterNotFound as AdapterRowNotFound
+from app.domains.models import service as models
+from app.domains.models.errors import ModelNotFound
+from app.domains.serving import service as serving
+from worker.inference.adapters import AdapterRef
+from worker.inference.engine import InferenceEngine, _adapter_chat_template
+from worker.inference.results import Completion, Generation
+
+log = logging.getLogger("tuneforge.inference")
+
+MAX_BODY_BYTES = 8 << 20
+_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
+
+
+def completion_json(completion: Completion) -> dict:
+    return {"id": completion.id, "created": completion.created, "adapter_id": completion.adapter_id,
+            "choices": [{"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
+                         "finish_reason": c.finish_reason} for c in completion.choices],
+            "usage": {"prompt_tokens": completion.usage.prompt_tokens,
+                      "completion_tokens": completion.usage.completion_tokens,
+                      "total_tokens": completion.usage.total_tokens},
+            "batch_id": completion.batch_id}
+
+
+def error_json(exc: TuneforgeError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+class InferenceService:
+    """The engine plus what the HTTP layer needs around it: resolving adapters and parsing requests."""
+
+    def __init__(self, engine: InferenceEngine, base_model: str) -> None:
+        self.engine = engine
+        self.base_model = base_model
+
+    def adapter_ref(self, team_id: str | None, adapter_id: str | None) -> AdapterRef | None:
+        """The team's adapter as the engine sees it. Raises NotFound when the row is missing or the team's
+        right to it is gone (it was deleted after the API checked)."""
+        if adapter_id is None:
+            return None
+        if not isinstance(adapter_id, str) or not isinstance(team_id, str):
+            raise InvalidRequest("adapter_id and team_id must be strings.", param="adapter_id")
+        try:
+            with session_scope() as session:
+                row = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
+                return AdapterRef(id=row.id, path=serving.adapter_dir(row), base=row.base_model)
+        except AdapterRowNotFound:
+            raise NotFound(f"No such adapter: {adapter_id!r}.", param="model", code="model_not_found") from None
+
+    def encode_chat(self, messages: list, ref: AdapterRef | None) -> str | list[int]:
+        """The chat prompt rendered as training rendered it: token ids from the chat template saved with
+        the adapter's tokenizer (else the base's), or, where neither has one, the text of training's plain
+        `<|role|>` layout (worker/training/data.py; tokenized with special tokens, as training did) with
+        the assistant turn opened."""
+        has_template = self.engine.tokenizer.chat_template or (ref is not None and _adapter_chat_template(ref.path))
+        if has_template:
+            return self.engine.encode_chat(messages, ref)
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                    and isinstance(m.get("content"), str) for m in messages):
+            raise InvalidRequest("messages must be a non-empty list of {role, content} objects.", param="messages")
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return text
+
+    def submit(self, body: dict) -> Generation:
+        """Parse a /v1/generate body and queue it. Raises the engine's errors (bad parameters, an
+        adapter of another base, a full queue)."""
+        ref = self.adapter_ref(body.get("team_id"), body.get("adapter_id"))
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if (messages is None) == (prompt is None):
+            raise InvalidRequest("Send exactly one of prompt and messages.", param="prompt")
+        if messages is not None:
+            if not isinstance(messages, list):
+                raise InvalidRequest("messages must be a list of {role, content} objects.", param="messages")
+            prompt = self.encode_chat(messages, ref)
+        elif not isinstance(prompt, str | list):
+            raise InvalidRequest("prompt must be a string or a list of token ids.", param="prompt")
+        kwargs = {k: body[k] for k in _GENERATE_FIELDS if body.get(k) is not None}
+        return self.engine.submit(prompt, adapter=ref, **kwargs)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args) -> None:  # the default writes every request to stderr
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, exc: TuneforgeError) -> None:
+        self._send_json(exc.status_code, error_json(exc))
+
+    def do_GET(self) -> None:
+        service = self.server.service
+        if self.path == "/health":
+            self._send_json(200, {"status": "ok", "base_model": service.base_model})
+        elif self.path == "/v1/stats":
+            self._send_json(200, service.engine.stats())
+        else:
+            self._send_error(NotFound(f"Unknown route {self.path}.", code="not_found"))
+
+    def do_POST(self) -> None:
+        service = self.server.service
+        try:
+            body = self._read_json()
+            if self.path == "/v1/generate":
+                self._generate(body)
+            elif self.path == "/v1/pause":
+                service.engine.pause()
+                self._send_json(200, {"paused": True})
+            elif self.path == "/v1/resume":
+                service.engine.resume()
+                self._send_json(200, {"paused": False})
+            elif self.path.startswith("/v1/adapters/") and self.path.endswith("/evict"):
+                adapter_id = unquote(self.path.removeprefix("/v1/adapters/").removesuffix("/evict"))
+                self._send_json(200, {"id": adapter_id, "evicted": service.engine.evict(adapter_id, timeout=60)})
+            else:
+                raise NotFound(f"Unknown route {self.path}.", code="not_found")
+        except TuneforgeError as exc:
+            self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:  # never a stack trace to the caller; the log has it
+            log.exception("inference request failed")
+            self._send_json(500, {"error": {"message": "Internal error in the inference process; it has been "
+                                            "logged.", "type": "server_error", "param": None,
+                                            "code": "internal_error"}})
+
+    def _read_json(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise InvalidRequest(f"Request body over {MAX_BODY_BYTES} bytes.", code="too_large")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"The body is not JSON: {exc}.") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The body must be a JSON object.")
+        return body
+
+    def _generate(self, body: dict) -> None:
+        generation = self.server.service.submit(body)
+        if not body.get("stream"):
+            self._send_json(200, completion_json(generation.result()))
+            return
+        # The first delta (or the error) comes only once the adapter is loaded and the request admitted,
+        # so a bad adapter still answers with its own status instead of a 200 stream that fails.
+        stream = generation.stream()
+        first = next(stream, None)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            if first is not None:
+                self._chunk(_delta_json(generation.id, first))
+                for delta in stream:
+                    self._chunk(_delta_json(generation.id, delta))
+            self._chunk({"type": "done", "result": completion_json(generation.result())})
+        except TuneforgeError as exc:
+            self._chunk({"type": "error", **error_json(exc)})
+        except (BrokenPipeError, ConnectionResetError):
+            generation.cancel()
+            return
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, payload: dict) -> None:
+        data = json.dumps(payload).encode() + b"\n"
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def _delta_json(request_id: str, delta) -> dict:
+    return {"type": "delta", "id": request_id, "index": delta.index, "text": delta.text, "token_ids": list(delta.token_ids),
+            "finish_reason": delta.finish_reason}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    service: InferenceService
+
+
+class Registration:
+    """The process's row in inference_endpoint, refreshed from a background thread until stopped."""
+
+    def __init__(self, base_model: str, url: str) -> None:
+        self.base_model = base_model
+        self.url = url
+        self._stop = threading.Event()
+        with session_scope() as session:
+            self.endpoint_id = serving.register(session, base_model=base_model, url=url).id
+        self._thread = threading.Thread(target=self._beat, name="inference-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(serving.HEARTBEAT_SECONDS):
+            try:
+                with session_scope() as session:
+                    if not serving.heartbeat(session, endpoint_id=self.endpoint_id):
+                        self.endpoint_id = serving.register(session, base_model=self.base_model, url=self.url).id
+            except Exception:  # a database blip: the next beat retries; the API sees a stale row meanwhile
+                log.exception("inference heartbeat failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        try:
+            with session_scope() as session:
+                serving.unregister(session, endpoint_id=self.endpoint_id)
+        except Exception:
+            log.exception("could not remove this process's inference_endpoint row")
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8100, advertise_url: str | None = None,
+          **engine_kwargs) -> int:
+    """Load the registered base model `model`, listen on host:port (0 picks a free port), register the
+    URL (advertise_url, or http://host:port) and serve until SIGINT/SIGTERM. Returns an exit code."""
+    with session_scope() as session:
+        base = models.get_base(session, model)
+        if base is None:
+            raise ModelNotFound(f"No base model named {model!r} is registered; register it with "
+                                "`tuneforge models register NAME PATH`.", param="model")
+        base_path = base.path
+    engine = InferenceEngine(base_path, base_name=model, **engine_kwargs)
+    server = _Server((host, port), _Handler)
+    server.service = InferenceService(engine, model)
+    bound_port = server.server_address[1]
+    if advertise_url is None:
+        advertise_host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+        advertise_url = f"http://{advertise_host}:{bound_port}"
+    registration = Registration(model, advertise_url.rstrip("/"))
+
+    def stop(*_) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serving base model {model} ({engine.device}) at {advertise_url} (listening on {host}:{bound_port})",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        registration.close()
+        server.server_close()
+        engine.close()
+    return 0
