@@ -229,6 +229,9 @@ def run_tuneforge(model_dir: Path, data: Path, steps: int, work: Path, *,
         def should_stop(self) -> bool:
             return False
 
+        def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+            """The benchmark keeps no checkpoints (its runs are shorter than the default interval)."""
+
     hooks = Hooks()
     spec = TrainingSpec(training=TrainingSettings(max_steps=steps, gradient_checkpointing=gradient_checkpointing))
     recipe = LoraRecipe(spec=spec, base_model_path=model_dir, train_file=data, validation_file=None,

@@ -79,12 +79,12 @@ def test_invalid_checkpoint_settings_are_refused_naming_the_field(api, make_team
     assert r.json()["error"]["param"] == param
 
 
-def test_checkpoint_settings_default_to_pause_only_and_three_kept(api, make_team, tiny_model):
+def test_checkpoint_settings_default_to_every_50_steps_and_three_kept(api, make_team, tiny_model):
     _, key = make_team()
     client = api(key)
-    job = create_job(client, uploaded_file_id(client), training={"checkpoint_every_steps": 50})
+    job = create_job(client, uploaded_file_id(client), training={"checkpoint_every_steps": None})
     client.post(f"/fine_tuning/jobs/{job['id']}/cancel")
-    assert (job["spec"]["training"]["checkpoint_every_steps"], job["spec"]["training"]["keep_checkpoints"]) == (50, 3)
+    assert (job["spec"]["training"]["checkpoint_every_steps"], job["spec"]["training"]["keep_checkpoints"]) == (None, 3)
     default = create_job(client, uploaded_file_id(client))
     client.post(f"/fine_tuning/jobs/{default['id']}/cancel")
-    assert default["spec"]["training"]["checkpoint_every_steps"] is None
+    assert default["spec"]["training"]["checkpoint_every_steps"] == 50

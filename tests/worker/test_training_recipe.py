@@ -52,6 +52,7 @@ class RecordingHooks:
     stop_after: int | None = None
     events: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
     steps_seen: int = 0
+    checkpoint_steps: list[int] = field(default_factory=list)
 
     def on_event(self, type: str, message: str, data: dict[str, Any] | None) -> None:
         self.events.append((type, message, data))
@@ -59,6 +60,10 @@ class RecordingHooks:
     def should_stop(self) -> bool:
         self.steps_seen += 1
         return self.stop_after is not None and self.steps_seen >= self.stop_after
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        assert (path / "trainer_state.json").is_file()
+        self.checkpoint_steps.append(step)
 
     def train_metrics(self) -> list[dict[str, Any]]:
         return [d for t, _, d in self.events if t == "metrics" and "loss" in d]
@@ -87,7 +92,9 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 
 
 def spec_for(**training: Any) -> TrainingSpec:
-    settings = {"gradient_accumulation_steps": 1, "learning_rate": 3e-3, "max_seq_length": 128, **training}
+    """Periodic checkpoints off unless asked for: these tests see the Trainer's own epoch-end save."""
+    settings = {"gradient_accumulation_steps": 1, "learning_rate": 3e-3, "max_seq_length": 128,
+                "checkpoint_every_steps": None, **training}
     return TrainingSpec(training=TrainingSettings(**settings), seed=7)
 
 
