@@ -27,17 +27,11 @@ from tests.worker.test_training_recipe import code_task_records, write_jsonl
 from worker.tasks import checkpoints
 from worker.training.hooks import StopReason
 from worker.training.recipe import LoraRecipe, TrainResult
-from worker.training.tiny import make_tiny_model
 
 # 12 examples, 4 per optimizer step: 3 steps per epoch, 6 in 2 epochs.
 PACKED = {"batch_size": 1, "gradient_accumulation_steps": 4}
 # One micro-batch of 2 padded examples x 2 accumulation steps, length-grouped (the Trainer's sampler).
 PADDED = {"batch_size": 2, "gradient_accumulation_steps": 2, "packing": False, "auto_micro_batch": False}
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,6 @@ from app.domains.jobs.spec import LoraSpec, TrainingSettings, TrainingSpec
 from tests.worker.test_training_recipe import RecordingHooks, code_task_records, write_jsonl
 from worker.training.model import cpu_has_bf16, resolve_precision
 from worker.training.recipe import LoraRecipe, PeakMemory, choose_micro_batch, divisors_descending
-from worker.training.tiny import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-batches"))
 
 
 def test_micro_batch_is_the_largest_fitting_divisor_of_the_effective_batch():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from worker.training.data import (
     IGNORE_INDEX,
@@ -16,17 +15,7 @@ from worker.training.data import (
     tokenize_records,
 )
 from worker.training.packing import PACKED_SDPA, register_packed_sdpa, split_packed_batch
-from worker.training.tiny import EOS, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-data"))
-
-
-@pytest.fixture
-def tokenizer(base_path):
-    return AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+from worker.training.tiny import EOS
 
 
 def trained_text(tokenizer, ids: list[int], labels: list[int]) -> str:

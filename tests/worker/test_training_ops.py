@@ -12,12 +12,6 @@ from torch import nn
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec
 from worker.training.model import load_base, lora_config
 from worker.training.ops import IGNORE_INDEX, apply_chunked_loss, apply_lean_ops, linear_cross_entropy
-from worker.training.tiny import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-ops"))
 
 
 def _peft(path: Path, quantization: QuantizationSpec, lean: bool):

@@ -31,18 +31,7 @@ from worker.training.data import (
 )
 from worker.training.model import cpu_has_bf16
 from worker.training.recipe import LoraRecipe, TrainResult
-from worker.training.tiny import EOS, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-base"))
-
-
-@pytest.fixture
-def tokenizer(base_path):
-    # A fresh instance per test: some tests change the pad token or template.
-    return AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+from worker.training.tiny import EOS
 
 
 @dataclass

@@ -198,7 +198,7 @@ def train(job_id: str) -> str:
             team_id, suffix, base_name = job.team_id, job.suffix, job.model
     except Exception as exc:
         log.error("job %s cannot start:\n%s", job_id, traceback.format_exc())
-        return _retry_db(lambda: _fail(job_id, token, exc), seconds=settings.lease_seconds)
+        return _retry_db(lambda error=exc: _fail(job_id, token, error), seconds=settings.lease_seconds)
 
     work_dir = settings.data_dir / "work" / job_id
     with Lease(job_id, token) as lease:
@@ -208,7 +208,7 @@ def train(job_id: str) -> str:
                            suffix=suffix, base_name=base_name)
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            outcome = _retry_db(lambda: _fail(job_id, token, exc), seconds=settings.lease_seconds)
+            outcome = _retry_db(lambda error=exc: _fail(job_id, token, error), seconds=settings.lease_seconds)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     if outcome == "queued":
