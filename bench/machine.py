@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _first(path: str, prefix: str) -> str:
@@ -38,3 +42,11 @@ def describe(**extra) -> dict:
         out["torch_threads"] = torch.get_num_threads()
         out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {**out, **extra}
+
+
+def write_report(name: str, report: dict, out: Path | None = None) -> Path:
+    """Write a benchmark's report as JSON to `out`, by default bench/results/<name>.json; returns the path."""
+    out = out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from worker.inference import AdapterRef, InferenceEngine  # noqa: E402
 from worker.training.tiny import make_tiny_model  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, write_report  # noqa: E402
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name -> LlamaConfig fields (the tiny one is make_tiny_model's own).
@@ -446,9 +446,7 @@ def main() -> None:
         "load_average_1m": round(os.getloadavg()[0], 2), "elapsed_s": round(elapsed, 1),
         "summary": summary, "results": json.loads(json.dumps(results, default=float)),
     }
-    out = ROOT / "bench" / "results" / f"serve_throughput-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(f"serve_throughput-{socket.gethostname()}", report)
     print(f"wrote {out.relative_to(ROOT)}")
 
 

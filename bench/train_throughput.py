@@ -404,18 +404,18 @@ def main() -> None:
     print("targets (tuneforge vs baseline): " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}"
                                                          for k, ok in checks.items()))
 
-    out = a.out or ROOT / "bench" / "results" / f"train_throughput-{a.model}-{'cuda' if cuda else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from bench.machine import write_report
+
     for s in summary.values():
         for run in s["runs"]:
             run.pop("messages", None)
-    out.write_text(json.dumps({
+    out = write_report(f"train_throughput-{a.model}-{'cuda' if cuda else 'cpu'}", {
         "benchmark": "train_throughput", "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": desc,
         "model": {"name": a.model, "parameters": n_params, **MODELS[a.model]}, "data": data_info,
         "steps": steps, "repeats": a.repeats, "memory_measure": memory_kind, "arms": summary,
         "ratios_to_baseline": ratios, "mfu": mfu, "max_step_loss_diff": step_diffs, "targets": checks,
-    }, indent=2))
+    }, out=a.out)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
