@@ -83,6 +83,7 @@ def test_packed_rows_and_padded_batches_train_identically_and_count_real_tokens(
     padded_hooks, padded = _run(base_path, tmp_path, "padded", packing=False)
     packed_hooks, packed = _run(base_path, tmp_path, "packed", packing=True, auto_micro_batch=False)
     rows_hooks, rows = _run(base_path, tmp_path, "rows", packing=True)
+    unpadded_hooks, unpadded = _run(base_path, tmp_path, "unpadded-rows", packing=True, row_length_multiple=None)
     assert (padded.packing, packed.packing, rows.packing) == (False, True, True)
     # On CPU auto_micro_batch runs each 4-example step as rows no longer than the longest example.
     assert (packed.row_tokens, rows.micro_batch_size, rows.gradient_accumulation_steps) == (None, 4, 1)
@@ -91,8 +92,13 @@ def test_packed_rows_and_padded_batches_train_identically_and_count_real_tokens(
     assert len(padded_losses) == 4 and all(math.isfinite(x) for x in padded_losses)
     for hooks in (packed_hooks, rows_hooks):
         assert [m["loss"] for m in hooks.train_metrics()] == pytest.approx(padded_losses, rel=2e-3)
+    # Rows padded to a multiple of 128 (the default) train as the rows as cut.
+    assert [m["loss"] for m in rows_hooks.train_metrics()] == pytest.approx(
+        [m["loss"] for m in unpadded_hooks.train_metrics()], rel=1e-5)
+    assert any("padded to a multiple of 128" in m for m in rows_hooks.messages())
+    assert not any("padded to a multiple" in m for m in unpadded_hooks.messages())
     # Padding is counted in no layout: all saw the same 16 examples' tokens.
-    assert packed.trained_tokens == rows.trained_tokens == padded.trained_tokens
+    assert packed.trained_tokens == rows.trained_tokens == padded.trained_tokens == unpadded.trained_tokens
 
 
 def _tokenized(base_path: Path, tmp: Path) -> list[list[int]]:

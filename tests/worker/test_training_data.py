@@ -133,8 +133,15 @@ def test_loss_of_a_packed_batch_equals_the_token_weighted_loss_of_its_examples(b
         crossing = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss
         rows = split_packed_batch(packed, row_tokens=len(examples[0]["input_ids"]) + 2)
         row_losses = [model(**row).loss.item() * int((row["labels"] != IGNORE_INDEX).sum()) for row in rows]
+        # Rows padded to a multiple of 16 with a segment of their own: the same token losses.
+        padded = split_packed_batch(packed, row_tokens=len(examples[0]["input_ids"]) + 2, pad_to_multiple_of=16,
+                                    pad_token_id=tokenizer.pad_token_id)
+        padded_losses = [model(**row).loss.item() * int((row["labels"] != IGNORE_INDEX).sum()) for row in padded]
     assert len(rows) >= 2
     assert sum(row_losses) / count == pytest.approx(total / count, rel=1e-5)
+    assert any(row["input_ids"].shape[1] % 16 for row in rows)
+    assert all(row["input_ids"].shape[1] % 16 == 0 for row in padded)
+    assert padded_losses == pytest.approx(row_losses, rel=1e-5)
     assert packed_loss.item() == pytest.approx(total / count, rel=1e-5)
     assert abs(crossing.item() - total / count) > 1e-3
 
@@ -149,3 +156,19 @@ def test_split_packed_batch_cuts_rows_at_example_boundaries():
     for key in ("input_ids", "labels", "position_ids"):
         assert torch.equal(torch.cat([r[key] for r in rows], dim=1), batch[key])
     assert all(r["labels"][0, 0].item() == IGNORE_INDEX for r in rows)
+
+
+def test_split_packed_batch_pads_each_row_with_a_segment_of_its_own():
+    examples = [{"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))} for n in (3, 2, 4, 8)]
+    batch = PackedCollator(with_flash_attn_kwargs=True)(examples)
+    rows = split_packed_batch(batch, row_tokens=5, pad_to_multiple_of=4, pad_token_id=1)
+    # 3+2 -> 8 (pad 3), 4 -> 4 (no pad), 8 -> 8 (no pad).
+    assert [r["cu_seq_lens_q"].tolist() for r in rows] == [[0, 3, 5, 8], [0, 4], [0, 8]]
+    assert [r["max_length_q"] for r in rows] == [3, 4, 8]
+    first = rows[0]
+    assert first["input_ids"][0, 5:].tolist() == [1, 1, 1]
+    assert first["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3
+    assert first["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    # Without the padding segments the rows are exactly the unpadded cut.
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(torch.cat([first[key][:, :5], rows[1][key], rows[2][key]], dim=1), batch[key])

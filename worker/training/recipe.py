@@ -300,6 +300,8 @@ class _RowTrainer(Trainer):
     """
 
     row_tokens: int | None = None
+    row_multiple: int | None = None
+    pad_token_id: int = 0
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from a checkpoint at max_steps in mid-epoch (the last step's): the Trainer would skip
@@ -319,7 +321,8 @@ class _RowTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.row_tokens is None or num_items_in_batch is None or "cu_seq_lens_q" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
-        rows = split_packed_batch(inputs, self.row_tokens)
+        rows = split_packed_batch(inputs, self.row_tokens, pad_to_multiple_of=self.row_multiple,
+                                  pad_token_id=self.pad_token_id)
         return sum(super(_RowTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
 
 
@@ -424,13 +427,17 @@ class LoraRecipe:
         micro, accumulation, packing, row_tokens = self._plan_batches(train)
         self._info.update(micro_batch_size=micro, gradient_accumulation_steps=accumulation, packing=packing,
                           row_tokens=row_tokens)
-        rows = f", run as rows of at most {row_tokens} tokens" if row_tokens else ""
+        rows = ""
+        if row_tokens:
+            rows = f", run as rows of at most {row_tokens} tokens"
+            if t.row_length_multiple:
+                rows += f" padded to a multiple of {t.row_length_multiple}"
         self.hooks.on_event(
             "message",
             f"Batches: {micro} example(s) per micro-batch x {accumulation} accumulation step(s) "
             f"= {micro * accumulation} per optimizer step; packing {'on' if packing else 'off'}{rows}",
             {"micro_batch_size": micro, "gradient_accumulation_steps": accumulation, "packing": packing,
-             "row_tokens": row_tokens},
+             "row_tokens": row_tokens, "row_length_multiple": t.row_length_multiple if row_tokens else None},
         )
         optim, note = _optimizer_for(t.optimizer, self._device)
         self._info["optimizer"] = optim
@@ -450,6 +457,8 @@ class LoraRecipe:
             callbacks=[self._callback],
         )
         self._trainer.row_tokens = row_tokens
+        self._trainer.row_multiple = t.row_length_multiple
+        self._trainer.pad_token_id = self._tokenizer.pad_token_id or 0
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
         self._trainer.remove_callback(PrinterCallback)
 
