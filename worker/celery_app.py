@@ -31,16 +31,18 @@ _reaper_stop = threading.Event()
 
 @worker_ready.connect
 def _start_reaper(**_kwargs) -> None:
-    """Re-send queued jobs whose enqueue may have been lost (the API commits the job first and
-    enqueues second; a broker outage between the two leaves a queued row with no message), then
-    keep reaping expired leases and re-dispatching, every reaper_interval_seconds.
+    """Re-send queued jobs and evaluations whose enqueue may have been lost (the API commits the
+    row first and enqueues second; a broker outage between the two leaves a queued row with no
+    message), then keep reaping expired leases and re-dispatching, every reaper_interval_seconds.
     Duplicates are harmless: the claim is atomic."""
+    from worker.tasks.evaluation import redispatch_stale_evaluations
     from worker.tasks.training import redispatch_stale, run_reaper
 
-    try:
-        redispatch_stale()
-    except Exception:  # never stop a worker from starting
-        log.exception("redispatch of stale queued jobs failed")
+    for redispatch in (redispatch_stale, redispatch_stale_evaluations):
+        try:
+            redispatch()
+        except Exception:  # never stop a worker from starting
+            log.exception("redispatch of stale queued work failed")
     threading.Thread(target=run_reaper, args=(_reaper_stop,), name="reaper", daemon=True).start()
 
 

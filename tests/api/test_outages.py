@@ -1,7 +1,7 @@
 """Outages: with the database or the broker down, the API answers 503 in the error shape (never
-500), /readyz names the dependency that is down, and a job created while the broker is down is
-kept queued and re-dispatched once the broker is back. The outages are separate API processes
-pointed at ports nobody listens on; the shared Postgres and Redis are never touched."""
+500), /readyz names the dependency that is down, and a job or evaluation created while the broker
+is down is kept queued and re-dispatched once the broker is back. The outages are separate API
+processes pointed at ports nobody listens on; the shared Postgres and Redis are never touched."""
 
 from __future__ import annotations
 
@@ -45,11 +45,17 @@ def test_with_the_database_down_every_route_answers_503(services_env, make_team)
         assert httpx.get(f"{base}/healthz").status_code == 200
 
 
-def test_with_the_broker_down_reads_work_and_a_new_job_is_kept_and_redispatched(services_env, make_team,
-                                                                                tiny_model):
+def test_with_the_broker_down_reads_work_and_new_jobs_and_evaluations_are_kept_and_redispatched(
+        services_env, make_team, tiny_model, worker):
     from app.core.db import session_scope
     from app.domains.jobs.models import FineTuningJob
+    from app.domains.evaluations.models import Evaluation
+    from worker.tasks.evaluation import redispatch_stale_evaluations
     from worker.tasks.training import redispatch_stale
+
+    def evaluation_status(evaluation_id: str) -> str:
+        with session_scope() as session:
+            return session.get(Evaluation, evaluation_id).status
 
     _, key = make_team()
     dead = f"redis://127.0.0.1:{free_port()}/0"
@@ -71,8 +77,14 @@ def test_with_the_broker_down_reads_work_and_a_new_job_is_kept_and_redispatched(
         job = r.json()
         assert job["status"] == "queued"
         assert elapsed < 10, f"creating a job with the broker down took {elapsed:.1f} s"
+        r = client.post("/evaluations", json={"model": "tiny-llama", "tasks": "humaneval", "limit": 1,
+                                              "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        evaluation = r.json()
+        assert evaluation["status"] == "queued"
     with session_scope() as session:
         assert session.get(FineTuningJob, job["id"]).status == "queued"
+        assert session.get(Evaluation, evaluation["id"]).status == "queued"
 
     # The broker is back (this process uses the live one): the job is sent again.
     assert job["id"] in redispatch_stale(older_than_seconds=0)
@@ -86,3 +98,9 @@ def test_with_the_broker_down_reads_work_and_a_new_job_is_kept_and_redispatched(
             return session.get(FineTuningJob, job["id"]).status != "queued"
 
     wait_until(sent_or_taken, timeout=30, message="the job to be re-dispatched")
+
+    # And the evaluation, which the session's worker then scores.
+    assert evaluation["id"] in redispatch_stale_evaluations(older_than_seconds=0)
+    done = wait_until(lambda: (e := evaluation_status(evaluation["id"])) in ("succeeded", "failed") and e,
+                      timeout=120, message="the re-dispatched evaluation to be scored")
+    assert done == "succeeded"

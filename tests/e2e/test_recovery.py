@@ -294,6 +294,30 @@ def test_killing_a_worker_process_tree_lets_another_workers_reaper_recover_the_j
     TIMES["kill_worker_tree_to_final"] = round(time.time() - killed_at, 1)
 
 
+def test_killing_an_evaluation_worker_lets_another_worker_score_it_again(make_stack, private_redis):
+    stack = make_stack(private_redis.url)
+    victim = stack.worker("a")
+    ev = stack.client.post("/evaluations", json={"model": "tiny-llama", "tasks": "humaneval", "limit": 40,
+                                                 "max_tokens": 256, "timeout_seconds": 5}).json()
+
+    def evaluation() -> dict:
+        return stack.client.get(f"/evaluations/{ev['id']}").json()
+
+    wait_until(lambda: evaluation()["status"] == "running", timeout=120, interval=0.1,
+               message="worker a to start the evaluation")
+    _kill_tree(victim)
+    killed_at = time.time()
+    assert evaluation()["status"] == "running"  # killed mid-way, not after it ended
+    stack.worker("b")
+    done = wait_until(lambda: (e := evaluation())["status"] in ("succeeded", "failed") and e, timeout=300,
+                      interval=0.5, message="the evaluation to end on worker b")
+    TIMES["kill_evaluation_worker_to_final"] = round(time.time() - killed_at, 1)
+    assert done["status"] == "succeeded", done
+    assert done["result"]["tasks"] == 40
+    # Recovered by b's reaper once a's lease lapsed, not by a broker redelivery (6 h away).
+    assert "reaped evaluations with expired leases" in stack.log("b")
+
+
 def test_a_job_longer_than_the_visibility_timeout_is_not_run_twice(make_stack, private_redis):
     stack = make_stack(private_redis.url, TUNEFORGE_VISIBILITY_TIMEOUT_SECONDS="3")
     stack.worker("a", concurrency=2)  # a free slot to take the redelivered message

@@ -8,6 +8,7 @@ evaluating to succeeded with the comparison.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import resource
@@ -18,8 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from app.core.config import get_settings
-from app.core.db import session_scope
-from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK, enqueue_training
+from app.core.db import session_scope, utcnow
+from app.core.queue import (EVALUATE_JOB_TASK, EVALUATE_TASK, enqueue_evaluation, enqueue_job_evaluation,
+                             enqueue_training)
 from app.core.storage import get_storage
 from app.domains.adapters.models import Adapter
 from app.domains.evaluations import service as evaluations
@@ -29,6 +31,7 @@ from app.domains.files import service as files
 from app.domains.jobs import service as jobs
 from app.domains.models import service as models
 from worker.celery_app import app
+from worker.tasks.training import Lease
 
 log = logging.getLogger("tuneforge.evaluation")
 
@@ -117,11 +120,14 @@ def _evaluate(plan: _Plan) -> tuple[dict, str]:
     return summary, key
 
 
-def _run_plans(plans: list[_Plan]) -> dict[str, dict]:
-    """Run each plan, recording each outcome as it ends. Returns {evaluation id: summary};
-    re-raises the first failure after marking that evaluation (and the ones not run) failed."""
+def _run_plans(plans: list[_Plan], lease: Lease) -> dict[str, dict]:
+    """Run each plan, recording each outcome as it ends while the lease is held. Returns
+    {evaluation id: summary}; re-raises the first failure after marking that evaluation (and the
+    ones not run) failed. Stops early, writing nothing more, once the lease is lost."""
     results: dict[str, dict] = {}
     for i, plan in enumerate(plans):
+        if lease.lost.is_set():
+            break
         try:
             summary, key = _evaluate(plan)
         except Exception as exc:
@@ -129,50 +135,118 @@ def _run_plans(plans: list[_Plan]) -> dict[str, dict]:
             message = f"{type(exc).__name__}: {exc}"[:2000]
             with session_scope() as session:
                 for later in plans[i:]:
-                    evaluations.fail(session, evaluation_id=later.id, code="evaluation_error", message=message)
+                    evaluations.fail(session, evaluation_id=later.id, lease_token=lease.token,
+                                     code="evaluation_error", message=message)
             raise
         with session_scope() as session:
-            evaluations.succeed(session, evaluation_id=plan.id, result=summary, results_key=key)
-        results[plan.id] = summary
+            if evaluations.succeed(session, evaluation_id=plan.id, lease_token=lease.token, result=summary,
+                                   results_key=key):
+                results[plan.id] = summary
     return results
+
+
+def _claim(ids: list[str]) -> tuple[str, list[str]]:
+    settings = get_settings()
+    with session_scope() as session:
+        return evaluations.claim(session, ids=ids, lease_seconds=settings.lease_seconds,
+                                 max_attempts=settings.max_attempts)
+
+
+def _lease(label: str, ids: list[str], token: str) -> Lease:
+    seconds = get_settings().lease_seconds
+    return Lease(label, token, name=f"evaluation {', '.join(ids)}", renew=lambda session: evaluations.renew(
+        session, ids=ids, lease_token=token, lease_seconds=seconds))
 
 
 @app.task(name=EVALUATE_TASK)
 def run(evaluation_id: str) -> str:
-    """Score one standalone evaluation. Returns 'not-claimed', 'succeeded' or 'failed'."""
+    """Score one standalone evaluation. Returns 'not-claimed', 'succeeded', 'failed' or 'lost'
+    (the lease was lost: the reaper gave the evaluation to another worker)."""
+    token, won = _claim([evaluation_id])
+    if not won:
+        return "not-claimed"
     with session_scope() as session:
-        if not evaluations.claim(session, ids=[evaluation_id]):
-            return "not-claimed"
         plan = _plan(session, session.get(Evaluation, evaluation_id))
-    try:
-        _run_plans([plan])
-    except Exception:
-        return "failed"
-    return "succeeded"
+    with _lease(evaluation_id, won, token) as lease:
+        try:
+            results = _run_plans([plan], lease)
+        except Exception:
+            return "failed"
+    return "succeeded" if evaluation_id in results else "lost"
 
 
 @app.task(name=EVALUATE_JOB_TASK)
 def run_job(job_id: str) -> str:
-    """Score a job's base and tuned evaluations, then end the job with the comparison."""
+    """Score a job's base and tuned evaluations, then end the job with the comparison. Scores
+    only the queued ones: after a worker died mid-way, the one it finished is not run again."""
+    with session_scope() as session:
+        queued = [r.id for r in evaluations.for_job(session, job_id) if r.status == "queued"]
+    if not queued:
+        return "not-claimed"
+    token, won = _claim(queued)
+    if not won:
+        return "not-claimed"
     with session_scope() as session:
         rows = evaluations.for_job(session, job_id)
-        won = set(evaluations.claim(session, ids=[r.id for r in rows if r.status == "queued"]))
-        if not won:
-            return "not-claimed"
         plans = [_plan(session, r) for r in sorted(rows, key=lambda r: r.role != "base") if r.id in won]
-    try:
-        results = _run_plans(plans)
-    except Exception as exc:
-        with session_scope() as session:
-            jobs.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
-            jobs.end_round(session, job_id=job_id)
-        return "failed"
-    by_role = {p.role: results[p.id] for p in plans}
+    with _lease(job_id, won, token) as lease:
+        try:
+            results = _run_plans(plans, lease)
+        except Exception as exc:
+            with session_scope() as session:
+                jobs.fail(session, job_id=job_id, code="evaluation_error",
+                          message=f"{type(exc).__name__}: {exc}"[:2000])
+                jobs.end_round(session, job_id=job_id)
+            return "failed"
+    if set(results) != set(won):
+        return "lost"  # the reaper gave the rest to another worker, which ends the job
     with session_scope() as session:
+        rows = evaluations.for_job(session, job_id)
+        by_role = {r.role: r.result for r in rows if r.status == "succeeded"}
+        if set(by_role) != {"base", "tuned"}:
+            return "lost"
         next_round = jobs.after_evaluation(session, job_id=job_id, evaluation=compare(by_role))
     if next_round:
         enqueue_training(next_round)
     return "succeeded"
+
+
+def reap_expired_evaluations() -> list[str]:
+    """One reaper pass over evaluations: requeue (and enqueue) running ones whose lease expired,
+    or fail them after max_attempts claims, and a job whose evaluation failed so. Returns the
+    requeued ids."""
+    with session_scope() as session:
+        requeued, failed = evaluations.reap(session, max_attempts=get_settings().max_attempts)
+        for evaluation_id, job_id in failed:
+            if job_id and jobs.fail(session, job_id=job_id, code="lease_expired",
+                                    message=f"its evaluation {evaluation_id} was given up: its worker stopped "
+                                            f"renewing its lease on every attempt"):
+                jobs.end_round(session, job_id=job_id)
+    _dispatch(requeued)
+    if requeued or failed:
+        log.warning("reaped evaluations with expired leases: requeued %s, failed %s",
+                    [e for e, _ in requeued], [e for e, _ in failed])
+    return [e for e, _ in requeued]
+
+
+def redispatch_stale_evaluations(older_than_seconds: float | None = None) -> list[str]:
+    """Re-enqueue queued evaluations not enqueued for longer than the threshold. Returns their ids."""
+    seconds = older_than_seconds if older_than_seconds is not None else get_settings().redispatch_after_seconds
+    with session_scope() as session:
+        stale = evaluations.stale_queued(session, older_than=utcnow() - dt.timedelta(seconds=seconds))
+    _dispatch(stale)
+    if stale:
+        log.info("re-dispatched %d queued evaluation(s): %s", len(stale), ", ".join(e for e, _ in stale))
+    return [e for e, _ in stale]
+
+
+def _dispatch(rows: list[tuple[str, str | None]]) -> None:
+    """A standalone evaluation goes out on its own; a job's as its job's evaluation task, once."""
+    for job_id in dict.fromkeys(job_id for _, job_id in rows if job_id):
+        enqueue_job_evaluation(job_id)
+    for evaluation_id, job_id in rows:
+        if not job_id:
+            enqueue_evaluation(evaluation_id)
 
 
 def compare(by_role: dict[str, dict]) -> dict:

@@ -59,12 +59,18 @@ DB_DOWN = (OperationalError, InterfaceError)
 class Lease:
     """The claim's lease, renewed by a daemon thread every worker_heartbeat_seconds. `lost` is set
     when a renewal finds the lease taken away, or none succeeded for lease_seconds (the database was
-    unreachable that long, so the reaper may already have requeued the job)."""
+    unreachable that long, so the reaper may already have requeued the work). `renew(session)`
+    extends it and says whether it is still held: by default the job's (job_id), for evaluations
+    theirs."""
 
-    def __init__(self, job_id: str, token: str) -> None:
+    def __init__(self, job_id: str, token: str, renew: Callable[[Any], bool] | None = None,
+                 name: str | None = None) -> None:
         settings = get_settings()
         self.job_id, self.token = job_id, token
+        self.name = name or f"job {job_id}"
         self.seconds, self.interval = settings.lease_seconds, settings.worker_heartbeat_seconds
+        self._renew = renew or (lambda session: jobs.renew(session, job_id=job_id, lease_token=token,
+                                                           lease_seconds=self.seconds))
         self.lost = threading.Event()
         self._done = threading.Event()
         self._renewed = time.monotonic()
@@ -82,14 +88,14 @@ class Lease:
         while not self._done.wait(self.interval) and not self.lost.is_set():
             try:
                 with session_scope() as session:
-                    held = jobs.renew(session, job_id=self.job_id, lease_token=self.token, lease_seconds=self.seconds)
+                    held = self._renew(session)
             except DB_DOWN as exc:
-                log.warning("lease renewal of job %s failed: %s", self.job_id, exc)
+                log.warning("lease renewal of %s failed: %s", self.name, exc)
                 held = time.monotonic() - self._renewed < self.seconds
             else:
                 self._renewed = time.monotonic() if held else self._renewed
             if not held:
-                log.warning("job %s: lease lost; stopping without writing anything", self.job_id)
+                log.warning("%s: lease lost; stopping without writing anything", self.name)
                 self.lost.set()
 
 
@@ -342,13 +348,15 @@ def reap_expired() -> list[str]:
 
 
 def run_reaper(stop: threading.Event) -> None:
-    """Every reaper_interval_seconds until `stop`: reap expired leases and re-dispatch queued jobs
-    whose message was lost. Runs in every worker; two reapers at once are harmless (each requeue is
-    one conditional UPDATE, so only one of them matches a job)."""
+    """Every reaper_interval_seconds until `stop`: reap expired leases of jobs and evaluations and
+    re-dispatch queued ones whose message was lost. Runs in every worker; two reapers at once are
+    harmless (each requeue is one conditional UPDATE, so only one of them matches)."""
+    from worker.tasks.evaluation import reap_expired_evaluations, redispatch_stale_evaluations
+
     settings = get_settings()
     while not stop.wait(settings.reaper_interval_seconds):
-        try:
-            reap_expired()
-            redispatch_stale()
-        except Exception:  # the database or broker is down: try again next round
-            log.exception("reaper pass failed")
+        for recover in (reap_expired, redispatch_stale, reap_expired_evaluations, redispatch_stale_evaluations):
+            try:
+                recover()
+            except Exception:  # the database or broker is down: try again next round
+                log.exception("reaper pass (%s) failed", recover.__name__)

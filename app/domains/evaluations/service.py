@@ -1,13 +1,18 @@
 """Evaluations: resolve what to score, record it, claim it for a worker, store the outcome.
 
 States: queued -> running -> succeeded | failed. Claims and final writes are conditional
-updates, so a redelivered message scores nothing twice."""
+updates, so a redelivered message scores nothing twice. A claim comes with a lease that the
+worker's heartbeat renews and that every final write is conditional on; reap() requeues (or,
+after max_attempts claims, fails) running evaluations whose lease expired, and stale_queued()
+finds queued ones whose message may have been lost."""
 
 from __future__ import annotations
 
+import datetime as dt
+import secrets
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import get_owned, unix, utcnow
@@ -97,27 +102,81 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int) 
     return EvaluationList(data=[to_read(r) for r in rows], has_more=has_more)
 
 
-def claim(session: Session, *, ids: list[str]) -> list[str]:
-    """Move the queued ones of `ids` to running; returns those this caller won."""
-    won = session.execute(update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.status == "queued")
-                          .values(status="running", started_at=utcnow()).returning(Evaluation.id)
-                          .execution_options(synchronize_session=False)).scalars().all()
-    return list(won)
+def claim(session: Session, *, ids: list[str], lease_seconds: float, max_attempts: int) -> tuple[str, list[str]]:
+    """Move the queued ones of `ids` with attempts left to running, under one new lease; returns
+    (the lease token, the ids this caller won)."""
+    token, now = secrets.token_hex(16), utcnow()
+    won = session.execute(
+        update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.status == "queued",
+                                 Evaluation.attempts < max_attempts)
+        .values(status="running", started_at=now, attempts=Evaluation.attempts + 1, lease_token=token,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).scalars().all()
+    return token, list(won)
 
 
-def succeed(session: Session, *, evaluation_id: str, result: dict[str, Any], results_key: str) -> bool:
-    return _finish(session, evaluation_id, status="succeeded", result=result, results_key=results_key)
+def renew(session: Session, *, ids: list[str], lease_token: str, lease_seconds: float) -> bool:
+    """Extend the lease of the running ones of `ids` still held with lease_token; False when none
+    is (the reaper took them back, or they ended): the holder's results would not be recorded."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.status == "running",
+                                 Evaluation.lease_token == lease_token)
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).all()
+    return bool(renewed)
 
 
-def fail(session: Session, *, evaluation_id: str, code: str, message: str) -> bool:
-    return _finish(session, evaluation_id, status="failed", error={"code": code, "message": message})
+def succeed(session: Session, *, evaluation_id: str, lease_token: str, result: dict[str, Any],
+            results_key: str) -> bool:
+    return _finish(session, evaluation_id, lease_token, status="succeeded", result=result, results_key=results_key)
 
 
-def _finish(session: Session, evaluation_id: str, **values: Any) -> bool:
-    done = session.execute(update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == "running")
-                           .values(finished_at=utcnow(), **values).returning(Evaluation.id)
-                           .execution_options(synchronize_session=False)).first()
+def fail(session: Session, *, evaluation_id: str, lease_token: str, code: str, message: str) -> bool:
+    return _finish(session, evaluation_id, lease_token, status="failed", error={"code": code, "message": message})
+
+
+def _finish(session: Session, evaluation_id: str, lease_token: str, **values: Any) -> bool:
+    done = session.execute(update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == "running",
+                                                    Evaluation.lease_token == lease_token)
+                           .values(finished_at=utcnow(), lease_token=None, lease_expires_at=None, **values)
+                           .returning(Evaluation.id).execution_options(synchronize_session=False)).first()
     return done is not None
+
+
+def reap(session: Session, *, max_attempts: int) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+    """Take back running evaluations whose lease expired (their worker died or lost the database):
+    queued again while attempts remain, else failed with code lease_expired. Each is one
+    conditional UPDATE, so a holder renewing at the same moment either wins or loses cleanly.
+    Returns (requeued, failed), each as (evaluation id, job id or None), for the caller to enqueue
+    the requeued ones and end the failed ones' jobs."""
+    now = utcnow()
+    expired = (Evaluation.status == "running", Evaluation.lease_expires_at < now)
+    gone = {"lease_token": None, "lease_expires_at": None}
+    failed = session.execute(
+        update(Evaluation).where(*expired, Evaluation.attempts >= max_attempts)
+        .values(status="failed", finished_at=now, **gone, error={
+            "code": "lease_expired",
+            "message": f"The evaluation was given up: its worker stopped renewing its lease on all "
+                       f"{max_attempts} attempts (max_attempts {max_attempts}).",
+        }).returning(Evaluation.id, Evaluation.job_id).execution_options(synchronize_session=False)).all()
+    requeued = session.execute(
+        update(Evaluation).where(*expired).values(status="queued", enqueued_at=now, **gone)
+        .returning(Evaluation.id, Evaluation.job_id).execution_options(synchronize_session=False)).all()
+    return [tuple(r) for r in requeued], [tuple(r) for r in failed]
+
+
+def stale_queued(session: Session, *, older_than: dt.datetime) -> list[tuple[str, str | None]]:
+    """Queued evaluations last enqueued (or created) before `older_than`, as (id, job id or None):
+    their message may be lost (the broker was down at create time, or lost it). Marks them
+    enqueued now, so each is re-sent at most once per interval."""
+    rows = session.execute(select(Evaluation.id, Evaluation.job_id).where(
+        Evaluation.status == "queued",
+        func.coalesce(Evaluation.enqueued_at, Evaluation.created_at) < older_than)).all()
+    if rows:
+        session.execute(update(Evaluation).where(Evaluation.id.in_([r.id for r in rows])).values(enqueued_at=utcnow())
+                        .execution_options(synchronize_session=False))
+    return [tuple(r) for r in rows]
 
 
 def to_read(row: Evaluation) -> EvaluationRead:
