@@ -3,7 +3,10 @@
 Domain errors carry their own status/code/param. Request validation errors
 (the body does not match the schema) answer 422 with the offending field as
 param. Database or broker outages answer 503; a value the database cannot
-hold (NUL in text) answers 400. Nothing else leaks a stack trace.
+hold (NUL in text) answers 400; a constraint a concurrent request got to first
+answers 409; any other database error is a 500 like every unexpected one (it
+is logged, and retrying would not help, so it is not reported as an outage).
+Nothing leaks a stack trace.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -92,6 +95,20 @@ async def _database_down(_: Request, exc: Exception) -> JSONResponse:
                         status_code=503, headers={"Retry-After": "5"})
 
 
+async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+    # A dropped connection surfaces as a plain DBAPIError with connection_invalidated set.
+    if exc.connection_invalidated:
+        return await _database_down(request, exc)
+    return await _unexpected(request, exc)
+
+
+async def _constraint_violation(_: Request, exc: IntegrityError) -> JSONResponse:
+    # The checks before each write passed, so a concurrent request wrote a conflicting row first.
+    log.warning("constraint violation: %s", exc.orig)
+    return JSONResponse(error_body("The request conflicts with a change made at the same time; retry it.",
+                                   "invalid_request_error", None, "conflict"), status_code=409)
+
+
 async def _unstorable_value(_: Request, exc: DataError) -> JSONResponse:
     # The database refused a value the schema allowed: Postgres text cannot hold NUL, and numbers
     # have ranges. That is the request's fault, whichever route it reached.
@@ -112,7 +129,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
-    app.add_exception_handler(DBAPIError, _database_down)
+    app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(IntegrityError, _constraint_violation)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_down)  # every pooled connection busy: overloaded
     app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(Exception, _unexpected)
