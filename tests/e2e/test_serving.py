@@ -311,3 +311,36 @@ def test_models_show_what_serves_and_an_unserved_base_answers_503(client, served
         client.completions.create(model=unserved, prompt=PROMPT, max_tokens=4)
     assert info.value.status_code == 503
     assert info.value.body["code"] == "model_not_serving" and unserved in info.value.body["message"]
+
+
+def test_requests_fail_over_past_a_dead_process_and_adapters_spread_over_processes(client, served, reference):
+    """A process that died without unregistering keeps a fresh-looking row for a while; requests
+    routed to it first go on to the live one. Routing is rendezvous hashing per adapter."""
+    from app.core.db import session_scope
+    from app.domains.serving import service as serving
+    from tests.conftest import free_port
+
+    def order(key: str) -> list[str]:
+        with session_scope() as session:
+            return [e.id for e in serving.endpoints_for(session, base_model=BASE, key=key)]
+
+    dead = None
+    try:
+        for _ in range(64):  # until the dead row is the one adapter a is routed to first
+            with session_scope() as session:
+                dead = serving.register(session, base_model=BASE, url=f"http://127.0.0.1:{free_port()}").id
+            if order(served.ids["a"])[0] == dead:
+                break
+            with session_scope() as session:
+                serving.unregister(session, endpoint_id=dead)
+        assert order(served.ids["a"])[0] == dead
+        for adapter in ("a", None, "b"):
+            assert _complete(client, served, adapter).choices[0].text == reference.completion(adapter)[1], adapter
+        # The same key always has the same order; different keys go first to different processes.
+        firsts = [order(f"adapter-{i}")[0] for i in range(64)]
+        assert firsts == [order(f"adapter-{i}")[0] for i in range(64)]
+        assert set(firsts) == set(order("x"))
+    finally:
+        if dead is not None:
+            with session_scope() as session:
+                serving.unregister(session, endpoint_id=dead)

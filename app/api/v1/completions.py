@@ -2,13 +2,15 @@
 model's base.
 
 The API checks the team's right to the model (another team's model answers 404, like a missing
-one), finds the live inference process for its base (serving domain), and forwards the request
-over HTTP; it never loads a model itself. stream=true answers server-sent events in OpenAI's chunk
+one), finds the live inference processes for its base (serving domain), and forwards the request
+over HTTP to the one its adapter is routed to, or the next if that one refuses the connection; it
+never loads a model itself. stream=true answers server-sent events in OpenAI's chunk
 shapes, ending with `data: [DONE]`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
@@ -24,6 +26,7 @@ from app.domains.serving import service as serving
 from app.domains.serving.errors import InferenceError, ModelNotServing
 
 router = APIRouter(tags=["completions"])
+log = logging.getLogger("tuneforge.api")
 
 # Generation can take long on a CPU; connecting must not.
 FORWARD_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
@@ -142,9 +145,10 @@ async def create_chat_completion(body: ChatCompletionCreate, session: SessionDep
 def _route(session, team_id: str, model: str) -> dict:
     """Resolve the model for the team and find its inference process: the forwarded request's head."""
     target = serving.resolve(session, team_id=team_id, model=model)
-    endpoint = serving.endpoint_for(session, base_model=target.base_model)
-    return {"url": endpoint.url, "base_model": target.base_model, "team_id": team_id,
-            "adapter_id": target.adapter.id if target.adapter is not None else None}
+    adapter_id = target.adapter.id if target.adapter is not None else None
+    endpoints = serving.endpoints_for(session, base_model=target.base_model, key=adapter_id or target.base_model)
+    return {"urls": [e.url for e in endpoints], "base_model": target.base_model, "team_id": team_id,
+            "adapter_id": adapter_id}
 
 
 async def _forward(session, team_id: str, body: _Sampling, payload: dict, *, chat: bool):
@@ -152,14 +156,7 @@ async def _forward(session, team_id: str, body: _Sampling, payload: dict, *, cha
     payload |= {"team_id": route["team_id"], "adapter_id": route["adapter_id"], "stream": bool(body.stream)}
     payload |= {k: getattr(body, k) for k in ("temperature", "top_p", "n", "stop", "seed")
                 if getattr(body, k) is not None}
-    client = httpx.AsyncClient(base_url=route["url"], timeout=FORWARD_TIMEOUT)
-    try:
-        response = await client.send(client.build_request("POST", "/v1/generate", json=payload),
-                                     stream=bool(body.stream))
-    except httpx.TransportError as exc:
-        await client.aclose()
-        raise ModelNotServing(f"The inference process for base model {route['base_model']!r} at {route['url']} "
-                              f"is not reachable ({type(exc).__name__}); retry shortly.", param="model") from None
+    response, client = await _send(route, payload, stream=bool(body.stream))
     if response.status_code != 200:
         await response.aread()
         await client.aclose()
@@ -170,6 +167,27 @@ async def _forward(session, team_id: str, body: _Sampling, payload: dict, *, cha
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(_events(client, response, body.model, chat, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _send(route: dict, payload: dict, *, stream: bool) -> tuple[httpx.Response, httpx.AsyncClient]:
+    """POST the request to the route's first reachable process. A process that refuses the
+    connection (one that died and whose row has not gone stale yet) is skipped: nothing reached
+    it, so the next one may take the request. Any other transport failure ends the request."""
+    failures = []
+    for url in route["urls"]:
+        client = httpx.AsyncClient(base_url=url, timeout=FORWARD_TIMEOUT)
+        try:
+            return await client.send(client.build_request("POST", "/v1/generate", json=payload), stream=stream), client
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            await client.aclose()
+            failures.append(f"{url} ({type(exc).__name__})")
+            log.warning("inference process %s not reachable: %s", url, exc)
+        except httpx.TransportError as exc:
+            await client.aclose()
+            raise ModelNotServing(f"The inference process for base model {route['base_model']!r} at {url} failed "
+                                  f"({type(exc).__name__}); retry shortly.", param="model") from None
+    raise ModelNotServing(f"No inference process for base model {route['base_model']!r} is reachable: "
+                          f"{', '.join(failures)}; retry shortly.", param="model")
 
 
 def _relayed(response: httpx.Response) -> InferenceError:

@@ -7,6 +7,7 @@ Postgres (separate containers), since the URL is whatever the process advertises
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +92,18 @@ def resolve(session: Session, *, team_id: str, model: str) -> Target:
     return Target(model=model, base_model=adapter.base_model, adapter=adapter)
 
 
-def endpoint_for(session: Session, *, base_model: str) -> InferenceEndpoint:
-    """The live endpoint serving `base_model`. Raises ModelNotServing when there is none."""
+def endpoints_for(session: Session, *, base_model: str, key: str) -> list[InferenceEndpoint]:
+    """The live endpoints serving `base_model`, in the order to try them for `key` (an adapter id,
+    or the base's name). Rendezvous hashing: each key goes first to one process, the one whose
+    adapter cache then holds it, while different keys spread over all processes; the others
+    follow, in an order of their own, for when the first is unreachable. A process that comes or
+    goes moves only the keys it wins or held. Raises ModelNotServing when there is none."""
     endpoints = live(session, base_model=base_model)
     if not endpoints:
         raise ModelNotServing(
             f"No inference process is serving base model {base_model!r}; start one with "
             f"`tuneforge inference --model {base_model}` (or `tuneforge up` on one machine).", param="model")
-    return endpoints[0]
+    return sorted(endpoints, key=lambda e: hashlib.sha256(f"{key}\0{e.id}".encode()).digest(), reverse=True)
 
 
 def adapter_dir(adapter: Adapter) -> Path:
