@@ -213,6 +213,35 @@ def test_an_upload_over_the_storage_quota_answers_409_and_stores_nothing(api, ma
     assert upload(client, jsonl([{"text": "small"}])).status_code == 200  # what still fits is accepted
 
 
+def test_adapters_count_towards_the_storage_quota_until_deleted(api, make_team, services_env, tiny_model, tmp_path):
+    from app.core.ids import new_id
+    from app.core.storage import get_storage
+    from app.domains.adapters import service as adapters
+
+    team_id, key = make_team()
+    client = api(key)
+    content = demo_tasks()
+    adapter_id = new_id("ftadapter")
+    prefix = f"teams/{team_id}/adapters/{adapter_id}"
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(b"\x1f" * len(content))
+    blob = get_storage().put_file(archive, f"{prefix}/adapter.tar.gz")
+    with session_scope() as session:
+        adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=None, base_model="tiny-llama",
+                        name=f"ft:tiny-llama:quota-{secrets.token_hex(3)}", storage_prefix=prefix,
+                        archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
+    _set_quota(team_id, storage_bytes=len(content) + 100)
+    assert client.get("/quotas").json()["storage_bytes"]["usage"] == len(content)
+    r = upload(client, content)
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "storage_quota_exceeded" and error["usage"] == len(content)
+    assert "files and adapters use" in error["message"] and "/v1/adapters/{id}" in error["message"]
+    assert client.delete(f"/adapters/{adapter_id}").status_code == 200
+    assert client.get("/quotas").json()["storage_bytes"]["usage"] == 0
+    assert upload(client, content).status_code == 200
+
+
 def test_uploads_past_the_files_quota_answer_409(api, make_team, services_env):
     team_id, key = make_team()
     client = api(key)

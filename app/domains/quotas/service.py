@@ -1,4 +1,5 @@
-"""Per-team quotas: jobs running at once, jobs waiting, storage bytes and number of files.
+"""Per-team quotas: jobs running at once, jobs waiting, storage bytes (files and adapters) and
+number of files.
 
 Limits are the settings' defaults (TUNEFORGE_QUOTAS__*) unless the team's team_quota row overrides
 them. Each check that precedes a write locks the team's row first (teams.lock_team), so two
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
+from app.domains.adapters.models import Adapter
 from app.domains.files.models import File
 from app.domains.jobs.models import FineTuningJob
 from app.domains.quotas.errors import QueueFull, StorageFull, TooManyFiles
@@ -53,9 +55,12 @@ def _jobs_in(session: Session, team_id: str, statuses: tuple[str, ...]) -> int:
 
 
 def _storage(session: Session, team_id: str) -> tuple[int, int]:
-    count, total = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
+    """(files, bytes stored): uploaded files and trained adapters, the two a team can delete.
+    Checkpoints are not counted: a job keeps at most keep_checkpoints of them."""
+    count, files = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
                                    .where(File.team_id == team_id)).one()
-    return int(count), int(total)
+    adapters = session.scalar(select(func.coalesce(func.sum(Adapter.bytes), 0)).where(Adapter.team_id == team_id))
+    return int(count), int(files) + int(adapters or 0)
 
 
 def may_start(session: Session, team_id: str) -> bool:
@@ -91,9 +96,10 @@ def check_upload(session: Session, *, team_id: str, size: int, lock: bool = True
                            "Delete files (DELETE /v1/files/{id}) or ask an operator to raise the quota.",
                            param="file", extra={"limit": quota.files, "usage": count})
     if used + size > quota.storage_bytes:
-        raise StorageFull(f"Storage quota exceeded: the team's files use {used} bytes, this upload adds {size} and "
-                          f"the limit is {quota.storage_bytes} bytes. Delete files or ask an operator to raise "
-                          "the quota.", param="file", extra={"limit": quota.storage_bytes, "usage": used})
+        raise StorageFull(f"Storage quota exceeded: the team's files and adapters use {used} bytes, this upload "
+                          f"adds {size} and the limit is {quota.storage_bytes} bytes. Delete files or adapters "
+                          "(DELETE /v1/files/{id}, /v1/adapters/{id}) or ask an operator to raise the quota.",
+                          param="file", extra={"limit": quota.storage_bytes, "usage": used})
 
 
 def read(session: Session, *, team_id: str) -> QuotaRead:
