@@ -127,6 +127,45 @@ def test_paused_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupt
     assert all(torch.equal(full_adapter[k], resumed_adapter[k]) for k in full_adapter)
 
 
+def _as_bitsandbytes_state(path: Path) -> None:
+    """Replace a torch AdamW optimizer.pt with the state bitsandbytes' 8-bit AdamW writes for the same
+    parameters and groups, as a checkpoint from a GPU worker holds (the 8-bit optimizer steps on CPU too)."""
+    import bitsandbytes as bnb
+
+    saved = torch.load(path, weights_only=True)
+    params = {i: torch.nn.Parameter(torch.randn_like(entry["exp_avg"])) for i, entry in saved["state"].items()}
+    groups = [{"params": [params[i] for i in g["params"]], "lr": g["lr"]} for g in saved["param_groups"]]
+    optimizer = bnb.optim.AdamW8bit(groups)
+    for param in params.values():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert "exp_avg" not in next(iter(state["state"].values()))
+    torch.save(state, path)
+
+
+def test_a_checkpoint_of_the_other_optimizer_family_resumes_with_fresh_moments(base_path, train_file, tmp_path):
+    spec = spec_for(quantized=False, **PADDED)
+    full_hooks = CheckpointHooks(tmp_path / "kept")
+    full, _ = train(spec, base_path, train_file, tmp_path / "full", full_hooks)
+    paused_hooks = CheckpointHooks(tmp_path / "kept", stop_at=4, reason="pause")
+    train(spec, base_path, train_file, tmp_path / "paused", paused_hooks)
+    [(_, checkpoint, _)] = paused_hooks.checkpoints
+    _as_bitsandbytes_state(checkpoint / "optimizer.pt")
+
+    resumed_hooks = CheckpointHooks(tmp_path / "kept-resumed")
+    resumed, adapter = train(spec, base_path, train_file, tmp_path / "resumed", resumed_hooks, resume_from=checkpoint)
+    assert (resumed.steps, resumed.total_steps, resumed.resumed_from_step) == (6, 6, 4)
+    notes = [m for t, m, _ in resumed_hooks.events if t == "message" and "optimizer state is bitsandbytes's" in m]
+    assert len(notes) == 1 and "moments start afresh" in notes[0]
+    full_logs, resumed_logs = full_hooks.train_logs(), resumed_hooks.train_logs()
+    assert sorted(resumed_logs) == [5, 6]
+    for step in (5, 6):  # the schedule and the data position carry on: same learning rate, same batches
+        assert resumed_logs[step]["learning_rate"] == full_logs[step]["learning_rate"]
+        assert resumed_logs[step]["trained_tokens"] == full_logs[step]["trained_tokens"]
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
 def test_checkpoint_holds_no_pickle_that_needs_unrestricted_loading(base_path, train_file, tmp_path):
     hooks = CheckpointHooks(tmp_path / "kept", stop_at=1, reason="shutdown")
     result, _ = train(spec_for(quantized=False, max_steps=2), base_path, train_file, tmp_path / "run", hooks)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from app.domains.jobs.spec import TrainingSpec
@@ -326,6 +326,15 @@ class _RowTrainer(Trainer):
         return sum(super(_RowTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
 
 
+def _optimizer_family(state: dict[Any, dict[str, Any]]) -> str | None:
+    """Which optimizer wrote this optimizer state: "torch" (AdamW's exp_avg/exp_avg_sq),
+    "bitsandbytes" (its state1/state2, or its quantization-state entry), or None (no state yet)."""
+    first = next((entry for entry in state.values() if entry), None)
+    if first is None:
+        return None
+    return "torch" if "exp_avg" in first else "bitsandbytes"
+
+
 def _last_logged(log_history: list[dict[str, float]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)
 
@@ -479,6 +488,7 @@ class LoraRecipe:
             resume = str(self.resume_from)
             self.hooks.on_event("message", f"Resuming from the checkpoint at step {self._resumed_from_step}",
                                 {"step": self._resumed_from_step})
+            self._fit_optimizer_state(Path(self.resume_from))
         self.hooks.on_event("message", "Training started", None)
         start = time.perf_counter()
         self._trainer.train(resume_from_checkpoint=resume)
@@ -511,6 +521,43 @@ class LoraRecipe:
         gc.collect()
         if self._device == "cuda":
             torch.cuda.empty_cache()
+
+    def _fit_optimizer_state(self, checkpoint: Path) -> None:
+        """Make the checkpoint's optimizer state loadable by this run's optimizer.
+
+        A checkpoint written by the other optimizer family (bitsandbytes' on a GPU worker, torch's
+        AdamW on a CPU one) cannot be loaded into this one: torch and bitsandbytes keep their
+        moments under different keys, and the first step would fail. Its moments are dropped then,
+        keeping each parameter group's learning rate, so the job resumes its adapter, schedule,
+        RNG and data position with fresh moments instead of failing; the events say so. Rewrites
+        optimizer.pt in the checkpoint folder (the worker's local copy).
+        """
+        path = checkpoint / OPTIMIZER_NAME
+        if not path.is_file():
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        optim = self._info["optimizer"]
+        wanted = "bitsandbytes" if optim in _BNB_OPTIMIZERS else "torch"
+        found = _optimizer_family(saved["state"])
+        if found in (None, wanted):
+            return
+        optimizer = self._trainer.create_optimizer()
+        groups = optimizer.state_dict()["param_groups"]
+        self._trainer.optimizer = None  # the Trainer builds its own in train(), and loads the file into it
+        if len(groups) != len(saved["param_groups"]):
+            raise ValueError(f"{checkpoint} holds {len(saved['param_groups'])} optimizer parameter groups; "
+                             f"this run has {len(groups)}: not a checkpoint of this job's adapter")
+        for group, old in zip(groups, saved["param_groups"], strict=True):
+            for key in ("lr", "initial_lr"):
+                if key in old:
+                    group[key] = old[key]
+        torch.save({"state": {}, "param_groups": groups}, path)
+        self.hooks.on_event(
+            "message",
+            f"The checkpoint's optimizer state is {found}'s and this worker trains with {optim}: the optimizer "
+            "moments start afresh; the adapter, learning-rate schedule and data position are resumed",
+            {"checkpoint_optimizer": found, "optimizer": optim},
+        )
 
     def _plan_batches(self, train: TokenizedExamples) -> tuple[int, int, bool, int | None]:
         """(micro-batch size, accumulation steps, packing, row tokens) for this device.
