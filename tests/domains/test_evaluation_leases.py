@@ -139,3 +139,18 @@ def test_queued_evaluations_are_resent_at_most_once_per_interval(queue):
     assert redispatch_stale_evaluations(older_than_seconds=60) == []
     with session_scope() as session:
         assert evaluations.stale_queued(session, older_than=utcnow() + dt.timedelta(seconds=1)) == [(eid, None)]
+
+
+def test_an_evaluation_whose_inputs_are_gone_fails_at_once_instead_of_waiting_for_the_reaper(queue):
+    from worker.tasks.evaluation import run
+
+    team_id, _ = create_team()
+    with session_scope() as session:
+        row = Evaluation(id=new_id("eval"), team_id=team_id, status="queued", tasks="file-deleted-meanwhile",
+                         settings=SETTINGS)
+        session.add(row)
+        eid = row.id
+    assert run(eid) == "failed"
+    row = _row(eid)
+    assert (row.status, row.error["code"], row.lease_token) == ("failed", "evaluation_error", None)
+    assert "file-deleted-meanwhile" in row.error["message"]

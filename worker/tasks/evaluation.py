@@ -145,6 +145,15 @@ def _run_plans(plans: list[_Plan], lease: Lease) -> dict[str, dict]:
     return results
 
 
+def _fail_unplanned(ids: list[str], token: str, exc: Exception) -> None:
+    """Claimed evaluations whose inputs could not be read: failed now, not left to the reaper."""
+    log.error("evaluations %s cannot start:\n%s", ", ".join(ids), traceback.format_exc())
+    with session_scope() as session:
+        for evaluation_id in ids:
+            evaluations.fail(session, evaluation_id=evaluation_id, lease_token=token, code="evaluation_error",
+                             message=f"{type(exc).__name__}: {exc}"[:2000])
+
+
 def _claim(ids: list[str]) -> tuple[str, list[str]]:
     settings = get_settings()
     with session_scope() as session:
@@ -165,8 +174,12 @@ def run(evaluation_id: str) -> str:
     token, won = _claim([evaluation_id])
     if not won:
         return "not-claimed"
-    with session_scope() as session:
-        plan = _plan(session, session.get(Evaluation, evaluation_id))
+    try:
+        with session_scope() as session:
+            plan = _plan(session, session.get(Evaluation, evaluation_id))
+    except Exception as exc:  # its model or files went away after it was queued
+        _fail_unplanned(won, token, exc)
+        return "failed"
     with _lease(evaluation_id, won, token) as lease:
         try:
             results = _run_plans([plan], lease)
@@ -186,9 +199,16 @@ def run_job(job_id: str) -> str:
     token, won = _claim(queued)
     if not won:
         return "not-claimed"
-    with session_scope() as session:
-        rows = evaluations.for_job(session, job_id)
-        plans = [_plan(session, r) for r in sorted(rows, key=lambda r: r.role != "base") if r.id in won]
+    try:
+        with session_scope() as session:
+            rows = evaluations.for_job(session, job_id)
+            plans = [_plan(session, r) for r in sorted(rows, key=lambda r: r.role != "base") if r.id in won]
+    except Exception as exc:
+        _fail_unplanned(won, token, exc)
+        with session_scope() as session:
+            jobs.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            jobs.end_round(session, job_id=job_id)
+        return "failed"
     with _lease(job_id, won, token) as lease:
         try:
             results = _run_plans(plans, lease)
