@@ -161,10 +161,10 @@ def _claim(ids: list[str]) -> tuple[str, list[str]]:
                                  max_attempts=settings.max_attempts)
 
 
-def _lease(label: str, ids: list[str], token: str) -> Lease:
+def _lease(ids: list[str], token: str) -> Lease:
     seconds = get_settings().lease_seconds
-    return Lease(label, token, name=f"evaluation {', '.join(ids)}", renew=lambda session: evaluations.renew(
-        session, ids=ids, lease_token=token, lease_seconds=seconds))
+    return Lease(f"evaluation {', '.join(ids)}", token,
+                 lambda session: evaluations.renew(session, ids=ids, lease_token=token, lease_seconds=seconds))
 
 
 @app.task(name=EVALUATE_TASK)
@@ -180,7 +180,7 @@ def run(evaluation_id: str) -> str:
     except Exception as exc:  # its model or files went away after it was queued
         _fail_unplanned(won, token, exc)
         return "failed"
-    with _lease(evaluation_id, won, token) as lease:
+    with _lease(won, token) as lease:
         try:
             results = _run_plans([plan], lease)
         except Exception:
@@ -209,7 +209,7 @@ def run_job(job_id: str) -> str:
             jobs.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
             jobs.end_round(session, job_id=job_id)
         return "failed"
-    with _lease(job_id, won, token) as lease:
+    with _lease(won, token) as lease:
         try:
             results = _run_plans(plans, lease)
         except Exception as exc:

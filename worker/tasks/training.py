@@ -57,24 +57,19 @@ DB_DOWN = (OperationalError, InterfaceError)
 
 
 class Lease:
-    """The claim's lease, renewed by a daemon thread every worker_heartbeat_seconds. `lost` is set
-    when a renewal finds the lease taken away, or none succeeded for lease_seconds (the database was
-    unreachable that long, so the reaper may already have requeued the work). `renew(session)`
-    extends it and says whether it is still held: by default the job's (job_id), for evaluations
-    theirs."""
+    """A claim's lease, renewed by a daemon thread every worker_heartbeat_seconds with `renew(session)`,
+    which extends it and says whether it is still held. `lost` is set when a renewal finds the
+    lease taken away, or none succeeded for lease_seconds (the database was unreachable that long,
+    so the reaper may already have requeued the work). `name` labels the log lines."""
 
-    def __init__(self, job_id: str, token: str, renew: Callable[[Any], bool] | None = None,
-                 name: str | None = None) -> None:
+    def __init__(self, name: str, token: str, renew: Callable[[Any], bool]) -> None:
         settings = get_settings()
-        self.job_id, self.token = job_id, token
-        self.name = name or f"job {job_id}"
+        self.name, self.token, self._renew = name, token, renew
         self.seconds, self.interval = settings.lease_seconds, settings.worker_heartbeat_seconds
-        self._renew = renew or (lambda session: jobs.renew(session, job_id=job_id, lease_token=token,
-                                                           lease_seconds=self.seconds))
         self.lost = threading.Event()
         self._done = threading.Event()
         self._renewed = time.monotonic()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{name}", daemon=True)
 
     def __enter__(self) -> Lease:
         self._thread.start()
@@ -207,7 +202,10 @@ def train(job_id: str) -> str:
         return _retry_db(lambda error=exc: _fail(job_id, token, error), seconds=settings.lease_seconds)
 
     work_dir = settings.data_dir / "work" / job_id
-    with Lease(job_id, token) as lease:
+    def renew(session) -> bool:
+        return jobs.renew(session, job_id=job_id, lease_token=token, lease_seconds=settings.lease_seconds)
+
+    with Lease(f"job {job_id}", token, renew) as lease:
         try:
             outcome = _run(job_id=job_id, lease=lease, spec=spec, base_path=Path(base.path), train_path=train_path,
                            valid_path=valid_path, work_dir=work_dir, team_id=team_id, team_name=team_name,
