@@ -12,10 +12,10 @@ import datetime as dt
 import secrets
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import get_owned, unix, utcnow
+from app.core.db import get_owned, take_stale_queued, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
@@ -170,12 +170,7 @@ def stale_queued(session: Session, *, older_than: dt.datetime) -> list[tuple[str
     """Queued evaluations last enqueued (or created) before `older_than`, as (id, job id or None):
     their message may be lost (the broker was down at create time, or lost it). Marks them
     enqueued now, so each is re-sent at most once per interval."""
-    rows = session.execute(select(Evaluation.id, Evaluation.job_id).where(
-        Evaluation.status == "queued",
-        func.coalesce(Evaluation.enqueued_at, Evaluation.created_at) < older_than)).all()
-    if rows:
-        session.execute(update(Evaluation).where(Evaluation.id.in_([r.id for r in rows])).values(enqueued_at=utcnow())
-                        .execution_options(synchronize_session=False))
+    rows = take_stale_queued(session, Evaluation, Evaluation.id, Evaluation.job_id, older_than=older_than)
     return [tuple(r) for r in rows]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import get_owned, unix, utcnow
+from app.core.db import get_owned, take_stale_queued, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
@@ -494,13 +494,7 @@ def stale_queued(session: Session, *, older_than: dt.datetime) -> list[str]:
     """Queued jobs last enqueued (or created) before `older_than`: candidates for re-dispatch (a
     lost enqueue, a message lost with the broker, a claim the quota deferred). Marks them enqueued
     now, so one job is re-sent at most once per interval."""
-    ids = list(session.scalars(select(FineTuningJob.id).where(
-        FineTuningJob.status == "queued",
-        func.coalesce(FineTuningJob.enqueued_at, FineTuningJob.created_at) < older_than)))
-    if ids:
-        session.execute(update(FineTuningJob).where(FineTuningJob.id.in_(ids)).values(enqueued_at=utcnow())
-                        .execution_options(synchronize_session=False))
-    return ids
+    return [r.id for r in take_stale_queued(session, FineTuningJob, FineTuningJob.id, older_than=older_than)]
 
 
 def model_name(*, base: str, team_name: str, suffix: str | None, job_id: str) -> str:
