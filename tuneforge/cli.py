@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tuneforge import processes
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -32,24 +31,6 @@ def _migrate(_: argparse.Namespace) -> int:
     upgrade()
     print("database is at the latest revision")
     return 0
-
-
-def _serve_cmd(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
-            "--port", str(port), "--no-access-log"]
-
-
-def _worker_cmd(concurrency: int, queues: str | None = None) -> list[str]:
-    from app.core.config import get_settings
-
-    settings = get_settings()
-    queues = queues or f"{settings.training_queue},{settings.evaluation_queue}"
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-            "--concurrency", str(concurrency), "-Q", queues, "--hostname", f"worker-{os.getpid()}@%h"]
-
-
-def _inference_cmd(model: str, host: str = "127.0.0.1", port: int = 0) -> list[str]:
-    return [sys.executable, "-m", "tuneforge.cli", "inference", "--model", model, "--host", host, "--port", str(port)]
 
 
 def _inference(args: argparse.Namespace) -> int:
@@ -75,42 +56,24 @@ def _base_model_names() -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, _serve_cmd(args.host, args.port))
+    os.execv(sys.executable, processes.serve_command(args.host, args.port))
 
 
 def _worker(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, _worker_cmd(args.concurrency, args.queues))
+    os.execv(sys.executable, processes.worker_command(args.concurrency, args.queues))
 
 
 def _up(args: argparse.Namespace) -> int:
     """Run the API and one worker until interrupted; stop both on SIGINT/SIGTERM or when one dies."""
     _migrate(args)
-    procs = [subprocess.Popen(_serve_cmd(args.host, args.port)), subprocess.Popen(_worker_cmd(args.concurrency))]
+    procs = [processes.start(processes.serve_command(args.host, args.port)),
+             processes.start(processes.worker_command(args.concurrency))]
     # On one machine, one inference process per registered base model (it registers its own URL).
     bases = _base_model_names() if args.inference else []
-    procs += [subprocess.Popen(_inference_cmd(name)) for name in bases]
+    procs += [processes.start(processes.inference_command(name)) for name in bases]
     print(f"Tuneforge is up at http://{args.host}:{args.port} (docs at /docs)"
           + (f", serving {', '.join(bases)}" if bases else "") + ". Ctrl-C stops it.", flush=True)
-
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return max((p.returncode or 0) for p in procs) if any(p.returncode for p in procs) else 0
+    return processes.supervise(procs)
 
 
 def _create_team(args: argparse.Namespace) -> int:

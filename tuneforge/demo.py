@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from tuneforge import processes
+
 _T0 = time.monotonic()
 
 
@@ -93,12 +95,8 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int
             print(f"    key: {key[:12]}… (shown once, kept only as a hash)")
         with step(f"Starting the API on {base_url} and one training worker"):
             logs.mkdir(parents=True, exist_ok=True)
-            from tuneforge.cli import _serve_cmd, _worker_cmd
-
-            procs.append(subprocess.Popen(_serve_cmd("127.0.0.1", port), env=env,
-                                          stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT))
-            procs.append(subprocess.Popen(_worker_cmd(1), env=env, stdout=open(logs / "worker.log", "w"),
-                                          stderr=subprocess.STDOUT))
+            procs.append(processes.start(processes.serve_command("127.0.0.1", port), env=env, log=logs / "api.log"))
+            procs.append(processes.start(processes.worker_command(1), env=env, log=logs / "worker.log"))
             _wait_http(f"{base_url}/healthz", procs[0])
         client = httpx.Client(base_url=f"{base_url}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=60)
         with step("Uploading the bundled dataset of Python code tasks (MBPP-style)"):
@@ -136,10 +134,8 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int
             line = _generate(model_dir, adapter_dir, "# Write a function to add two numbers.\ndef add(")
             print(f"    generated: {line!r}")
         with step("Starting the inference process for tiny-llama (one base model; adapters swapped per request)"):
-            from tuneforge.cli import _inference_cmd
-
-            procs.append(subprocess.Popen(_inference_cmd("tiny-llama"), env=env,
-                                          stdout=open(logs / "inference.log", "w"), stderr=subprocess.STDOUT))
+            procs.append(processes.start(processes.inference_command("tiny-llama"), env=env,
+                                         log=logs / "inference.log"))
             _wait_serving(client, job["fine_tuned_model"], procs[-1], logs)
         with step(f"Chat completion through the API with {job['fine_tuned_model']}"):
             r = client.post("/chat/completions", json={
@@ -152,13 +148,7 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int
         print(f"Demo finished in {time.monotonic() - _T0:.1f} s.")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop(procs)
 
 
 def _follow(client: httpx.Client, job_id: str, procs: list[subprocess.Popen], logs: Path,
