@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.api import errors, middleware
+from app.api import errors
+from app.api.audit import AuditMiddleware
 from app.api.deps import rate_limit
 from app.api.limits import BodyLimitMiddleware
 from app.api.v1 import adapters, evaluations, files, jobs, models
@@ -29,7 +30,7 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware)
-    middleware.install(app)  # after the body limit, so the audit log sees its refusals too
+    app.add_middleware(AuditMiddleware)  # after the body limit, so the audit log sees its refusals too
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit)], responses=errors.RESPONSES)
     for module in (files, jobs, adapters, models, evaluations):
         v1.include_router(module.router)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import TuneforgeError
+from app.domains.quotas.errors import RateLimited
 
 log = logging.getLogger("tuneforge.api")
 
@@ -61,10 +62,17 @@ def _loc_to_param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _headers(exc: TuneforgeError) -> dict[str, str] | None:
+    if exc.status_code == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": str(exc.retry_after)}
+    return None
+
+
 async def _tuneforge_error(_: Request, exc: TuneforgeError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code, **exc.extra),
-                        status_code=exc.status_code, headers=headers)
+                        status_code=exc.status_code, headers=_headers(exc))
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The audit log's writer, and the rendering of rate-limit refusals.
+"""The audit log's writer: an ASGI middleware around every /v1 route.
 
 AuditMiddleware records every POST/PUT/PATCH/DELETE under /v1, whatever its outcome: who (team and
 key, from the principal the auth dependency leaves in the request state; none for a 401), the action
@@ -13,14 +13,10 @@ import json
 import logging
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
 from app.core.db import session_scope
 from app.domains.audit import service as audit
-from app.domains.quotas.errors import RateLimited
 
 log = logging.getLogger("tuneforge.audit")
 
@@ -110,13 +106,3 @@ async def _record(scope: Scope, status: int, body: bytes | None) -> None:
             log.exception("could not write the audit row %s", row)
 
     await anyio.to_thread.run_sync(write)
-
-
-async def _rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code, **exc.extra), status_code=429,
-                        headers={"Retry-After": str(exc.retry_after)})
-
-
-def install(app: FastAPI) -> None:
-    app.add_exception_handler(RateLimited, _rate_limited)
-    app.add_middleware(AuditMiddleware)
