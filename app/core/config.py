@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,8 +68,6 @@ class Settings(BaseSettings):
         "Redis redelivers an unacknowledged message after this long; leases, not this, recover jobs."))
     stop_wait_seconds: float = Field(default=5.0, ge=0, description=(
         "How long cancel/pause of a running job waits for its worker to act before answering."))
-
-    admin_token: SecretStr | None = Field(default=None, description="Reserved for operator routes.")
 
     quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)  # TUNEFORGE_QUOTAS__STORAGE_BYTES, ...
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)  # TUNEFORGE_RATE_LIMIT__PER_SECOND
