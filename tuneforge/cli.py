@@ -12,7 +12,9 @@
     tuneforge models register NAME PATH | make-tiny PATH | list
     tuneforge demo                    the whole path on a fresh embedded instance
 
-Configuration comes from TUNEFORGE_* environment variables (see README).
+Configuration comes from TUNEFORGE_* environment variables (see README). A command that uses the
+database first brings an embedded (SQLite) one to the latest schema; any other database must already
+be there (`tuneforge migrate`), and the command says so when it is not.
 """
 
 from __future__ import annotations
@@ -24,11 +26,50 @@ from pathlib import Path
 
 from tuneforge import processes
 
+STRICT, SERVICE = "strict", "service"  # what a command needs of the database (its parser's `database=`)
+
+
+def _prepare_database(need: str) -> int:
+    """Before a command that uses the database: 0 when it may go on, else 1 after saying why on stderr.
+
+    On the embedded default (SQLite) the database is first brought to the latest schema. Any other
+    one must already be there. STRICT: the command reads or writes rows itself, so a database it
+    cannot reach is an error too. SERVICE: a long-running process;
+    it must not start on an old schema, but one whose database is not reachable yet starts anyway
+    and copes as it always has (/readyz answers 503, Celery retries).
+    """
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from app.core.migrate import SchemaNotCurrent, ensure_current
+
+    try:
+        ensure_current()
+    except SchemaNotCurrent as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OperationalError, InterfaceError) as exc:
+        return 0 if need == SERVICE else _unreachable(exc)
+    return 0
+
+
+def _unreachable(exc: Exception) -> int:
+    from app.core.migrate import location
+
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    print(f"error: cannot use the database at {location()}: {reason}. Is it running, and is "
+          "TUNEFORGE_DATABASE_URL right?", file=sys.stderr)
+    return 1
+
 
 def _migrate(_: argparse.Namespace) -> int:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     from app.core.migrate import upgrade
 
-    upgrade()
+    try:
+        upgrade()
+    except (OperationalError, InterfaceError) as exc:
+        return _unreachable(exc)
     print("database is at the latest revision")
     return 0
 
@@ -65,7 +106,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """Run the API and one worker until interrupted; stop both on SIGINT/SIGTERM or when one dies."""
-    _migrate(args)
+    if _migrate(args):
+        return 1
     procs = [processes.start(processes.serve_command(args.host, args.port)),
              processes.start(processes.worker_command(args.concurrency))]
     # On one machine, one inference process per registered base model (it registers its own URL).
@@ -199,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the API process")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, database=SERVICE)
 
     p = sub.add_parser("worker", help="a Celery worker (training and evaluation queues by default)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--queues", default=None,
                    help="comma-separated; e.g. 'training' on GPU machines, 'evaluation' on CPU machines")
-    p.set_defaults(func=_worker)
+    p.set_defaults(func=_worker, database=SERVICE)
 
     p = sub.add_parser("inference", help="serve one registered base model and its adapters (completions)")
     p.add_argument("--model", required=True, help="a registered base model name")
@@ -222,37 +264,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long an idle engine waits for other requests to share a batch")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=4096)
-    p.set_defaults(func=_inference)
+    p.set_defaults(func=_inference, database=STRICT)
 
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=_migrate)
 
     admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="admin", required=True)
     p = admin.add_parser("create-team", help="create a team and print its API key once")
     p.add_argument("name")
-    p.set_defaults(func=_create_team)
+    p.set_defaults(func=_create_team, database=STRICT)
     p = admin.add_parser("create-key", help="create an API key for a team and print it once")
     p.add_argument("team")
     p.add_argument("--role", choices=("admin", "member"), default="admin")
     p.add_argument("--name", default="operator")
-    p.set_defaults(func=_create_key)
+    p.set_defaults(func=_create_key, database=STRICT)
     p = admin.add_parser("set-quota", help="override a team's quotas and rate limit ('default' clears one)")
     p.add_argument("team")
     for name in _QUOTA_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N|default")
-    p.set_defaults(func=_set_quota)
+    p.set_defaults(func=_set_quota, database=STRICT)
 
     mdl = sub.add_parser("models", help="base models").add_subparsers(dest="models", required=True)
     p = mdl.add_parser("register", help="register a local model directory")
     p.add_argument("name")
     p.add_argument("path")
     p.add_argument("--replace", action="store_true")
-    p.set_defaults(func=_register)
+    p.set_defaults(func=_register, database=STRICT)
     p = mdl.add_parser("make-tiny", help="build the tiny test model offline")
     p.add_argument("path")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="train the random model this many steps on Python's sources first (about 0.2 s each)")
     p.set_defaults(func=_make_tiny)
-    mdl.add_parser("list", help="list base models").set_defaults(func=_list_models)
+    mdl.add_parser("list", help="list base models").set_defaults(func=_list_models, database=STRICT)
 
     p = sub.add_parser("demo", help="run the whole path end to end on a fresh embedded instance")
     p.add_argument("--data-dir", default=".tuneforge-demo")
@@ -265,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    need = getattr(args, "database", None)
+    if need and _prepare_database(need):
+        return 1
     return args.func(args) or 0
 
 
