@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tuneforge(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], env=env, cwd=cwd, check=False,
+                          capture_output=True, text=True, timeout=120)
 
 
 def _env(**settings: str) -> dict[str, str]:
