@@ -36,7 +36,7 @@ def _principal(request: Request, session: SessionDep,
         if key is None:
             key = ""
     principal = teams.authenticate(session, key)
-    request.state.principal = principal  # for the audit log (app.api.middleware)
+    request.state.principal = principal  # for the audit log (app.api.audit)
     return principal
 
 
