@@ -1,10 +1,17 @@
 """Blob storage under per-team prefixes (a local directory by default).
 
 Keys are relative POSIX paths built by the services from ids, never from user
-input; every key is checked to resolve inside its prefix (the team's folder for
-teams/<team_id>/..., else the root), symlinks followed. Writes go to a
-temporary name first and are renamed into place, so a reader never sees half
-a file.
+input: each domain owns the layout of its keys (files.service.storage_key,
+adapters.service.storage_prefix, checkpoints.service.storage_prefix,
+evaluations.service.results_key). Every key is checked to resolve inside its
+prefix (the team's folder for teams/<team_id>/..., else the root), symlinks
+followed. Writes go to a temporary name first and are renamed into place, so a
+reader never sees half a file.
+
+Other layers reach blobs only through the Storage interface: stream them
+(open, iter_bytes) or stage them into a local directory of their own
+(fetch_to, fetch_tree_to), never through the backend's own paths, so that a
+second backend touches only this module.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from app.core.config import get_settings
 
@@ -30,6 +38,22 @@ class StoredBlob:
     key: str
     bytes: int
     sha256: str
+
+
+class Storage(Protocol):
+    """What the services and workers may do with blobs."""
+
+    def temp_file(self) -> tempfile._TemporaryFileWrapper: ...
+    def commit(self, temp_path: str | Path, key: str) -> None: ...
+    def put_file(self, src: Path, key: str) -> StoredBlob: ...
+    def put_tree(self, src: Path, prefix: str) -> list[str]: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def iter_bytes(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def delete(self, key: str) -> None: ...
+    def fetch_to(self, key: str, dest: Path) -> Path: ...
+    def fetch_tree_to(self, prefix: str, dest: Path) -> Path: ...
 
 
 class LocalStorage:
@@ -81,7 +105,7 @@ class LocalStorage:
             keys.append(key)
         return keys
 
-    def open(self, key: str):
+    def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
 
     def iter_bytes(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -101,7 +125,36 @@ class LocalStorage:
         else:
             path.unlink(missing_ok=True)
 
+    def fetch_to(self, key: str, dest: Path) -> Path:
+        """Copy one blob to the local file dest (replaced whole, never half written); returns dest.
+        Raises FileNotFoundError when the key holds no blob."""
+        source = self.path(key)
+        if not source.is_file():
+            raise FileNotFoundError(f"no blob at storage key {key!r}")
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, dest)
+        return dest
+
+    def fetch_tree_to(self, prefix: str, dest: Path) -> Path:
+        """Copy every blob under prefix into the local directory dest, keeping their relative
+        paths (dest is replaced whole); returns dest. Raises FileNotFoundError when the prefix holds
+        no blob."""
+        source = self.path(prefix)
+        if not source.is_dir() or not any(p.is_file() for p in source.rglob("*")):
+            raise FileNotFoundError(f"no blobs under storage prefix {prefix!r}")
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(partial, dest)
+        return dest
+
 
 @lru_cache
-def get_storage() -> LocalStorage:
+def get_storage() -> Storage:
     return LocalStorage(get_settings().storage_dir)

@@ -71,3 +71,40 @@ def test_writes_through_a_symlinked_folder_are_refused_and_write_nothing(storage
         storage.put_file(src, "teams/team-a/adapters/a/adapter.tar.gz")
     assert list(outside.iterdir()) == []
     assert list((storage.root / ".tmp").iterdir()) == []
+
+
+def test_fetch_to_stages_a_blob_into_a_local_file(storage, tmp_path):
+    dest = storage.fetch_to("teams/team-a/files/data.jsonl", tmp_path / "stage" / "train.jsonl")
+    assert dest.read_bytes() == b"{}\n"
+    assert not list(dest.parent.glob(".*partial"))
+
+
+def test_fetch_to_a_missing_key_raises_and_writes_nothing(storage, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        storage.fetch_to("teams/team-a/files/missing.jsonl", tmp_path / "stage" / "x.jsonl")
+    assert not (tmp_path / "stage").exists()
+
+
+def test_fetch_tree_to_replaces_the_destination_with_the_prefix(storage, tmp_path):
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "adapter_config.json").write_text("{}")
+    (src / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    storage.put_tree(src, "teams/team-a/adapters/ad-1/files")
+    dest = tmp_path / "stage" / "ad-1"
+    (dest).mkdir(parents=True)
+    (dest / "stale.txt").write_text("from an earlier copy")
+    storage.fetch_tree_to("teams/team-a/adapters/ad-1/files", dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "adapter_config.json", "sub/weights.bin"]
+    assert (dest / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
+
+
+def test_fetch_tree_to_an_empty_prefix_raises(storage, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        storage.fetch_tree_to("teams/team-a/adapters/none", tmp_path / "stage" / "none")
+
+
+def test_fetch_refuses_a_key_outside_its_prefix(storage, tmp_path):
+    with pytest.raises(StorageKeyError):
+        storage.fetch_to("teams/team-a/../team-b/files/data.jsonl", tmp_path / "x")
