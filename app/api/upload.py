@@ -19,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.core.errors import InvalidRequest, TooLarge
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 from app.domains.files.validation import JsonlValidator, ValidationReport
 
 _MAX_FIELDS = 16
@@ -44,7 +44,7 @@ class ReceivedUpload:
 
 @dataclass
 class _State:
-    storage: LocalStorage
+    storage: Storage
     max_bytes: int
     validator: JsonlValidator
     fields: dict[str, str] = field(default_factory=dict)
@@ -118,7 +118,7 @@ class _State:
             "on_header_end", "on_headers_finished")}
 
 
-async def receive_upload(request: Request, *, storage: LocalStorage, max_bytes: int,
+async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
                          validator: JsonlValidator) -> ReceivedUpload:
     """Read a multipart body with one 'file' part. Raises TooLarge (413) or InvalidRequest (400);
     on any error the temporary file is gone. The caller owns the returned temp file."""

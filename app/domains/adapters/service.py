@@ -13,6 +13,21 @@ from app.domains.adapters.models import Adapter
 from app.domains.adapters.schemas import AdapterList, AdapterRead
 
 
+def storage_prefix(*, team_id: str, adapter_id: str) -> str:
+    """Where an adapter lives: its peft directory under files_prefix(), its archive at archive_key()."""
+    return f"teams/{team_id}/adapters/{adapter_id}"
+
+
+def files_prefix(storage_prefix: str) -> str:
+    """The adapter's peft directory (what inference and evaluation load)."""
+    return f"{storage_prefix}/files"
+
+
+def archive_key(storage_prefix: str) -> str:
+    """The adapter's .tar.gz (what a download returns)."""
+    return f"{storage_prefix}/adapter.tar.gz"
+
+
 def create(session: Session, *, adapter_id: str, team_id: str, job_id: str, base_model: str, name: str,
            storage_prefix: str, archive_key: str, size: int, sha256: str) -> Adapter:
     row = Adapter(id=adapter_id, team_id=team_id, job_id=job_id, base_model=base_model, name=name,

@@ -22,6 +22,11 @@ from app.domains.jobs import service as jobs
 from app.domains.teams.models import Team
 
 
+def storage_prefix(*, team_id: str, job_id: str, step: int) -> str:
+    """Where a checkpoint's files live; a step saved again replaces the same prefix."""
+    return f"teams/{team_id}/jobs/{job_id}/checkpoints/step-{step:08d}"
+
+
 def record(session: Session, *, job_id: str, team_id: str, step: int, metrics: dict[str, Any], prefix: str,
            size: int) -> FineTuningCheckpoint:
     """Add the row for a checkpoint whose files are already stored under prefix (size bytes in all).

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.db import get_owned, unix
 from app.core.ids import new_id
 from app.core.pagination import paginate
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 from app.domains.files.errors import FileInUse, FileInvalid, FileNotFound
 from app.domains.files.models import File
 from app.domains.files.schemas import FileList, FileRead
@@ -47,14 +47,19 @@ def report_errors(report: ValidationReport) -> None:
                       extra={"errors": [{"line": e.line, "message": e.message} for e in errors]})
 
 
-def create(session: Session, *, team_id: str, storage: LocalStorage, temp_path: str, filename: str,
+def storage_key(*, team_id: str, file_id: str) -> str:
+    """Where an uploaded file's bytes live: the one definition of the files' key layout."""
+    return f"teams/{team_id}/files/{file_id}.jsonl"
+
+
+def create(session: Session, *, team_id: str, storage: Storage, temp_path: str, filename: str,
            purpose: str, size: int, sha256: str, report: ValidationReport) -> File:
     """Move a validated upload into storage and record it. Raises FileInvalid for an invalid report
     (the caller discards the temp file). The blob is written before the row; if the transaction
     later fails, the caller removes the blob via `storage_key`."""
     report_errors(report)
     file_id = new_id("file")
-    key = f"teams/{team_id}/files/{file_id}.jsonl"
+    key = storage_key(team_id=team_id, file_id=file_id)
     storage.commit(temp_path, key)
     row = File(id=file_id, team_id=team_id, filename=display_name(filename), purpose=purpose, bytes=size,
                sha256=sha256, format=report.format or "unknown", examples=report.examples, storage_key=key)
