@@ -49,7 +49,7 @@ def import_gguf(gguf_path: str | Path, dest_dir: str | Path) -> Path:
     source = Path(gguf_path).expanduser().resolve()
     dest = Path(dest_dir).expanduser().resolve()
     check_gguf_file(source)
-    if _finished(dest, source):
+    if is_conversion_of(dest, source.name, source.stat().st_size):
         log.info("reusing %s, converted from %s", dest, source.name)
         return dest
 
@@ -62,7 +62,8 @@ def import_gguf(gguf_path: str | Path, dest_dir: str | Path) -> Path:
             # Atomic on one filesystem; replaces an empty dest_dir, fails on a non-empty one.
             staging.rename(dest)
         except OSError:
-            if _finished(dest, source):  # another process finished the same conversion first
+            # another process may have finished the same conversion first
+            if is_conversion_of(dest, source.name, source.stat().st_size):
                 shutil.rmtree(staging, ignore_errors=True)
                 return dest
             raise
@@ -84,8 +85,12 @@ def check_gguf_file(path: Path) -> None:
                               "pass a model file in llama.cpp's GGUF format.")
 
 
-def _finished(dest: Path, source: Path) -> bool:
-    """Whether dest holds a finished conversion of source. Raises GGUFImportError when dest holds anything else."""
+def is_conversion_of(dest: Path, source_name: str, source_bytes: int) -> bool:
+    """Whether `dest` holds a finished conversion of the GGUF file named `source_name` of `source_bytes` bytes.
+
+    False when dest does not exist or is an empty directory. Raises GGUFImportError when dest holds
+    anything else: another file's conversion, or a directory that is no conversion at all.
+    """
     if not dest.exists():
         return False
     if not dest.is_dir():
@@ -100,8 +105,8 @@ def _finished(dest: Path, source: Path) -> bool:
         record = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
         raise GGUFImportError(f"{marker} is unreadable ({exc}); delete {dest} to convert again.") from None
-    if record.get("source") != source.name or record.get("bytes") != source.stat().st_size:
-        raise GGUFImportError(f"{dest} holds a conversion of {record.get('source')!r}, not of {source.name!r}; "
+    if record.get("source") != source_name or record.get("bytes") != source_bytes:
+        raise GGUFImportError(f"{dest} holds a conversion of {record.get('source')!r}, not of {source_name!r}; "
                               "choose another destination or delete it.")
     return True
 
