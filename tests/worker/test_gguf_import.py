@@ -144,7 +144,7 @@ def test_a_gguf_converts_into_a_directory_the_worker_loads(tiny_gguf, base_path,
     dest = import_gguf(tiny_gguf, tmp_path / "models" / "tiny")
 
     assert dest == (tmp_path / "models" / "tiny").resolve()
-    assert all((dest / name).is_file() for name in REQUIRED_FILES)
+    assert all((dest / name).is_file() for name in (*REQUIRED_FILES, "model.safetensors", "chat_template.jinja"))
     assert _leftovers(dest.parent) == []
     config = json.loads((dest / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config

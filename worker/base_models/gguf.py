@@ -23,8 +23,9 @@ GGUF_MAGIC = b"GGUF"
 # Written last into a finished conversion: it is how a later call knows the directory is complete
 # and which file it came from.
 MARKER = "gguf_import.json"
-# What the project's model registry requires of a directory (app.domains.models.service.register).
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# What the project's model registry requires of a directory (app.domains.models.service.register),
+# besides weights: one model.safetensors, or numbered shards past save_pretrained's shard size.
+REQUIRED_FILES = ("config.json", "tokenizer.json")
 
 
 class GGUFImportError(ValueError):
@@ -148,6 +149,8 @@ def _convert(source: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     missing = [name for name in REQUIRED_FILES if not (out / name).is_file()]
+    if not any(out.glob("*.safetensors")):
+        missing.append("*.safetensors")
     if missing:
         raise GGUFImportError(f"converting {source} wrote no {', '.join(missing)}; transformers "
                               f"{transformers.__version__} saved only: {sorted(p.name for p in out.iterdir())}")
