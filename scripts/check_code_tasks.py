@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuneforge import tasks_check  # noqa: E402
-from worker.evaluation.errors import SandboxUnavailable  # noqa: E402
+from tuneforge import tasks_check
+from worker.evaluation.errors import SandboxUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ A task is an MBPP-style record {"task_id", "text", "code", "test_list"}. The che
 - overlap: no two tasks, across both splits and the demo tasks, share a task id, a text, a
   wording (the same content words), a function name or a solution; no function name is a
   HumanEval entry point and no text is close to a HumanEval prompt;
-- behaviour (in the sandbox): no reference passes the tests of another task (ours, the demo
-  tasks', or a HumanEval canonical solution against ours), no reference passes a HumanEval
-  check, and every reference runs its tests in under 50 ms.
+- behaviour (in the sandbox): no reference of ours passes every test of another of our tasks;
+  no task of ours and demo task, and no task of ours and HumanEval problem, solve each other's
+  tests; every reference runs its tests in under 50 ms.
 
 Every check returns a list of messages, empty when all holds; check_all() runs them all.
 """
@@ -49,11 +49,13 @@ OWN_LIMIT_S = 1.0
 TASKS_PER_PROGRAM = 40
 CROSS_TIMEOUT_S = 120.0
 
-_STOPWORDS = frozenset(
-    "a an the to of in on for and or by with from as at into is are be it its each every all "
-    "that which whose whether when than then this these those one two write function return "
-    "returns given list string number numbers".split()
-)
+# Words that say nothing about which problem a text states.
+_STOPWORDS = frozenset({
+    "a", "an", "the", "to", "of", "in", "on", "for", "and", "or", "by", "with", "from", "as", "at",
+    "into", "is", "are", "be", "it", "its", "each", "every", "all", "that", "which", "whose",
+    "whether", "when", "than", "then", "this", "these", "those", "one", "two", "write", "function",
+    "return", "returns", "given", "list", "string", "number", "numbers",
+})
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,7 @@ def overlap_problems(ours: Sequence[Task], demo: Sequence[Task], humaneval: dict
 
 def _first_sentence(prompt: str) -> str:
     """The first sentence of a HumanEval prompt's docstring (its task statement)."""
-    match = re.search(r'("""|\'\'\')(.*?)(\1|$)', prompt, flags=re.S)
+    match = re.search(r'("""|\'\'\')(.*?)(\1|$)', prompt, flags=re.DOTALL)
     doc = match.group(2) if match else prompt
     doc = " ".join(doc.split())
     return re.split(r"(?<=[.!?])\s", doc, maxsplit=1)[0]
@@ -303,9 +305,11 @@ def reference_problems(sandbox, tasks: Sequence[Task]) -> list[str]:
 
     if not tasks:
         return []
-    problems = {t.key: MbppProblem(task_id=t.key, test_list=t.test_list, reference_code=t.code) for t in tasks}
-    result = score(sandbox, [Sample(t.key, t.code) for t in tasks], problems=problems, ks=(1,))
-    return [f"task {r.task_id}: the reference solution does not pass its tests ({r.outcome}): "
+    # Keyed by position: a task id used twice is reported by overlap_problems, not here.
+    problems = {str(i): MbppProblem(task_id=str(i), test_list=t.test_list, reference_code=t.code)
+                for i, t in enumerate(tasks)}
+    result = score(sandbox, [Sample(str(i), t.code) for i, t in enumerate(tasks)], problems=problems, ks=(1,))
+    return [f"task {tasks[int(r.task_id)].key}: the reference solution does not pass its tests ({r.outcome}): "
             f"{r.detail.strip()[-400:]}" for r in result.results if not r.passed]
 
 
@@ -406,6 +410,8 @@ def behaviour_problems(sandbox, ours: Sequence[Task], demo: Sequence[Task], huma
       too weak a sign.
 
     A candidate that raises or runs past CANDIDATE_LIMIT_S on a task's tests does not pass them."""
+    # One task per key: a task id used twice is reported by overlap_problems.
+    ours = list({t.key: t for t in reversed(ours)}.values())[::-1]
     ours_keys = {t.key for t in ours}
     demo_keys = {t.key for t in demo}
     he_candidates = [[tid, p.prompt + p.canonical_solution, p.entry_point] for tid, p in humaneval.items()]
@@ -429,7 +435,8 @@ def behaviour_problems(sandbox, ours: Sequence[Task], demo: Sequence[Task], huma
         solves |= {(key, he_key) for key, he_key in report["solves"]}
         for key, (ok, seconds) in report["timings"].items():
             if not ok:
-                out.append(f"task {key}: the reference failed its tests in the behaviour check (not deterministic?)")
+                out.append(f"task {key}: the reference fails its tests in the behaviour check "
+                           "(wrong, or not deterministic)")
             elif seconds > MAX_SECONDS_PER_TASK:
                 out.append(f"task {key}: the reference takes {seconds * 1000:.0f} ms on its tests, "
                            f"over {MAX_SECONDS_PER_TASK * 1000:.0f} ms")

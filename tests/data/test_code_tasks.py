@@ -89,4 +89,4 @@ def test_the_sandboxed_checks_report_a_failing_reference_and_a_disguised_duplica
     same = tasks_check.behaviour_problems(sandbox, [DOUBLE, wrong, twice], [], {})
     assert any("task 2001 passes every test of task 2006" in p for p in same)
     assert any("task 2006 passes every test of task 2001" in p for p in same)
-    assert any("task 2005: the reference failed its tests" in p for p in same)
+    assert any("task 2005: the reference fails its tests" in p for p in same)
