@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.domains.files import formats
+from app.domains.files.formats import RecordFormat
 from worker.evaluation.generate import Prompt
 from worker.evaluation.harness import HumanEvalProblem, MbppProblem, Problem, load_humaneval
 
 
 def builtin_humaneval() -> tuple[dict[str, Problem], list[Prompt]]:
     problems = load_humaneval()
-    return dict(problems), [Prompt(task_id=p.task_id, text=p.prompt, format="humaneval") for p in problems.values()]
+    prompts = [Prompt(task_id=p.task_id, text=p.prompt, format=RecordFormat.HUMANEVAL.value) for p in problems.values()]
+    return dict(problems), prompts
 
 
 def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
-    """Problems and prompts of an uploaded task file (validated at upload). MBPP tasks without a
-    task_id are numbered by line; the prompt is the task text, as training formats it."""
+    """Problems and prompts of an uploaded task file (validated at upload, with the same format rule
+    as here: app/domains/files/formats.py). Tasks without a task_id are numbered by line; the prompt
+    is the task's training prompt (formats.task_prompt). Raises RecordInvalid naming the line of a
+    record that is not a valid mbpp or humaneval task."""
     problems: dict[str, Problem] = {}
     prompts: list[Prompt] = []
     with open(path, encoding="utf-8-sig") as f:
@@ -25,16 +30,19 @@ def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if "entry_point" in rec:
+            try:
+                fmt = formats.require(rec, formats.TASK_FORMATS)
+            except formats.RecordInvalid as e:
+                raise formats.RecordInvalid([f"{path.name} line {line_no}: {p}" for p in e.problems]) from None
+            if fmt == RecordFormat.HUMANEVAL:
                 task_id = str(rec.get("task_id", f"task/{line_no}"))
                 problems[task_id] = HumanEvalProblem(task_id=task_id, prompt=rec["prompt"], test=rec["test"],
                                                      entry_point=rec["entry_point"],
-                                                     canonical_solution=rec.get("canonical_solution", ""))
-                prompts.append(Prompt(task_id=task_id, text=rec["prompt"], format="humaneval"))
+                                                     canonical_solution=rec["canonical_solution"])
             else:
                 task_id = str(rec.get("task_id", line_no))
                 problems[task_id] = MbppProblem(task_id=task_id, test_list=tuple(rec["test_list"]),
                                                 test_setup_code=rec.get("test_setup_code", ""),
-                                                reference_code=rec.get("code", ""))
-                prompts.append(Prompt(task_id=task_id, text=rec["text"] + "\n", format="mbpp"))
+                                                reference_code=rec["code"])
+            prompts.append(Prompt(task_id=task_id, text=formats.task_prompt(rec, fmt), format=fmt.value))
     return problems, prompts

@@ -227,11 +227,15 @@ class InferenceEngine:
         self._stats.count("requests", "submitted")
         return handle
 
-    def encode_chat(self, messages: Sequence[dict], adapter: AdapterRef | None = None) -> list[int]:
-        """Token ids of a chat prompt: the chat template saved with the adapter's tokenizer (the one its
-        training used) when it has one, else the base's, with the assistant turn opened."""
+    def chat_template(self, adapter: AdapterRef | None = None) -> str | None:
+        """The chat template a chat prompt for `adapter` is rendered with: the one saved with the adapter's
+        tokenizer (the one its training used) when it has one, else the base's; None when neither has one."""
         template = _adapter_chat_template(adapter.path) if adapter is not None else None
-        template = template or getattr(self.tokenizer, "chat_template", None)
+        return template or getattr(self.tokenizer, "chat_template", None) or None
+
+    def encode_chat(self, messages: Sequence[dict], adapter: AdapterRef | None = None) -> list[int]:
+        """Token ids of a chat prompt rendered with chat_template(adapter), with the assistant turn opened."""
+        template = self.chat_template(adapter)
         if not template:
             raise GenerationInvalid(f"Neither the adapter nor the base model {self.base_name!r} has a chat template; "
                                     "use a completion with a plain prompt.", param="messages")

@@ -36,11 +36,12 @@ from app.core.db import session_scope
 from app.core.errors import InvalidRequest, NotFound, TuneforgeError
 from app.domains.adapters import service as adapters
 from app.domains.adapters.errors import AdapterNotFound as AdapterRowNotFound
+from app.domains.files import formats
 from app.domains.models import service as models
 from app.domains.models.errors import ModelNotFound
 from app.domains.serving import service as serving
 from worker.inference.adapters import AdapterRef
-from worker.inference.engine import InferenceEngine, _adapter_chat_template
+from worker.inference.engine import InferenceEngine
 from worker.inference.results import Completion, Generation
 
 log = logging.getLogger("tuneforge.inference")
@@ -85,18 +86,17 @@ class InferenceService:
             raise NotFound(f"No such adapter: {adapter_id!r}.", param="model", code="model_not_found") from None
 
     def encode_chat(self, messages: list, ref: AdapterRef | None) -> str | list[int]:
-        """The chat prompt rendered as training rendered it: token ids from the chat template saved with
-        the adapter's tokenizer (else the base's), or, where neither has one, the text of training's plain
-        `<|role|>` layout (worker/training/data.py; tokenized with special tokens, as training did) with
-        the assistant turn opened."""
-        has_template = self.engine.tokenizer.chat_template or (ref is not None and _adapter_chat_template(ref.path))
-        if has_template:
+        """The chat prompt rendered as training rendered it: token ids from the engine's chat template for
+        the adapter, or, where neither the adapter nor the base has one, the text of the plain chat layout
+        with the assistant turn opened (formats.plain_chat_prompt; tokenized with special tokens, as
+        training did)."""
+        if self.engine.chat_template(ref):
             return self.engine.encode_chat(messages, ref)
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                    and isinstance(m.get("content"), str) for m in messages):
-            raise InvalidRequest("messages must be a non-empty list of {role, content} objects.", param="messages")
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        return text
+        try:
+            return formats.plain_chat_prompt(messages)
+        except formats.RecordInvalid:
+            raise InvalidRequest("messages must be a non-empty list of {role, content} objects.",
+                                 param="messages") from None
 
     def submit(self, body: dict) -> Generation:
         """Parse a /v1/generate body and queue it. Raises the engine's errors (bad parameters, an

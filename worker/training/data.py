@@ -16,25 +16,15 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, PreTrainedTokenizerBase
 
-RecordFormat = Literal["chat", "humaneval", "prompt_completion", "mbpp", "text"]
+from app.domains.files import formats
+from app.domains.files.formats import RecordFormat
 
 IGNORE_INDEX = -100  # label of a position that is not a training target (torch cross_entropy's ignore_index)
-
-# Checked in this order: the first format whose keys are all present wins.
-# HumanEval has "prompt" and MBPP has "text", so each goes before the
-# format it would otherwise be mistaken for.
-_FORMAT_KEYS: tuple[tuple[RecordFormat, frozenset[str]], ...] = (
-    ("chat", frozenset({"messages"})),
-    ("humaneval", frozenset({"prompt", "canonical_solution", "test", "entry_point"})),
-    ("prompt_completion", frozenset({"prompt", "completion"})),
-    ("mbpp", frozenset({"text", "code", "test_list"})),
-    ("text", frozenset({"text"})),
-)
 
 
 class DataFormatError(ValueError):
@@ -82,20 +72,20 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def detect_format(record: dict[str, Any]) -> RecordFormat:
-    """Name the dataset format of one record from its keys.
-
-    Raises DataFormatError listing the accepted key sets when none matches.
-    """
-    keys = record.keys()
-    for name, required in _FORMAT_KEYS:
-        if required <= keys:
-            return name
-    accepted = "; ".join(f"{name}: {sorted(required)}" for name, required in _FORMAT_KEYS)
-    raise DataFormatError(f"record has keys {sorted(keys)}, which match no format (accepted: {accepted})")
+    """The format of one valid, trainable record (app/domains/files/formats.py decides, as it does at
+    upload). Raises DataFormatError naming what is wrong when the record is of no format, is not
+    trainable, or breaks its format's requirements."""
+    if formats.detect(record) is None:
+        raise DataFormatError(f"record has keys {sorted(record)}, which match no format; write each line in "
+                              f"one of these shapes: {formats.SHAPES}")
+    try:
+        return formats.require(record, formats.TRAINABLE_FORMATS)
+    except formats.RecordInvalid as e:
+        raise DataFormatError(str(e)) from None
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Use the eos token for padding when the tokenizer has no pad token (paper step 2).
+    """Use the eos token for padding when the tokenizer has no pad token (so batches can be padded).
 
     Mutates the tokenizer; returns True when it did. Raises ValueError when the
     tokenizer has no eos token either.
@@ -124,41 +114,27 @@ def _text_and_targets(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase
     learns to stop. Raises DataFormatError like format_record.
     """
     kind = detect_format(record)
-    eos = tokenizer.eos_token
-    if kind == "chat":
-        return _chat_text_and_targets(record["messages"], tokenizer)
-    if kind == "text":
-        text = f"{record['text']}{eos}"
-        return text, [(0, len(text))]
-    if kind == "humaneval":
-        prompt, completion = record["prompt"], record["canonical_solution"]
-    elif kind == "prompt_completion":
-        prompt, completion = record["prompt"], record["completion"]
-    else:  # mbpp
-        prompt, completion = f"{record['text']}\n", record["code"]
-    text = f"{prompt}{completion}{eos}"
+    if kind == RecordFormat.CHAT:
+        return chat_text_and_targets(record["messages"], tokenizer)
+    prompt, completion = formats.prompt_and_completion(record, kind)
+    text = f"{prompt}{completion}{tokenizer.eos_token}"
     return text, [(len(prompt), len(text))]
 
 
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataFormatError("'messages' must be a non-empty list of {role, content} objects")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataFormatError(f"each message needs string 'role' and 'content', got {m!r:.200}")
-
-
-def _chat_text_and_targets(messages: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
-    _check_messages(messages)
+def chat_text_and_targets(
+    messages: Any, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, list[tuple[int, int]]]:
+    """(training text, assistant spans) of chat messages: the tokenizer's chat template when it has one,
+    else the plain chat layout (formats.plain_chat) ending in the eos token, which the last assistant
+    turn's span includes. Serving renders a chat prompt the same way. Raises DataFormatError when a
+    message lacks a string role or content."""
+    try:
+        formats.require_text_messages(messages)
+    except formats.RecordInvalid as e:
+        raise DataFormatError(str(e)) from None
     if tokenizer.chat_template is None:
-        parts, spans, pos = [], [], 0
-        for m in messages:
-            head, body = f"<|{m['role']}|>\n", f"{m['content']}\n"
-            if m["role"] == "assistant":
-                spans.append((pos + len(head), pos + len(head) + len(body)))
-            parts += [head, body]
-            pos += len(head) + len(body)
-        text = "".join(parts) + tokenizer.eos_token
+        text, spans = formats.plain_chat(messages)
+        text += tokenizer.eos_token
         if messages[-1]["role"] == "assistant":
             spans[-1] = (spans[-1][0], len(text))
         return text, spans
@@ -220,7 +196,7 @@ def encode_record_with_labels(
     with a tokenizer that has no character offsets (not a fast tokenizer).
     """
     text, spans = _text_and_targets(record, tokenizer)
-    templated = detect_format(record) == "chat" and tokenizer.chat_template is not None
+    templated = formats.detect(record) == RecordFormat.CHAT and tokenizer.chat_template is not None
     if not completion_only:
         ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
         return ids, list(ids)
@@ -309,7 +285,7 @@ class CausalLMCollator(DataCollatorForLanguageModeling):
     """DataCollatorForLanguageModeling(mlm=False) that masks padding by attention mask.
 
     The stock collator sets every label equal to pad_token_id to -100. With
-    pad = eos (paper step 2) that also hides each example's own final eos, so
+    pad = eos (ensure_pad_token) that also hides each example's own final eos, so
     the model never learns to stop. Here only padded positions are ignored,
     and examples that carry "labels" (completion-only loss) keep them.
     Batches: input_ids, attention_mask, labels, all (batch, longest) int64.

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from app.domains.files.formats import plain_chat_template
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-# A minimal chat template, saved with the tokenizer so training and serving agree.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# A minimal chat template, saved with the tokenizer so training and serving agree: the plain chat
+# layout with the eos token ending each turn, so the model learns where its answer stops.
+CHAT_TEMPLATE = plain_chat_template(end_of_turn=EOS)
 
 
 def _corpus(max_bytes: int) -> list[str]:

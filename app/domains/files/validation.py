@@ -4,16 +4,8 @@ Pure: no I/O, no web framework. The upload handler feeds bytes as they arrive an
 ValidationReport at the end; memory stays bounded by `max_line_bytes` whatever the file's size,
 because a line longer than that is reported and its bytes dropped, never buffered.
 
-A file holds one JSON object per line, all of one format (FORMATS), told apart by their keys:
-
-    chat               {"messages": [{"role": ..., "content": ...}, ...]}
-    humaneval          {"prompt", "canonical_solution", "test", "entry_point"}   ("prompt" + any of the others)
-    mbpp               {"text", "code", "test_list"}                            ("text" + "code" or "test_list")
-    prompt_completion  {"prompt", "completion"}
-    completions        {"task_id", "completion"}       (a model's outputs on code tasks, to be scored)
-    text               {"text"}
-
-checked in that order. Other keys are allowed and ignored.
+Each line must be one valid record of one format (app/domains/files/formats.py), the same format
+for the whole file, fixed by its first valid record.
 """
 
 from __future__ import annotations
@@ -23,32 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("chat", "prompt_completion", "text", "mbpp", "humaneval", "completions")
-# Formats a fine-tuning job can learn from; "completions" is only scored by evaluations.
-TRAINABLE_FORMATS = ("chat", "prompt_completion", "text", "mbpp", "humaneval")
-# Formats an evaluation can take its code tasks from.
-TASK_FORMATS = ("mbpp", "humaneval")
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+from app.domains.files import formats
+# Re-exported: callers that check a file's format against these groups import them from here too.
+from app.domains.files.formats import FORMATS, TASK_FORMATS, TRAINABLE_FORMATS  # noqa: F401
+
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
 _BOM = b"\xef\xbb\xbf"
-_HUMANEVAL_FIELDS = ("prompt", "canonical_solution", "test", "entry_point")
-_NEEDS = {
-    "humaneval": 'a humaneval record needs "prompt", "canonical_solution", "test" and "entry_point", '
-                 "all non-empty strings",
-    "mbpp": 'an mbpp record needs "text" and "code" (non-empty strings) and "test_list" '
-            "(a non-empty array of assert statements as strings)",
-    "prompt_completion": 'a prompt_completion record needs "prompt" (a string) and "completion" '
-                         "(a non-empty string)",
-    "text": 'a text record needs "text" (a non-empty string)',
-    "completions": 'a completions record needs "task_id" (a string or integer) and "completion" (a string)',
-}
-_SHAPES = ('{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
-           '{"prompt": ..., "completion": ...} (prompt_completion), '
-           '{"task_id": ..., "completion": ...} (completions), '
-           '{"text": ...} (text), '
-           '{"text": ..., "code": ..., "test_list": [...]} (mbpp), '
-           '{"prompt": ..., "canonical_solution": ..., "test": ..., "entry_point": ...} (humaneval)')
 
 
 @dataclass(frozen=True)
@@ -199,23 +172,22 @@ class JsonlValidator:
         record = self._parse(number, text)
         if record is None:
             return
-        fmt = _detect(record)
+        fmt = formats.detect(record)
         if fmt is None:
-            self._error(number, f"no dataset format matches this record's keys ({_keys(record)}); "
-                                f"write each line in one of these shapes: {_SHAPES}")
+            self._error(number, formats.unknown_format(record))
             return
         if self._format is not None and fmt != self._format:
             self._error(number, f"this record is {fmt} but the file's format is {self._format}, fixed by its "
                                 f"first valid record on line {self._format_line}; a file holds one format: "
                                 f"move the {fmt} records to a file of their own")
             return
-        problems = _CHECKS[fmt](record)
+        problems = formats.problems(record, fmt)
         for problem in problems:
             self._error(number, problem)
         if problems:
             return
         if self._format is None:
-            self._format, self._format_line = fmt, number
+            self._format, self._format_line = fmt.value, number
         self._examples += 1
 
     def _parse(self, number: int, text: str) -> dict[str, Any] | None:
@@ -236,7 +208,7 @@ class JsonlValidator:
             self._error(number, f"invalid JSON: {exc}")
             return None
         if not isinstance(record, dict):
-            self._error(number, f'each line must be a JSON object ({{"key": value, ...}}); got {_show(record)}')
+            self._error(number, f'each line must be a JSON object ({{"key": value, ...}}); got {formats.shown(record)}')
             return None
         return record
 
@@ -247,160 +219,3 @@ def validate_bytes_iter(chunks: Iterable[bytes], **kw: Any) -> ValidationReport:
     for chunk in chunks:
         validator.feed(chunk)
     return validator.finish()
-
-
-# --- formats -----------------------------------------------------------------------------------
-
-
-def _detect(record: dict[str, Any]) -> str | None:
-    # Only the distinguishing keys decide, so an mbpp or humaneval record missing a field is reported
-    # as such instead of passing as plain text or failing as an unknown shape.
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record and any(key in record for key in _HUMANEVAL_FIELDS[1:]):
-        return "humaneval"
-    if "text" in record and ("code" in record or "test_list" in record):
-        return "mbpp"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    if "task_id" in record and "completion" in record:
-        return "completions"
-    if "text" in record:
-        return "text"
-    return None
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object" if value else "{}"
-    if isinstance(value, list):
-        return "an array" if value else "[]"
-    shown = json.dumps(value, ensure_ascii=False)
-    return shown if len(shown) <= 60 else shown[:56] + "...\""
-
-
-def _keys(record: dict[str, Any]) -> str:
-    if not record:
-        return "none"
-    keys = [json.dumps(key, ensure_ascii=False) for key in list(record)[:8]]
-    return ", ".join(keys) + (", ..." if len(record) > 8 else "")
-
-
-def _string(record: dict[str, Any], key: str, fmt: str, problems: list[str], *, non_empty: bool = True) -> None:
-    if key not in record:
-        problems.append(f'"{key}" is missing; {_NEEDS[fmt]}')
-        return
-    value = record[key]
-    if not isinstance(value, str) or (non_empty and not value):
-        kind = "a non-empty string" if non_empty else "a string"
-        problems.append(f'"{key}" must be {kind}; got {_show(value)}')
-
-
-def _check_chat(record: dict[str, Any]) -> list[str]:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        return ['"messages" must be a non-empty array of {"role": ..., "content": ...} objects; '
-                f"got {_show(messages)}"]
-    problems: list[str] = []
-    learnable = weighted_out = False
-    for i, message in enumerate(messages):
-        path = f'"messages"[{i}]'
-        if not isinstance(message, dict):
-            problems.append(f'{path} must be an object like {{"role": "user", "content": "..."}}; '
-                            f"got {_show(message)}")
-            continue
-        role = message.get("role")
-        if "role" not in message:
-            problems.append(f'{path}["role"] is missing; set it to one of {", ".join(CHAT_ROLES)}')
-        elif not isinstance(role, str) or role not in CHAT_ROLES:
-            problems.append(f'{path}["role"] must be one of {", ".join(CHAT_ROLES)}; got {_show(role)}')
-        content = message.get("content")
-        calls_tools = role == "assistant" and isinstance(message.get("tool_calls"), list) and bool(
-            message["tool_calls"])
-        if content is None:
-            if not calls_tools:
-                state = "null" if "content" in message else "missing"
-                problems.append(f'{path}["content"] is {state}; give it a string (only an assistant message '
-                                'with "tool_calls" may leave it null)')
-        elif not isinstance(content, str):
-            problems.append(f'{path}["content"] must be a string; got {_show(content)}')
-        weight = message.get("weight", 1)
-        if "weight" in message:
-            if role != "assistant":
-                problems.append(f'{path}["weight"] is allowed only on assistant messages; remove it')
-            elif type(weight) is not int or weight not in (0, 1):
-                problems.append(f'{path}["weight"] must be 0 or 1 (1 = learn from this message); '
-                                f"got {_show(weight)}")
-        if role == "assistant" and isinstance(content, str) and content:
-            if weight == 0:
-                weighted_out = True
-            else:
-                learnable = True
-    if not problems and not learnable:
-        hint = ' or set "weight": 1 on one' if weighted_out else ""
-        problems.append('"messages" has no assistant message with non-empty content to learn from; add one '
-                        f'like {{"role": "assistant", "content": "..."}}{hint}')
-    return problems
-
-
-def _check_prompt_completion(record: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    _string(record, "prompt", "prompt_completion", problems, non_empty=False)
-    _string(record, "completion", "prompt_completion", problems)
-    return problems
-
-
-def _check_text(record: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    _string(record, "text", "text", problems)
-    return problems
-
-
-def _check_mbpp(record: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    _string(record, "text", "mbpp", problems)
-    _string(record, "code", "mbpp", problems)
-    tests = record.get("test_list")
-    if "test_list" not in record:
-        problems.append(f'"test_list" is missing; {_NEEDS["mbpp"]}')
-    elif not isinstance(tests, list) or not tests:
-        problems.append('"test_list" must be a non-empty array of assert statements as strings; '
-                        f"got {_show(tests)}")
-    else:
-        for i, test in enumerate(tests):
-            if not isinstance(test, str) or not test:
-                problems.append(f'"test_list"[{i}] must be a non-empty string (an assert statement); '
-                                f"got {_show(test)}")
-    task_id = record.get("task_id")
-    if "task_id" in record and (type(task_id) is not int and not isinstance(task_id, str)):
-        problems.append(f'"task_id" must be an integer or a string; got {_show(task_id)}')
-    return problems
-
-
-def _check_humaneval(record: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    for key in _HUMANEVAL_FIELDS:
-        _string(record, key, "humaneval", problems)
-    if "task_id" in record and not isinstance(record["task_id"], str):
-        problems.append(f'"task_id" must be a string like "HumanEval/0"; got {_show(record["task_id"])}')
-    return problems
-
-
-def _check_completions(record: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    task_id = record.get("task_id")
-    if type(task_id) is not int and not isinstance(task_id, str):
-        problems.append(f'"task_id" must be a string like "HumanEval/0" or an integer; got {_show(task_id)}')
-    if not isinstance(record.get("completion"), str):
-        problems.append(f'"completion" must be a string (the code the model wrote); got {_show(record.get("completion"))}')
-    return problems
-
-
-_CHECKS = {
-    "completions": _check_completions,
-    "chat": _check_chat,
-    "prompt_completion": _check_prompt_completion,
-    "text": _check_text,
-    "mbpp": _check_mbpp,
-    "humaneval": _check_humaneval,
-}

@@ -7,7 +7,7 @@ import shutil
 
 from worker.inference import InferenceEngine
 from worker.inference.server import InferenceService
-from worker.training.data import _chat_text_and_targets
+from worker.training.data import chat_text_and_targets
 
 QUESTION = {"role": "user", "content": "Write a function to add two numbers."}
 ANSWER = {"role": "assistant", "content": "def add(a, b):\n    return a + b"}
@@ -27,7 +27,7 @@ def test_chat_prompt_without_any_template_opens_the_turn_training_learned(tiny, 
     try:
         assert engine.tokenizer.chat_template is None
         prompt = InferenceService(engine, "untemplated").encode_chat([QUESTION], None)
-        trained_text, spans = _chat_text_and_targets([QUESTION, ANSWER], engine.tokenizer)
+        trained_text, spans = chat_text_and_targets([QUESTION, ANSWER], engine.tokenizer)
         # The prompt is exactly the training text before the assistant's answer.
         assert isinstance(prompt, str) and trained_text[:spans[0][0]] == prompt
         assert engine.submit(prompt, max_tokens=4, temperature=0).result(60).usage.prompt_tokens == len(

@@ -1,0 +1,348 @@
+"""Dataset record formats and prompt layouts: the one definition that upload validation, training,
+evaluation and serving share. Pure Python: no I/O, no model library, no web framework.
+
+A JSONL file holds one JSON object per line, all of one format, told apart by their keys:
+
+    chat               {"messages": [{"role": ..., "content": ...}, ...]}
+    humaneval          {"prompt", "canonical_solution", "test", "entry_point"}   ("prompt" + any of the others)
+    mbpp               {"text", "code", "test_list"}                            ("text" + "code" or "test_list")
+    prompt_completion  {"prompt", "completion"}
+    completions        {"task_id", "completion"}       (a model's outputs on code tasks, to be scored)
+    text               {"text"}
+
+checked in that order (detect). Other keys are allowed and ignored. A record of a format is valid
+when it has every field that format requires, of the right type (problems; require raises).
+
+Prompt layouts: how a record becomes a prompt and the completion a model learns to write after it
+(prompt_and_completion), the prompt an evaluation gives a model for a code task (task_prompt), and
+the plain chat layout used wherever a tokenizer has no chat template (plain_chat, plain_chat_prompt,
+plain_chat_template).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+
+class RecordFormat(StrEnum):
+    CHAT = "chat"
+    PROMPT_COMPLETION = "prompt_completion"
+    TEXT = "text"
+    MBPP = "mbpp"
+    HUMANEVAL = "humaneval"
+    COMPLETIONS = "completions"
+
+
+FORMATS: tuple[RecordFormat, ...] = tuple(RecordFormat)
+# Formats a fine-tuning job can learn from; "completions" is only scored by evaluations.
+TRAINABLE_FORMATS: tuple[RecordFormat, ...] = (RecordFormat.CHAT, RecordFormat.PROMPT_COMPLETION, RecordFormat.TEXT,
+                                               RecordFormat.MBPP, RecordFormat.HUMANEVAL)
+# Formats an evaluation can take its code tasks from.
+TASK_FORMATS: tuple[RecordFormat, ...] = (RecordFormat.MBPP, RecordFormat.HUMANEVAL)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+# The fields each format requires; problems() checks their types.
+REQUIRED_FIELDS: dict[RecordFormat, tuple[str, ...]] = {
+    RecordFormat.CHAT: ("messages",),
+    RecordFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+    RecordFormat.TEXT: ("text",),
+    RecordFormat.MBPP: ("text", "code", "test_list"),
+    RecordFormat.HUMANEVAL: ("prompt", "canonical_solution", "test", "entry_point"),
+    RecordFormat.COMPLETIONS: ("task_id", "completion"),
+}
+
+SHAPES = ('{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
+          '{"prompt": ..., "completion": ...} (prompt_completion), '
+          '{"task_id": ..., "completion": ...} (completions), '
+          '{"text": ...} (text), '
+          '{"text": ..., "code": ..., "test_list": [...]} (mbpp), '
+          '{"prompt": ..., "canonical_solution": ..., "test": ..., "entry_point": ...} (humaneval)')
+
+_NEEDS = {
+    RecordFormat.HUMANEVAL: 'a humaneval record needs "prompt", "canonical_solution", "test" and "entry_point", '
+                            "all non-empty strings",
+    RecordFormat.MBPP: 'an mbpp record needs "text" and "code" (non-empty strings) and "test_list" '
+                       "(a non-empty array of assert statements as strings)",
+    RecordFormat.PROMPT_COMPLETION: 'a prompt_completion record needs "prompt" (a string) and "completion" '
+                                    "(a non-empty string)",
+    RecordFormat.TEXT: 'a text record needs "text" (a non-empty string)',
+    RecordFormat.COMPLETIONS: 'a completions record needs "task_id" (a string or integer) and "completion" '
+                              "(a string)",
+}
+
+
+class RecordInvalid(ValueError):
+    """A record of no format, or one that breaks its format's requirements. `problems` lists each
+    problem (what is wrong and how to fix it); the message joins them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+# --- detection and requirements -----------------------------------------------------------------
+
+
+def detect(record: Mapping[str, Any]) -> RecordFormat | None:
+    """The format a record is written in, from its keys alone; None when no format's keys are there.
+
+    Only the distinguishing keys decide, so an mbpp or humaneval record missing a field is detected
+    as what it is and reported by problems(), instead of passing as plain text or prompt_completion.
+    """
+    if "messages" in record:
+        return RecordFormat.CHAT
+    if "prompt" in record and any(key in record for key in REQUIRED_FIELDS[RecordFormat.HUMANEVAL][1:]):
+        return RecordFormat.HUMANEVAL
+    if "text" in record and ("code" in record or "test_list" in record):
+        return RecordFormat.MBPP
+    if "prompt" in record and "completion" in record:
+        return RecordFormat.PROMPT_COMPLETION
+    if "task_id" in record and "completion" in record:
+        return RecordFormat.COMPLETIONS
+    if "text" in record:
+        return RecordFormat.TEXT
+    return None
+
+
+def problems(record: Mapping[str, Any], fmt: RecordFormat) -> list[str]:
+    """Every way the record breaks the requirements of `fmt` (empty when it is valid), each message
+    naming the field and saying how to fix it."""
+    return _CHECKS[fmt](record)
+
+
+def unknown_format(record: Mapping[str, Any]) -> str:
+    """The problem of a record detect() finds no format for."""
+    return (f"no dataset format matches this record's keys ({_keys(record)}); "
+            f"write each line in one of these shapes: {SHAPES}")
+
+
+def require(record: Mapping[str, Any], allowed: Sequence[RecordFormat] = FORMATS) -> RecordFormat:
+    """The record's format, when it is valid and one of `allowed`. Raises RecordInvalid otherwise."""
+    fmt = detect(record)
+    if fmt is None:
+        raise RecordInvalid([unknown_format(record)])
+    if fmt not in allowed:
+        raise RecordInvalid([f"this record is {fmt}; here a record must be one of {', '.join(allowed)}"])
+    found = problems(record, fmt)
+    if found:
+        raise RecordInvalid(found)
+    return fmt
+
+
+def shown(value: Any) -> str:
+    """A JSON value as an error message quotes it: objects and arrays by kind, long strings cut."""
+    if isinstance(value, dict):
+        return "an object" if value else "{}"
+    if isinstance(value, list):
+        return "an array" if value else "[]"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:56] + "...\""
+
+
+def _keys(record: Mapping[str, Any]) -> str:
+    if not record:
+        return "none"
+    keys = [json.dumps(key, ensure_ascii=False) for key in list(record)[:8]]
+    return ", ".join(keys) + (", ..." if len(record) > 8 else "")
+
+
+def _string(record: Mapping[str, Any], key: str, fmt: RecordFormat, found: list[str], *,
+            non_empty: bool = True) -> None:
+    if key not in record:
+        found.append(f'"{key}" is missing; {_NEEDS[fmt]}')
+        return
+    value = record[key]
+    if not isinstance(value, str) or (non_empty and not value):
+        kind = "a non-empty string" if non_empty else "a string"
+        found.append(f'"{key}" must be {kind}; got {shown(value)}')
+
+
+def _check_chat(record: Mapping[str, Any]) -> list[str]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return ['"messages" must be a non-empty array of {"role": ..., "content": ...} objects; '
+                f"got {shown(messages)}"]
+    found: list[str] = []
+    learnable = weighted_out = False
+    for i, message in enumerate(messages):
+        path = f'"messages"[{i}]'
+        if not isinstance(message, dict):
+            found.append(f'{path} must be an object like {{"role": "user", "content": "..."}}; '
+                         f"got {shown(message)}")
+            continue
+        role = message.get("role")
+        if "role" not in message:
+            found.append(f'{path}["role"] is missing; set it to one of {", ".join(CHAT_ROLES)}')
+        elif not isinstance(role, str) or role not in CHAT_ROLES:
+            found.append(f'{path}["role"] must be one of {", ".join(CHAT_ROLES)}; got {shown(role)}')
+        content = message.get("content")
+        calls_tools = role == "assistant" and isinstance(message.get("tool_calls"), list) and bool(
+            message["tool_calls"])
+        if content is None:
+            if not calls_tools:
+                state = "null" if "content" in message else "missing"
+                found.append(f'{path}["content"] is {state}; give it a string (only an assistant message '
+                             'with "tool_calls" may leave it null)')
+        elif not isinstance(content, str):
+            found.append(f'{path}["content"] must be a string; got {shown(content)}')
+        weight = message.get("weight", 1)
+        if "weight" in message:
+            if role != "assistant":
+                found.append(f'{path}["weight"] is allowed only on assistant messages; remove it')
+            elif type(weight) is not int or weight not in (0, 1):
+                found.append(f'{path}["weight"] must be 0 or 1 (1 = learn from this message); '
+                             f"got {shown(weight)}")
+        if role == "assistant" and isinstance(content, str) and content:
+            if weight == 0:
+                weighted_out = True
+            else:
+                learnable = True
+    if not found and not learnable:
+        hint = ' or set "weight": 1 on one' if weighted_out else ""
+        found.append('"messages" has no assistant message with non-empty content to learn from; add one '
+                     f'like {{"role": "assistant", "content": "..."}}{hint}')
+    return found
+
+
+def _check_prompt_completion(record: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    _string(record, "prompt", RecordFormat.PROMPT_COMPLETION, found, non_empty=False)
+    _string(record, "completion", RecordFormat.PROMPT_COMPLETION, found)
+    return found
+
+
+def _check_text(record: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    _string(record, "text", RecordFormat.TEXT, found)
+    return found
+
+
+def _check_mbpp(record: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    _string(record, "text", RecordFormat.MBPP, found)
+    _string(record, "code", RecordFormat.MBPP, found)
+    tests = record.get("test_list")
+    if "test_list" not in record:
+        found.append(f'"test_list" is missing; {_NEEDS[RecordFormat.MBPP]}')
+    elif not isinstance(tests, list) or not tests:
+        found.append('"test_list" must be a non-empty array of assert statements as strings; '
+                     f"got {shown(tests)}")
+    else:
+        for i, test in enumerate(tests):
+            if not isinstance(test, str) or not test:
+                found.append(f'"test_list"[{i}] must be a non-empty string (an assert statement); '
+                             f"got {shown(test)}")
+    task_id = record.get("task_id")
+    if "task_id" in record and (type(task_id) is not int and not isinstance(task_id, str)):
+        found.append(f'"task_id" must be an integer or a string; got {shown(task_id)}')
+    return found
+
+
+def _check_humaneval(record: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    for key in REQUIRED_FIELDS[RecordFormat.HUMANEVAL]:
+        _string(record, key, RecordFormat.HUMANEVAL, found)
+    if "task_id" in record and not isinstance(record["task_id"], str):
+        found.append(f'"task_id" must be a string like "HumanEval/0"; got {shown(record["task_id"])}')
+    return found
+
+
+def _check_completions(record: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    task_id = record.get("task_id")
+    if type(task_id) is not int and not isinstance(task_id, str):
+        found.append(f'"task_id" must be a string like "HumanEval/0" or an integer; got {shown(task_id)}')
+    if not isinstance(record.get("completion"), str):
+        found.append(f'"completion" must be a string (the code the model wrote); '
+                     f'got {shown(record.get("completion"))}')
+    return found
+
+
+_CHECKS = {
+    RecordFormat.CHAT: _check_chat,
+    RecordFormat.PROMPT_COMPLETION: _check_prompt_completion,
+    RecordFormat.TEXT: _check_text,
+    RecordFormat.MBPP: _check_mbpp,
+    RecordFormat.HUMANEVAL: _check_humaneval,
+    RecordFormat.COMPLETIONS: _check_completions,
+}
+
+
+# --- prompt layouts -----------------------------------------------------------------------------
+
+
+def prompt_and_completion(record: Mapping[str, Any], fmt: RecordFormat) -> tuple[str, str]:
+    """(prompt, completion) of a valid record of any trainable format but chat: the text a model reads
+    and the text it learns to write after it. Plain text is all completion (an empty prompt); an mbpp
+    task's prompt is its description and a newline, its completion the reference code."""
+    if fmt == RecordFormat.TEXT:
+        return "", record["text"]
+    if fmt == RecordFormat.HUMANEVAL:
+        return record["prompt"], record["canonical_solution"]
+    if fmt == RecordFormat.PROMPT_COMPLETION:
+        return record["prompt"], record["completion"]
+    if fmt == RecordFormat.MBPP:
+        return f"{record['text']}\n", record["code"]
+    raise ValueError(f"a {fmt} record has no prompt/completion layout")
+
+
+def task_prompt(record: Mapping[str, Any], fmt: RecordFormat) -> str:
+    """The prompt an evaluation gives a model for a code task (mbpp or humaneval): the prompt of the
+    task's training example, so a model is evaluated on what it was trained to continue."""
+    if fmt not in TASK_FORMATS:
+        raise ValueError(f"a {fmt} record is no code task; tasks are one of {', '.join(TASK_FORMATS)}")
+    return prompt_and_completion(record, fmt)[0]
+
+
+# The plain chat layout, for tokenizers without a chat template: each turn is a role tag on a line
+# of its own, then the content and a newline; a prompt ends with the assistant's tag opened.
+_TURN_OPEN = "<|{role}|>\n"
+
+
+def chat_turn_open(role: str) -> str:
+    """The line that opens a turn of `role` in the plain chat layout."""
+    return _TURN_OPEN.format(role=role)
+
+
+def plain_chat(messages: Sequence[Mapping[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The messages in the plain chat layout, and the character spans [start, end) of each assistant
+    turn's content with its newline (what a model learns to write). Every message needs a string
+    "role" and "content"; raises RecordInvalid otherwise."""
+    require_text_messages(messages)
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for m in messages:
+        head, body = chat_turn_open(m["role"]), f"{m['content']}\n"
+        if m["role"] == "assistant":
+            spans.append((pos + len(head), pos + len(head) + len(body)))
+        parts += [head, body]
+        pos += len(head) + len(body)
+    return "".join(parts), spans
+
+
+def plain_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """The plain chat layout of the messages with the assistant's turn opened: what a model trained on
+    that layout continues with its answer. Raises RecordInvalid like plain_chat."""
+    return plain_chat(messages)[0] + chat_turn_open("assistant")
+
+
+def plain_chat_template(end_of_turn: str = "") -> str:
+    """The plain chat layout as a Jinja chat template, with `end_of_turn` written after each turn's
+    content (before its newline); with none it renders what plain_chat and plain_chat_prompt write."""
+    return ("{% for m in messages %}" + chat_turn_open("{{ m['role'] }}") + "{{ m['content'] }}" + end_of_turn
+            + "\n{% endfor %}{% if add_generation_prompt %}" + chat_turn_open("assistant") + "{% endif %}")
+
+
+def require_text_messages(messages: Any) -> None:
+    """What a layout needs of chat messages: a non-empty list of objects with a string "role" and a
+    string "content" (an assistant's null content with tool_calls has no text to lay out). Raises
+    RecordInvalid otherwise."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise RecordInvalid(["'messages' must be a non-empty list of {role, content} objects"])
+    for m in messages:
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RecordInvalid([f"each message needs string 'role' and 'content', got {m!r:.200}"])
