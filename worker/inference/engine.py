@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.errors import TuneforgeError
+from app.domains.serving.protocol import BASE_ADAPTER_KEY
 from worker.inference.adapters import (
     AdapterCache,
     AdapterRef,
@@ -59,7 +60,7 @@ from worker.inference.errors import (
 from worker.inference.lora import BatchedLora, load_lora
 from worker.inference.results import Choice, Completion, Delta, Generation, Usage
 from worker.inference.sampling import SamplingParams, TextState, sample
-from worker.inference.stats import BASE_KEY, BatchRecord, EngineStats
+from worker.inference.stats import BatchRecord, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ class InferenceEngine:
         batch_id = next(self._batch_ids)
         for request in requests:
             request.batch_id = batch_id
-        keys = [r.adapter.id if r.adapter is not None else BASE_KEY for r in requests]
+        keys = [r.adapter.id if r.adapter is not None else BASE_ADAPTER_KEY for r in requests]
         self._stats.record_batch(
             BatchRecord(id=batch_id, at=time.time(), requests=len(requests), rows=len(rows), adapters=len(set(keys)),
                         joined_rows=len(self._running.rows) if self._running is not None else 0),

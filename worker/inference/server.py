@@ -4,19 +4,11 @@ The API forwards completions here; users never call it directly. Standard librar
 HTTP side (the worker never imports fastapi), one thread per connection, every thread submitting
 to the one InferenceEngine, which batches them.
 
-    GET  /health                 {"status": "ok", "base_model": ...}
-    GET  /v1/stats               the engine's counters (InferenceEngine.stats())
-    POST /v1/generate            {team_id, adapter_id | null, prompt | messages, max_tokens, temperature,
-                                  top_p, stop, n, seed, stream}
-                                 -> a result object, or with stream=true newline-delimited JSON:
-                                 {"type": "delta", id, index, text, token_ids, finish_reason} ...,
-                                 then {"type": "done", "result": {...}} or {"type": "error", "error": {...}}
-    POST /v1/pause | /v1/resume  stop / restart admitting queued requests (operators, tests)
-    POST /v1/adapters/{id}/evict drop an adapter from memory
-
-Errors answer {"error": {message, type, param, code}} with the error's status, so the API can relay
-them as they are. Adapters are resolved per request from the database (the team's adapter row) and
-storage (its peft directory), then loaded by the engine on demand, safetensors only.
+The protocol (routes, the request, the result, the stream's chunks, the error body) is defined once,
+in app/domains/serving/protocol.py, which the API uses too; an error answers its ErrorBody with the
+error's status, so the API can relay it as it is. Adapters are resolved per request from the
+database (the team's adapter row) and storage (its peft directory), then loaded by the engine on
+demand, safetensors only.
 
 The process registers (base model, URL) in the inference_endpoint table and refreshes a heartbeat
 there; that is how the API finds it, on SQLite and on Postgres alike.
@@ -32,6 +24,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from pydantic import BaseModel, ValidationError
+
 from app.core.db import session_scope
 from app.core.errors import InvalidRequest, NotFound, TuneforgeError
 from app.domains.adapters import service as adapters
@@ -39,29 +33,42 @@ from app.domains.adapters.errors import AdapterNotFound as AdapterRowNotFound
 from app.domains.files import formats
 from app.domains.models import service as models
 from app.domains.models.errors import ModelNotFound
+from app.domains.serving import protocol
 from app.domains.serving import service as serving
 from worker.inference.adapters import AdapterRef
 from worker.inference.engine import InferenceEngine
-from worker.inference.results import Completion, Generation
+from worker.inference.results import Completion, Delta, Generation
 
 log = logging.getLogger("tuneforge.inference")
 
 MAX_BODY_BYTES = 8 << 20
-_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
 
 
-def completion_json(completion: Completion) -> dict:
-    return {"id": completion.id, "created": completion.created, "adapter_id": completion.adapter_id,
-            "choices": [{"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
-                         "finish_reason": c.finish_reason} for c in completion.choices],
-            "usage": {"prompt_tokens": completion.usage.prompt_tokens,
-                      "completion_tokens": completion.usage.completion_tokens,
-                      "total_tokens": completion.usage.total_tokens},
-            "batch_id": completion.batch_id}
+def completion_result(completion: Completion) -> protocol.GenerateResult:
+    """The engine's finished request as the protocol's result."""
+    return protocol.GenerateResult(
+        id=completion.id, created=completion.created, adapter_id=completion.adapter_id,
+        choices=[protocol.Choice(index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+                 for c in completion.choices],
+        usage=protocol.Usage(prompt_tokens=completion.usage.prompt_tokens,
+                             completion_tokens=completion.usage.completion_tokens,
+                             total_tokens=completion.usage.total_tokens),
+        batch_id=completion.batch_id)
 
 
-def error_json(exc: TuneforgeError) -> dict:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+def wire_error(exc: TuneforgeError) -> protocol.WireError:
+    return protocol.WireError(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+
+def parse_request(body: dict) -> protocol.GenerateRequest:
+    """The /v1/generate body as the protocol's request. Raises InvalidRequest naming the first field
+    that is wrong."""
+    try:
+        return protocol.GenerateRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param + ': ' if param else ''}{first['msg']}.", param=param) from None
 
 
 class InferenceService:
@@ -71,13 +78,11 @@ class InferenceService:
         self.engine = engine
         self.base_model = base_model
 
-    def adapter_ref(self, team_id: str | None, adapter_id: str | None) -> AdapterRef | None:
+    def adapter_ref(self, team_id: str, adapter_id: str | None) -> AdapterRef | None:
         """The team's adapter as the engine sees it. Raises NotFound when the row is missing or the team's
         right to it is gone (it was deleted after the API checked)."""
         if adapter_id is None:
             return None
-        if not isinstance(adapter_id, str) or not isinstance(team_id, str):
-            raise InvalidRequest("adapter_id and team_id must be strings.", param="adapter_id")
         try:
             with session_scope() as session:
                 row = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
@@ -98,21 +103,15 @@ class InferenceService:
             raise InvalidRequest("messages must be a non-empty list of {role, content} objects.",
                                  param="messages") from None
 
-    def submit(self, body: dict) -> Generation:
-        """Parse a /v1/generate body and queue it. Raises the engine's errors (bad parameters, an
-        adapter of another base, a full queue)."""
-        ref = self.adapter_ref(body.get("team_id"), body.get("adapter_id"))
-        messages, prompt = body.get("messages"), body.get("prompt")
-        if (messages is None) == (prompt is None):
-            raise InvalidRequest("Send exactly one of prompt and messages.", param="prompt")
-        if messages is not None:
-            if not isinstance(messages, list):
-                raise InvalidRequest("messages must be a list of {role, content} objects.", param="messages")
-            prompt = self.encode_chat(messages, ref)
-        elif not isinstance(prompt, str | list):
-            raise InvalidRequest("prompt must be a string or a list of token ids.", param="prompt")
-        kwargs = {k: body[k] for k in _GENERATE_FIELDS if body.get(k) is not None}
-        return self.engine.submit(prompt, adapter=ref, **kwargs)
+    def submit(self, request: protocol.GenerateRequest) -> Generation:
+        """Queue a generation. Raises the engine's errors (bad parameters, an adapter of another base, a
+        full queue)."""
+        ref = self.adapter_ref(request.team_id, request.adapter_id)
+        if request.messages is not None:
+            prompt = self.encode_chat([m.model_dump() for m in request.messages], ref)
+        else:
+            prompt = request.prompt
+        return self.engine.submit(prompt, adapter=ref, **request.sampling())
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -122,8 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:  # the default writes every request to stderr
         log.debug("%s " + fmt, self.address_string(), *args)
 
-    def _send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send_json(self, status: int, payload: BaseModel | dict) -> None:
+        data = _json(payload)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -131,13 +130,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, exc: TuneforgeError) -> None:
-        self._send_json(exc.status_code, error_json(exc))
+        self._send_json(exc.status_code, protocol.ErrorBody(error=wire_error(exc)))
 
     def do_GET(self) -> None:
         service = self.server.service
-        if self.path == "/health":
-            self._send_json(200, {"status": "ok", "base_model": service.base_model})
-        elif self.path == "/v1/stats":
+        if self.path == protocol.HEALTH_PATH:
+            self._send_json(200, protocol.Health(base_model=service.base_model))
+        elif self.path == protocol.STATS_PATH:
             self._send_json(200, service.engine.stats())
         else:
             self._send_error(NotFound(f"Unknown route {self.path}.", code="not_found"))
@@ -146,16 +145,17 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         try:
             body = self._read_json()
-            if self.path == "/v1/generate":
-                self._generate(body)
-            elif self.path == "/v1/pause":
+            if self.path == protocol.GENERATE_PATH:
+                self._generate(parse_request(body))
+            elif self.path == protocol.PAUSE_PATH:
                 service.engine.pause()
                 self._send_json(200, {"paused": True})
-            elif self.path == "/v1/resume":
+            elif self.path == protocol.RESUME_PATH:
                 service.engine.resume()
                 self._send_json(200, {"paused": False})
-            elif self.path.startswith("/v1/adapters/") and self.path.endswith("/evict"):
-                adapter_id = unquote(self.path.removeprefix("/v1/adapters/").removesuffix("/evict"))
+            elif self.path.startswith(protocol.ADAPTERS_PATH) and self.path.endswith(protocol.EVICT_SUFFIX):
+                adapter_id = unquote(self.path.removeprefix(protocol.ADAPTERS_PATH)
+                                     .removesuffix(protocol.EVICT_SUFFIX))
                 self._send_json(200, {"id": adapter_id, "evicted": service.engine.evict(adapter_id, timeout=60)})
             else:
                 raise NotFound(f"Unknown route {self.path}.", code="not_found")
@@ -165,9 +165,9 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         except Exception:  # never a stack trace to the caller; the log has it
             log.exception("inference request failed")
-            self._send_json(500, {"error": {"message": "Internal error in the inference process; it has been "
-                                            "logged.", "type": "server_error", "param": None,
-                                            "code": "internal_error"}})
+            self._send_json(500, protocol.ErrorBody(error=protocol.WireError(
+                message="Internal error in the inference process; it has been logged.", type="server_error",
+                code="internal_error")))
 
     def _read_json(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
@@ -183,41 +183,45 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidRequest("The body must be a JSON object.")
         return body
 
-    def _generate(self, body: dict) -> None:
-        generation = self.server.service.submit(body)
-        if not body.get("stream"):
-            self._send_json(200, completion_json(generation.result()))
+    def _generate(self, request: protocol.GenerateRequest) -> None:
+        generation = self.server.service.submit(request)
+        if not request.stream:
+            self._send_json(200, completion_result(generation.result()))
             return
         # The first delta (or the error) comes only once the adapter is loaded and the request admitted,
         # so a bad adapter still answers with its own status instead of a 200 stream that fails.
         stream = generation.stream()
         first = next(stream, None)
         self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Content-Type", protocol.STREAM_MEDIA_TYPE)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
             if first is not None:
-                self._chunk(_delta_json(generation.id, first))
+                self._chunk(_delta_chunk(generation.id, first))
                 for delta in stream:
-                    self._chunk(_delta_json(generation.id, delta))
-            self._chunk({"type": "done", "result": completion_json(generation.result())})
+                    self._chunk(_delta_chunk(generation.id, delta))
+            self._chunk(protocol.DoneChunk(result=completion_result(generation.result())))
         except TuneforgeError as exc:
-            self._chunk({"type": "error", **error_json(exc)})
+            self._chunk(protocol.ErrorChunk(error=wire_error(exc)))
         except (BrokenPipeError, ConnectionResetError):
             generation.cancel()
             return
         self.wfile.write(b"0\r\n\r\n")
 
-    def _chunk(self, payload: dict) -> None:
-        data = json.dumps(payload).encode() + b"\n"
+    def _chunk(self, payload: BaseModel) -> None:
+        data = _json(payload) + b"\n"
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
 
-def _delta_json(request_id: str, delta) -> dict:
-    return {"type": "delta", "id": request_id, "index": delta.index, "text": delta.text, "token_ids": list(delta.token_ids),
-            "finish_reason": delta.finish_reason}
+def _delta_chunk(request_id: str, delta: Delta) -> protocol.DeltaChunk:
+    return protocol.DeltaChunk(id=request_id, index=delta.index, text=delta.text, token_ids=list(delta.token_ids),
+                               finish_reason=delta.finish_reason)
+
+
+def _json(payload: BaseModel | dict) -> bytes:
+    return json.dumps(payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload).encode()
 
 
 class _Server(ThreadingHTTPServer):

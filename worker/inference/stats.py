@@ -10,7 +10,6 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 
-BASE_KEY = "__base__"  # per-adapter counts: requests without an adapter
 RECENT_WINDOW_S = 30.0
 
 
@@ -42,7 +41,7 @@ class EngineStats:
         self.tokens_generated = 0
         self.prompt_tokens = 0
         self.busy_s = 0.0  # time spent in forward passes and sampling
-        self.per_adapter = Counter()  # adapter id (or BASE_KEY) -> requests admitted
+        self.per_adapter = Counter()  # adapter id (or protocol.BASE_ADAPTER_KEY) -> requests admitted
         self._token_times: deque[tuple[float, int]] = deque()  # (monotonic, tokens) per forward
 
     def count(self, group: str, key: str, n: int = 1) -> None:

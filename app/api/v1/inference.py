@@ -6,19 +6,16 @@ of other teams' adapters stay hidden, as everywhere else."""
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from app.api import forward
 from app.api.deps import ADMIN_ONLY, AdminDep, SessionDep
 from app.core.db import unix
 from app.domains.adapters import service as adapters
 from app.domains.serving import service as serving
-
-BASE_KEY = "__base__"  # the engine's per-adapter key for requests without an adapter
+from app.domains.serving.protocol import BASE_ADAPTER_KEY
 
 router = APIRouter(prefix="/inference", tags=["inference"])
 
@@ -46,14 +43,11 @@ async def inference_stats(session: SessionDep, principal: AdminDep) -> EndpointS
     own = {a.id for a in await run_in_threadpool(lambda: adapters.list_all(session, team_id=principal.team_id))}
     rows = [EndpointStats(id=e.id, base_model=e.base_model, url=e.url, started_at=unix(e.started_at),
                           heartbeat_at=unix(e.heartbeat_at)) for e in endpoints]
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0)) as client:
-        answers = await asyncio.gather(*(client.get(f"{r.url}/v1/stats") for r in rows), return_exceptions=True)
-    for row, answer in zip(rows, answers):
-        if isinstance(answer, httpx.Response) and answer.status_code == 200:
-            row.stats = _team_view(answer.json(), own)
+    for row, answer in zip(rows, await forward.stats([r.url for r in rows])):
+        if isinstance(answer, dict):
+            row.stats = _team_view(answer, own)
         else:
-            row.error = f"{type(answer).__name__}: {answer}" if isinstance(answer, Exception) else \
-                f"answered {answer.status_code}"
+            row.error = answer
     return EndpointStatsList(data=rows)
 
 
@@ -61,5 +55,5 @@ def _team_view(stats: dict, own: set[str]) -> dict:
     """The engine's counters with the per-adapter parts cut to the team's own adapters (and the base),
     and without storage paths."""
     loaded = [{k: v for k, v in e.items() if k != "path"} for e in stats.get("adapters_loaded", []) if e["id"] in own]
-    requests = {k: v for k, v in stats.get("per_adapter_requests", {}).items() if k in own or k == BASE_KEY}
+    requests = {k: v for k, v in stats.get("per_adapter_requests", {}).items() if k in own or k == BASE_ADAPTER_KEY}
     return stats | {"adapters_loaded": loaded, "per_adapter_requests": requests}

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.domains.files import formats
-# Re-exported: callers that check a file's format against these groups import them from here too.
-from app.domains.files.formats import FORMATS, TASK_FORMATS, TRAINABLE_FORMATS  # noqa: F401
+from app.domains.files.formats import FORMATS, TASK_FORMATS, TRAINABLE_FORMATS  # noqa: F401 (re-exported)
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 

@@ -106,6 +106,25 @@ def endpoints_for(session: Session, *, base_model: str, key: str) -> list[Infere
     return sorted(endpoints, key=lambda e: hashlib.sha256(f"{key}\0{e.id}".encode()).digest(), reverse=True)
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a request for a model goes: its base, the team's adapter (None for the base alone), and the
+    URLs of the live processes serving the base, in the order to try them."""
+
+    base_model: str
+    adapter_id: str | None
+    urls: list[str]
+
+
+def route(session: Session, *, team_id: str, model: str) -> Route:
+    """resolve() + endpoints_for(), keyed by the adapter (or the base alone). Raises ModelNotFound and
+    ModelNotServing like them."""
+    target = resolve(session, team_id=team_id, model=model)
+    adapter_id = target.adapter.id if target.adapter is not None else None
+    endpoints = endpoints_for(session, base_model=target.base_model, key=adapter_id or target.base_model)
+    return Route(base_model=target.base_model, adapter_id=adapter_id, urls=[e.url for e in endpoints])
+
+
 def adapter_dir(adapter: Adapter) -> Path:
     """The adapter's peft directory in storage (what the training task stored under files/)."""
     return get_storage().path(f"{adapter.storage_prefix}/files")

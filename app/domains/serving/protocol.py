@@ -1,0 +1,136 @@
+"""The internal protocol between the API and an inference process (`tuneforge inference`), the one
+definition both ends use: the API builds a GenerateRequest and parses the answers, the inference
+process parses the request and builds the answers. Users never speak it; the API translates it to
+and from OpenAI's shapes (app/domains/serving/schemas.py).
+
+    GET  /health                  Health
+    GET  /v1/stats                the engine's counters (InferenceEngine.stats()), a free-form object
+    POST /v1/generate             GenerateRequest -> GenerateResult, or with stream=true newline-delimited
+                                  JSON (STREAM_MEDIA_TYPE): DeltaChunk ..., then DoneChunk or ErrorChunk
+    POST /v1/pause | /v1/resume   stop / restart admitting queued requests (operators, tests)
+    POST /v1/adapters/{id}/evict  drop an adapter from memory
+
+An error answers ErrorBody with the error's own status, so the API relays it as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+HEALTH_PATH = "/health"
+STATS_PATH = "/v1/stats"
+GENERATE_PATH = "/v1/generate"
+PAUSE_PATH = "/v1/pause"
+RESUME_PATH = "/v1/resume"
+ADAPTERS_PATH = "/v1/adapters/"  # + "{adapter id}" + EVICT_SUFFIX
+EVICT_SUFFIX = "/evict"
+STREAM_MEDIA_TYPE = "application/x-ndjson"
+# The key of requests without an adapter in the engine's per-adapter counters (stats).
+BASE_ADAPTER_KEY = "__base__"
+
+
+class ChatTurn(BaseModel):
+    role: str
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """One generation: exactly one of `prompt` (text, or token ids of the base's tokenizer) and
+    `messages` (rendered by the inference process with the adapter's chat template), for the
+    team's adapter or the base alone. Sampling values left None take the engine's defaults; the
+    engine checks their ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    team_id: str
+    adapter_id: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatTurn] | None = Field(default=None, min_length=1)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
+
+    def sampling(self) -> dict:
+        """The sampling parameters that were given, as the engine's submit() keywords."""
+        values = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "stop": self.stop, "n": self.n, "seed": self.seed}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    """text: the decoded completion, cut before a stop sequence; token_ids: every generated token."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+class GenerateResult(BaseModel):
+    id: str  # "cmpl-..."
+    created: int  # unix seconds
+    adapter_id: str | None
+    choices: list[Choice]
+    usage: Usage
+    batch_id: int  # the batch the request was admitted in (the engine's stats()["batches"]["recent"])
+
+
+class WireError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: WireError
+
+
+class DeltaChunk(BaseModel):
+    """New output of one choice; the last delta of a choice carries its finish_reason."""
+
+    type: Literal["delta"] = "delta"
+    id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class DoneChunk(BaseModel):
+    type: Literal["done"] = "done"
+    result: GenerateResult
+
+
+class ErrorChunk(BaseModel):
+    """The request failed after its stream began (the status was already 200)."""
+
+    type: Literal["error"] = "error"
+    error: WireError
+
+
+StreamChunk = Annotated[DeltaChunk | DoneChunk | ErrorChunk, Field(discriminator="type")]
+STREAM_CHUNK: TypeAdapter[DeltaChunk | DoneChunk | ErrorChunk] = TypeAdapter(StreamChunk)
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    base_model: str
