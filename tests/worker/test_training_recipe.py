@@ -114,6 +114,15 @@ def test_each_record_format_becomes_its_training_text(tokenizer, record, expecte
     assert ids[-1] == tokenizer.eos_token_id
 
 
+def test_a_record_trains_as_the_format_the_upload_validator_gave_it(tokenizer):
+    mbpp = {"text": "Write f.", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"],
+            "prompt": "not this", "completion": "nor this"}
+    assert format_record(mbpp, tokenizer) == "Write f.\ndef f():\n    return 1" + EOS
+    incomplete_humaneval = {"prompt": "def f():\n", "completion": "    return 1\n", "test": "assert f() == 1"}
+    with pytest.raises(DataFormatError, match='"canonical_solution" is missing'):
+        format_record(incomplete_humaneval, tokenizer)
+
+
 def test_chat_record_goes_through_the_saved_chat_template(tokenizer):
     record = {"messages": [{"role": "user", "content": "Add one."}, {"role": "assistant", "content": "x + 1"}]}
     text = format_record(record, tokenizer)

@@ -68,7 +68,8 @@ def parse_request(body: dict) -> protocol.GenerateRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param + ': ' if param else ''}{first['msg']}.", param=param) from None
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise InvalidRequest(f"{param + ': ' if param else ''}{message}.", param=param) from None
 
 
 class InferenceService:

@@ -71,7 +71,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, record
 
 
-def detect_format(record: dict[str, Any]) -> RecordFormat:
+def trainable_format(record: dict[str, Any]) -> RecordFormat:
     """The format of one valid, trainable record (app/domains/files/formats.py decides, as it does at
     upload). Raises DataFormatError naming what is wrong when the record is of no format, is not
     trainable, or breaks its format's requirements."""
@@ -113,7 +113,7 @@ def _text_and_targets(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase
     each includes the eos or end-of-turn text that follows it, so the model
     learns to stop. Raises DataFormatError like format_record.
     """
-    kind = detect_format(record)
+    kind = trainable_format(record)
     if kind == RecordFormat.CHAT:
         return chat_text_and_targets(record["messages"], tokenizer)
     prompt, completion = formats.prompt_and_completion(record, kind)

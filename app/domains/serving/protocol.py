@@ -40,9 +40,10 @@ class GenerateRequest(BaseModel):
     """One generation: exactly one of `prompt` (text, or token ids of the base's tokenizer) and
     `messages` (rendered by the inference process with the adapter's chat template), for the
     team's adapter or the base alone. Sampling values left None take the engine's defaults; the
-    engine checks their ranges."""
+    engine checks their ranges. Unknown fields are ignored, so an API newer than the process can
+    still be served."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     team_id: str
     adapter_id: str | None = None

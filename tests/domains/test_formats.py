@@ -1,0 +1,57 @@
+"""Record formats and prompt layouts: one detection rule, one plain chat layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.domains.files import formats
+from app.domains.files.formats import RecordFormat
+
+MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
+HUMANEVAL = {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
+             "entry_point": "f"}
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
+
+
+@pytest.mark.parametrize("record, fmt", [
+    ({**MBPP, "prompt": "extra", "completion": "extra"}, RecordFormat.MBPP),
+    ({**MBPP, "entry_point": "add"}, RecordFormat.MBPP),
+    ({**HUMANEVAL, "completion": "extra", "text": "extra"}, RecordFormat.HUMANEVAL),
+], ids=["mbpp_with_prompt_completion_keys", "mbpp_with_entry_point", "humaneval_with_other_keys"])
+def test_a_valid_record_with_another_formats_keys_keeps_its_own_format(record: dict, fmt: RecordFormat) -> None:
+    assert formats.require(record) == fmt
+
+
+def test_a_humaneval_record_missing_a_field_is_refused_not_taken_for_another_format() -> None:
+    record = {"prompt": "def f():\n", "completion": "    return 1\n", "test": "def check(c): pass"}
+    assert formats.detect(record) == RecordFormat.HUMANEVAL
+    with pytest.raises(formats.RecordInvalid) as info:
+        formats.require(record)
+    assert [p.split(" ")[0] for p in info.value.problems] == ['"canonical_solution"', '"entry_point"']
+
+
+def test_a_format_outside_the_allowed_ones_is_refused() -> None:
+    with pytest.raises(formats.RecordInvalid, match="this record is text; here a record must be one of mbpp"):
+        formats.require({"text": "hello"}, formats.TASK_FORMATS)
+
+
+def test_a_task_prompt_is_the_prompt_of_its_training_example() -> None:
+    assert formats.task_prompt(MBPP, RecordFormat.MBPP) == "Add two numbers.\n"
+    assert formats.prompt_and_completion(MBPP, RecordFormat.MBPP) == ("Add two numbers.\n", MBPP["code"])
+    assert formats.task_prompt(HUMANEVAL, RecordFormat.HUMANEVAL) == HUMANEVAL["prompt"]
+
+
+def test_plain_chat_marks_each_assistant_turn() -> None:
+    text, spans = formats.plain_chat(MESSAGES)
+    assert text == "<|system|>\nBe brief.\n<|user|>\n2+2?\n<|assistant|>\n4\n<|user|>\n3+3?\n"
+    assert [text[s:e] for s, e in spans] == ["4\n"]
+    assert formats.plain_chat_prompt(MESSAGES) == text + "<|assistant|>\n"
+
+
+def test_the_plain_chat_template_renders_the_plain_chat_layout() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string(formats.plain_chat_template())
+    assert template.render(messages=MESSAGES, add_generation_prompt=True) == formats.plain_chat_prompt(MESSAGES)
+    with_eos = jinja2.Environment().from_string(formats.plain_chat_template(end_of_turn="</s>"))
+    assert with_eos.render(messages=MESSAGES[:1], add_generation_prompt=False) == "<|system|>\nBe brief.</s>\n"

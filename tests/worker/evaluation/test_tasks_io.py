@@ -1,0 +1,44 @@
+"""Reading an uploaded task file: each record read as the format the upload validator gave it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.domains.files.formats import RecordInvalid
+from app.domains.files.validation import validate_bytes_iter
+from worker.evaluation.harness import HumanEvalProblem, MbppProblem
+from worker.evaluation.tasks_io import from_jsonl
+
+MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
+HUMANEVAL = {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
+             "entry_point": "f"}
+
+
+def write(path: Path, *records: dict) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_an_mbpp_task_with_an_entry_point_key_is_read_as_mbpp(tmp_path):
+    record = {**MBPP, "entry_point": "add"}
+    path = write(tmp_path / "tasks.jsonl", record)
+    assert validate_bytes_iter([path.read_bytes()]).format == "mbpp"
+    problems, prompts = from_jsonl(path)
+    assert problems == {"1": MbppProblem(task_id="1", test_list=tuple(MBPP["test_list"]), reference_code=MBPP["code"])}
+    assert [(p.text, p.format) for p in prompts] == [("Add two numbers.\n", "mbpp")]
+
+
+def test_humaneval_tasks_are_numbered_by_line_without_a_task_id(tmp_path):
+    problems, prompts = from_jsonl(write(tmp_path / "tasks.jsonl", HUMANEVAL))
+    assert problems == {"task/1": HumanEvalProblem(task_id="task/1", prompt=HUMANEVAL["prompt"],
+                                                   test=HUMANEVAL["test"], entry_point="f",
+                                                   canonical_solution=HUMANEVAL["canonical_solution"])}
+    assert [(p.task_id, p.text, p.format) for p in prompts] == [("task/1", "def f():\n", "humaneval")]
+
+
+def test_a_record_that_is_no_code_task_is_refused_with_its_line(tmp_path):
+    with pytest.raises(RecordInvalid, match=r"tasks\.jsonl line 2: this record is text"):
+        from_jsonl(write(tmp_path / "tasks.jsonl", MBPP, {"text": "not a task"}))
