@@ -17,13 +17,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from worker.evaluation.errors import SandboxBreach
 from worker.evaluation.identities import SandboxIdentity
-
-if TYPE_CHECKING:
-    from worker.evaluation.sandbox import Mode, Sandbox
+from worker.evaluation.runs import Mode, SandboxLimits, SandboxResult
 
 PROBE_PORTS = (6379, 5432)
 # The probe's own timeout: it waits on two connects and forks up to the process cap.
@@ -51,6 +49,21 @@ class SelfCheckReport:
 
     def failures(self) -> list[str]:
         return [f"{name}: {p.detail}" for name, p in self.probes.items() if p.required and not p.held]
+
+
+class SandboxUnderCheck(Protocol):
+    """What the check needs of a sandbox (worker.evaluation.sandbox.Sandbox is one): it runs the
+    probe like any other program and judges the result against the sandbox's own promises."""
+
+    mode: Mode
+    limits: SandboxLimits
+
+    @property
+    def identities(self) -> list[SandboxIdentity]: ...
+
+    def visible_paths(self) -> list[str]: ...
+
+    def run(self, program: str, *, timeout_s: float | None = None) -> SandboxResult: ...
 
 
 # %-formatted with the probe's configuration (as JSON); %% is a literal %.
@@ -128,7 +141,7 @@ print(json.dumps({
 '''
 
 
-def run_self_check(sandbox: Sandbox, hidden_paths: Sequence[str] = ()) -> SelfCheckReport:
+def run_self_check(sandbox: SandboxUnderCheck, hidden_paths: Sequence[str] = ()) -> SelfCheckReport:
     """Run the probe in `sandbox` and judge it. Raises SandboxBreach listing every required
     protection that failed (or when the probe itself did not complete). Side effect: a temporary
     host dir, removed before returning."""
@@ -157,7 +170,7 @@ def run_self_check(sandbox: Sandbox, hidden_paths: Sequence[str] = ()) -> SelfCh
     return report
 
 
-def _checkable(sandbox: Sandbox, paths: Sequence[str]) -> list[str]:
+def _checkable(sandbox: SandboxUnderCheck, paths: Sequence[str]) -> list[str]:
     """The paths whose invisibility means something: not /, not the paths the sandbox shows on
     purpose (/usr, the interpreter, ...), nor their ancestors (bwrap creates those as dirs)."""
     shown = sandbox.visible_paths()
@@ -174,7 +187,7 @@ def _blocked(text: str) -> bool:
     return text.startswith("blocked")
 
 
-def _judge(sandbox: Sandbox, probe: dict, host_dir: str) -> dict[str, ProbeOutcome]:
+def _judge(sandbox: SandboxUnderCheck, probe: dict, host_dir: str) -> dict[str, ProbeOutcome]:
     strong = sandbox.mode == "strong"
     limit = sandbox.limits.max_processes
     forks, fork_error = probe["forks"]
