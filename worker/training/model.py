@@ -1,4 +1,4 @@
-"""Loading the base model and tokenizer and attaching LoRA (paper steps 1-3).
+"""Loading the base model and its tokenizer, and attaching a fresh LoRA adapter to train.
 
 All loading goes through load_base, so the quantization rule lives in one
 place: bitsandbytes 4- or 8-bit as the spec says, on GPU and on CPU alike.
