@@ -185,7 +185,7 @@ def test_cancel_stops_without_a_checkpoint_while_periodic_ones_are_written(base_
     hooks = CheckpointHooks(tmp_path / "kept", stop_at=2, reason="cancel")
     result, _ = train(spec_for(quantized=False, max_steps=4, checkpoint_every_steps=1), base_path, train_file,
                       tmp_path / "run", hooks)
-    assert (result.steps, result.stopped, result.stopped_early) == (2, "cancel", True)
+    assert (result.steps, result.stopped, result.stopped is not None) == (2, "cancel", True)
     assert [step for step, _, _ in hooks.checkpoints] == [1]
 
 

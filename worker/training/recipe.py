@@ -76,7 +76,6 @@ class TrainResult:
     device: str
     precision: str
     quantization: str
-    stopped_early: bool
     attention: str = "sdpa"
     packing: bool = False
     micro_batch_size: int = 1
@@ -731,7 +730,6 @@ class LoraRecipe:
             device=info["device"],
             precision=info["precision"],
             quantization=info["quantization"],
-            stopped_early=self._callback.stop_requested,
             attention=info["attention"],
             packing=info["packing"],
             micro_batch_size=info["micro_batch_size"],
