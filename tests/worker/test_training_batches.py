@@ -11,8 +11,10 @@ import torch
 
 from app.domains.jobs.spec import LoraSpec, TrainingSettings, TrainingSpec
 from tests.worker.test_training_recipe import RecordingHooks, code_task_records, write_jsonl
+from worker.training.batching import choose_micro_batch, divisors_descending
+from worker.training.memory import PeakMemory
 from worker.training.model import cpu_has_bf16, resolve_precision
-from worker.training.recipe import LoraRecipe, PeakMemory, choose_micro_batch, divisors_descending
+from worker.training.recipe import LoraRecipe
 
 
 def test_micro_batch_is_the_largest_fitting_divisor_of_the_effective_batch():

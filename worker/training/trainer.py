@@ -1,0 +1,143 @@
+"""The transformers Trainer as the recipe runs it: its arguments from the spec, and a subclass for
+packed rows and exact mid-epoch resume.
+
+Written against transformers==5.24.0 (the pinned version). Two private Trainer methods are
+overridden because no public hook reaches what they decide; each says why. Re-read both when
+the pin moves: a renamed or re-signed private method would silently stop being called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from app.domains.jobs.spec import TrainingSpec
+from worker.training.batching import BatchPlan
+from worker.training.model import Device, Precision
+from worker.training.packing import split_packed_batch
+
+
+def training_arguments(spec: TrainingSpec, *, plan: BatchPlan, optimizer: str, precision: Precision, device: Device,
+                       output_dir: Path, has_validation: bool) -> TrainingArguments:
+    """The Trainer's arguments for this spec, batch plan and device; checkpoints go to output_dir."""
+    t = spec.training
+    micro, packing = plan.micro_batch_size, plan.packing
+    # Periodic checkpoints by step, else the recipe's local epoch-end ones; StopAndCheckpoint has the last word.
+    every = t.checkpoint_every_steps
+    saving = {"save_strategy": "steps", "save_steps": every} if every is not None else {"save_strategy": "epoch"}
+    on_cpu = device == "cpu"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro,
+        # Evaluation keeps no activations but does keep each pass's logits (tokens x vocabulary);
+        # on CPU, where the micro-batch is a whole optimizer step, it goes by the spec's batch_size.
+        per_device_eval_batch_size=micro if device == "cuda" else t.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        # transformers 5 has no warmup_ratio: a float below 1 here is a ratio of total steps.
+        warmup_steps=float(t.warmup_ratio),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=on_cpu,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        **saving,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="epoch" if has_validation else "no",
+        # Evaluation needs only the loss; otherwise the Trainer keeps every
+        # batch's logits (batch x length x vocab floats) in memory.
+        prediction_loss_only=True,
+        # Packed rows have no padding (and no attention mask to count by):
+        # every input token is real. Padded batches count the attention mask.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        # Length-grouped batches cut padding waste; with one example per
+        # micro-batch, or packed rows, there is none to cut.
+        train_sampling_strategy="group_by_length" if t.group_by_length and micro > 1 and not packing else "random",
+        # The Trainer's gradient checkpointing stays at its default (off): load_base_model applied the spec's.
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_pin_memory=not on_cpu,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped sampler, its shuffle seeded by (seed + epoch).
+
+    The Trainer's own draws from the global RNG, whose state at an epoch's start
+    depends on everything before it (dropout included), so a run resumed in
+    the middle of an epoch would see that epoch in another order. Seeded per
+    epoch (like accelerate's SeedableRandomSampler for the random strategy),
+    the order is a function of the epoch alone and skipping the trained
+    batches lands on the same data position. The Trainer calls set_epoch.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class RowTrainer(Trainer):
+    """Trainer that runs a packed micro-batch as rows of at most row_tokens tokens (None: whole),
+    and resumes exactly (a per-epoch seeded length-grouped sampler, no step past max_steps).
+
+    Each row's loss is its summed token losses over the step's target count
+    (num_items_in_batch), so the rows' gradients add up to the micro-batch's.
+    Without that count (a model that takes no loss kwargs) rows are not used.
+    row_multiple and pad_token_id: each row is padded to a multiple of row_multiple tokens with
+    pad_token_id (see packing.split_packed_batch). Other arguments are the Trainer's.
+    """
+
+    def __init__(self, *args, row_tokens: int | None = None, row_multiple: int | None = None,
+                 pad_token_id: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.row_tokens = row_tokens
+        self.row_multiple = row_multiple
+        self.pad_token_id = pad_token_id
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint at max_steps in mid-epoch (the last step's): the Trainer would skip
+        # the trained batches and run one step more before it checks the limit. Private because the
+        # limit is only checked after a step (DefaultFlowCallback.on_step_end), and no callback
+        # runs between the skipped batches and that step; the recipe needs the Trainer's own
+        # resume (adapter, state) even when nothing is left to train. transformers 5.24.0.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Private because the Trainer builds its LengthGroupedSampler here without a generator and
+        # takes no sampler argument; the public alternative, get_train_dataloader, would mean
+        # copying the private _get_dataloader it calls. transformers 5.24.0.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        [len(row["input_ids"]) for row in dataset], self.args.data_seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.row_tokens is None or num_items_in_batch is None or "cu_seq_lens_q" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        rows = split_packed_batch(inputs, self.row_tokens, pad_to_multiple_of=self.row_multiple,
+                                  pad_token_id=self.pad_token_id)
+        return sum(super(RowTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
