@@ -37,7 +37,9 @@ from app.domains.serving import protocol
 from app.domains.serving import service as serving
 from worker.inference.adapters import AdapterRef
 from worker.inference.engine import InferenceEngine
+from worker.inference.errors import AdapterNotFound
 from worker.inference.results import Completion, Delta, Generation
+from worker.staging import stage_tree
 
 log = logging.getLogger("tuneforge.inference")
 
@@ -87,9 +89,15 @@ class InferenceService:
         try:
             with session_scope() as session:
                 row = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
-                return AdapterRef(id=row.id, path=serving.adapter_dir(row), base=row.base_model)
+                adapter_id, base, files = row.id, row.base_model, adapters.files_prefix(row.storage_prefix)
         except AdapterRowNotFound:
             raise NotFound(f"No such adapter: {adapter_id!r}.", param="model", code="model_not_found") from None
+        try:
+            path = stage_tree(files)
+        except FileNotFoundError:
+            raise AdapterNotFound(f"adapter {adapter_id!r}: its files are missing from storage ({files}).",
+                                  param="model") from None
+        return AdapterRef(id=adapter_id, path=path, base=base)
 
     def encode_chat(self, messages: list, ref: AdapterRef | None) -> str | list[int]:
         """The chat prompt rendered as training rendered it: token ids from the engine's chat template for

@@ -9,14 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
 from app.core.ids import new_id
-from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
 from app.domains.adapters.models import Adapter
 from app.domains.models import service as models
@@ -123,8 +121,3 @@ def route(session: Session, *, team_id: str, model: str) -> Route:
     adapter_id = target.adapter.id if target.adapter is not None else None
     endpoints = endpoints_for(session, base_model=target.base_model, key=adapter_id or target.base_model)
     return Route(base_model=target.base_model, adapter_id=adapter_id, urls=[e.url for e in endpoints])
-
-
-def adapter_dir(adapter: Adapter) -> Path:
-    """The adapter's peft directory in storage (what the training task stored under files/)."""
-    return get_storage().path(f"{adapter.storage_prefix}/files")

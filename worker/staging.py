@@ -1,0 +1,48 @@
+"""Blobs a worker needs, staged from storage into this machine's cache (<data_dir>/cache).
+
+Workers never read storage's own paths: they stage what they use here, so a worker on another
+host, or a storage backend that is not a directory, works the same. Only immutable blobs are
+cached (an uploaded file and an adapter never change under their id); a checkpoint, which a step
+saved again replaces, is fetched afresh each time (worker.tasks.checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from app.core.config import get_settings
+from app.core.storage import get_storage
+
+
+def _cached(key: str) -> Path:
+    return get_settings().data_dir / "cache" / key
+
+
+def stage_file(key: str) -> Path:
+    """A local copy of the blob at key, fetched on first use. Raises FileNotFoundError when
+    storage has no blob there."""
+    target = _cached(key)
+    if not target.is_file():
+        get_storage().fetch_to(key, target)
+    return target
+
+
+def stage_tree(prefix: str) -> Path:
+    """A local copy of every blob under prefix, as a directory, fetched on first use. Raises
+    FileNotFoundError when storage holds nothing there."""
+    target = _cached(prefix)
+    if not target.is_dir():
+        get_storage().fetch_tree_to(prefix, target)
+    return target
+
+
+def forget(prefix: str) -> None:
+    """Drop a staged copy (a deleted adapter's, say); a missing one is fine."""
+    import shutil
+
+    target = _cached(prefix)
+    if target.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+    elif target.exists():
+        os.unlink(target)
