@@ -49,7 +49,7 @@ class AuditMiddleware:
                         captured = None
                 if not message.get("more_body", False) and not recorded:
                     recorded = True
-                    await _record(scope, status, captured)
+                    await _record(scope, status, bytes(captured) if captured is not None else None)
             await send(message)
 
         try:
@@ -94,15 +94,16 @@ async def _record(scope: Scope, status: int, body: bytes | None) -> None:
     route = _template(scope)
     template = route or scope["path"]
     principal = (scope.get("state") or {}).get("principal")
-    row = {"team_id": getattr(principal, "team_id", None), "key_id": getattr(principal, "key_id", None),
-           "action": f"{scope['method']} {template}", "object_id": _object_id(scope, body) if route else None,
-           "status_code": status}
+    team_id, key_id = getattr(principal, "team_id", None), getattr(principal, "key_id", None)
+    action, object_id = f"{scope['method']} {template}", _object_id(scope, body) if route else None
 
     def write() -> None:
         try:
             with session_scope() as session:
-                audit.record(session, **row)
+                audit.record(session, team_id=team_id, key_id=key_id, action=action, object_id=object_id,
+                             status_code=status)
         except Exception:  # the answer stands; the gap is logged
-            log.exception("could not write the audit row %s", row)
+            log.exception("could not write the audit row %s", {"team_id": team_id, "key_id": key_id, "action": action,
+                                                                "object_id": object_id, "status_code": status})
 
     await anyio.to_thread.run_sync(write)

@@ -12,6 +12,8 @@ Nothing leaks a stack trace.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,8 +86,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     if len(errors) > 1:
         others = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[1:5])
         message += f" (also: {others})"
-    return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_" + ("value" if param else "request")),
-                        status_code=422)
+    code = "invalid_" + ("value" if param else "request")
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=422)
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -133,13 +135,18 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(TuneforgeError, _tuneforge_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(OperationalError, _database_down)
-    app.add_exception_handler(InterfaceError, _database_down)
-    app.add_exception_handler(IntegrityError, _constraint_violation)
-    app.add_exception_handler(DBAPIError, _database_error)
-    app.add_exception_handler(PoolTimeout, _database_down)  # every pooled connection busy: overloaded
-    app.add_exception_handler(DataError, _unstorable_value)
-    app.add_exception_handler(Exception, _unexpected)
+    # Starlette types a handler as taking any Exception; each of these takes the class it is registered for.
+    handlers: list[tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]]] = [
+        (TuneforgeError, _tuneforge_error),
+        (RequestValidationError, _validation_error),
+        (StarletteHTTPException, _http_error),
+        (OperationalError, _database_down),
+        (InterfaceError, _database_down),
+        (IntegrityError, _constraint_violation),
+        (DBAPIError, _database_error),
+        (PoolTimeout, _database_down),  # every pooled connection busy: overloaded
+        (DataError, _unstorable_value),
+        (Exception, _unexpected),
+    ]
+    for exc_class, handler in handlers:
+        app.add_exception_handler(exc_class, handler)

@@ -104,9 +104,10 @@ async def stats(urls: Sequence[str]) -> list[dict | str]:
     for answer in answers:
         if isinstance(answer, httpx.Response) and answer.status_code == 200:
             out.append(answer.json())
+        elif isinstance(answer, httpx.Response):
+            out.append(f"answered {answer.status_code}")
         else:
-            out.append(f"{type(answer).__name__}: {answer}" if isinstance(answer, Exception) else
-                       f"answered {answer.status_code}")
+            out.append(f"{type(answer).__name__}: {answer}")
     return out
 
 

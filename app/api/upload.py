@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -21,6 +22,9 @@ from starlette.requests import ClientDisconnect, Request
 from app.core.errors import InvalidRequest, TooLarge
 from app.core.storage import Storage
 from app.domains.files.validation import JsonlValidator, ValidationReport
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 4096
@@ -56,7 +60,7 @@ class _State:
     field_value: bytearray = field(default_factory=bytearray)
     file = None
     filename: str | None = None
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     size: int = 0
 
     # -- python-multipart callbacks --
@@ -104,6 +108,7 @@ class _State:
         if self.size > self.max_bytes:
             raise TooLarge(f"The file exceeds the upload limit of {self.max_bytes} bytes.", param="file",
                            code="file_too_large")
+        assert self.file is not None  # on_part_begin opened it for this file part
         self.file.write(chunk)
         self.digest.update(chunk)
         self.validator.feed(chunk)
@@ -127,7 +132,7 @@ async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
         raise InvalidRequest("Upload with Content-Type multipart/form-data, fields 'purpose' and 'file'.",
                              param="file", code="invalid_content_type")
     state = _State(storage=storage, max_bytes=max_bytes, validator=validator)
-    parser = MultipartParser(params[b"boundary"], state.callbacks())
+    parser = MultipartParser(params[b"boundary"], cast("MultipartCallbacks", state.callbacks()))
     try:
         async for chunk in request.stream():
             parser.write(chunk)

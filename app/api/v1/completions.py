@@ -9,6 +9,8 @@ shapes, ending with `data: [DONE]`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +22,7 @@ from app.domains.serving.schemas import ChatCompletion, ChatCompletionCreate, Co
 
 router = APIRouter(tags=["completions"])
 
-_STREAM_RESPONSE = {200: {"content": {"text/event-stream": {}},
+_STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}},
                           "description": "With stream=true: server-sent events, one chunk per piece of text, "
                                          "then `data: [DONE]`."}}
 

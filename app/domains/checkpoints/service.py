@@ -69,8 +69,9 @@ def prune(session: Session, *, job_id: str, keep: int) -> list[str]:
 def list_page(session: Session, *, team_id: str, job_id: str, after: str | None, limit: int) -> CheckpointList:
     """The job's checkpoints, newest first. Raises JobNotFound for a missing job and another team's alike."""
     job = jobs.get(session, team_id=team_id, job_id=job_id)
-    model = jobs.model_name(base=job.model, team_name=session.get(Team, team_id).name, suffix=job.suffix,
-                            job_id=job.id)
+    team = session.get(Team, team_id)
+    assert team is not None  # the team owns the job just read
+    model = jobs.model_name(base=job.model, team_name=team.name, suffix=job.suffix, job_id=job.id)
     stmt = select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job.id)
     rows, has_more = paginate(session, stmt, FineTuningCheckpoint.id, after=after, limit=limit)
     data = [to_read(r, model=model) for r in rows]

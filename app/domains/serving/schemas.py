@@ -204,8 +204,8 @@ class ChunkEncoder:
 
     def delta(self, item: protocol.DeltaChunk) -> CompletionChunk | ChatCompletionChunk:
         if not self.chat:
-            choice = CompletionChunkChoice(index=item.index, text=item.text, finish_reason=item.finish_reason)
-            return CompletionChunk(id=item.id, created=self.created, model=self.model, choices=[choice])
+            text = CompletionChunkChoice(index=item.index, text=item.text, finish_reason=item.finish_reason)
+            return CompletionChunk(id=item.id, created=self.created, model=self.model, choices=[text])
         role = None if item.index in self._started else "assistant"
         self._started.add(item.index)
         choice = ChatChunkChoice(index=item.index, delta=ChatDelta(role=role, content=item.text),
