@@ -10,9 +10,8 @@ from importlib import resources
 import httpx
 
 from app.core.db import session_scope
+from app.domains.jobs.states import FINAL
 from app.domains.teams import service as teams
-
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def create_team(name: str | None = None) -> tuple[str, str]:

@@ -162,6 +162,7 @@ _QUOTA_OPTIONS = {"running_jobs": int, "queued_jobs": int, "storage_bytes": int,
 
 def _set_quota(args: argparse.Namespace) -> int:
     from app.core.db import session_scope
+    from app.domains.jobs import service as jobs
     from app.domains.quotas import service as quotas
 
     values = {}
@@ -182,7 +183,7 @@ def _set_quota(args: argparse.Namespace) -> int:
         if team_id is None:
             return 1
         quotas.set_overrides(session, team_id=team_id, **values)
-        current = quotas.read(session, team_id=team_id)
+        current = quotas.read(session, team_id=team_id, jobs=jobs.counts(team_id))
     print(current.model_dump_json(indent=2))
     return 0
 

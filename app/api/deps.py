@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
@@ -25,6 +26,18 @@ def _session() -> Iterator[Session]:
 
 # scope="function": commit before the response is sent, so a failed commit cannot answer 200.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
+T = TypeVar("T")
+
+
+async def in_unit_of_work(work: Callable[[Session], T]) -> T:
+    """Run work(session) in a session of its own, committed when it returns (rolled back when it
+    raises), on the threadpool: for async routes that must commit before they answer, or that read
+    repeatedly without holding one transaction open."""
+    def run() -> T:
+        with session_scope() as session:
+            return work(session)
+
+    return await run_in_threadpool(run)
 
 
 def _principal(request: Request, session: SessionDep,

@@ -18,7 +18,8 @@ def create_once(session: Session, principal: Principal, *, endpoint: str, key: s
                 create: Callable[[], T], fetch: Callable[[str], T]) -> tuple[T, bool]:
     """Return (object, created). A key seen before returns the object its first request made; a
     concurrent request with the same key that commits first wins, and its object is returned.
-    Commits on creation, so the caller can dispatch work afterwards only when created is True."""
+    Commits on creation (what create() registered to run after commit, such as an enqueue, runs
+    then), so that a concurrent request with the same key is caught here, as an IntegrityError."""
     existing = idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)
     if existing:
         return fetch(existing), False

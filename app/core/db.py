@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import DateTime, MetaData, create_engine, event, func, select, update
+from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -101,15 +101,3 @@ def get_owned(session: Session, model: type, object_id: str, team_id: str):
     missing one are indistinguishable to the caller, by construction."""
     row = session.get(model, object_id)
     return row if row is not None and row.team_id == team_id else None
-
-
-def take_stale_queued(session: Session, model: type, *columns, older_than: dt.datetime) -> list:
-    """Rows (of `columns`) of `model` still queued and last enqueued, or created, before older_than:
-    their message may have been lost. Marks them enqueued now, so each is re-sent at most once per
-    interval. The model has id, status, enqueued_at and created_at."""
-    rows = session.execute(select(*columns).where(
-        model.status == "queued", func.coalesce(model.enqueued_at, model.created_at) < older_than)).all()
-    if rows:
-        session.execute(update(model).where(model.id.in_([r.id for r in rows])).values(enqueued_at=utcnow())
-                        .execution_options(synchronize_session=False))
-    return rows

@@ -1,14 +1,25 @@
-"""Dispatch by Celery task name: the API process sends job ids, never imports the worker."""
+"""Dispatch by Celery task name: the API process sends job ids, never imports the worker.
+
+Work is sent only after the transaction that decided it commits (after_commit): a worker must
+find the row it is sent, and a rolled-back decision sends nothing. A send that fails (the broker
+is down) is logged and the row stays queued; every worker's reaper re-sends queued rows whose
+message may be lost.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.core.config import Settings, get_settings
+from app.core.storage import get_storage
 
 log = logging.getLogger("tuneforge.queue")
 
@@ -58,6 +69,43 @@ def client() -> Celery:
     app = Celery("tuneforge-api")
     app.conf.update(celery_config(get_settings()))
     return app
+
+
+_PENDING = "tuneforge.after_commit"
+
+
+def after_commit(session: Session, fn: Callable[..., Any], *args: Any) -> None:
+    """Run fn(*args) once the session's current transaction commits; dropped if it rolls back (or
+    the session closes without committing). Runs in the order registered; an exception is logged,
+    never raised into the commit, which has already happened."""
+    session.info.setdefault(_PENDING, []).append((fn, args))
+
+
+def delete_after_commit(session: Session, key: str) -> None:
+    """Remove a blob (a file or a prefix) once the transaction that deleted its row commits: a
+    rollback keeps both the row and its files."""
+    after_commit(session, _delete_blob, key)
+
+
+def _delete_blob(key: str) -> None:
+    get_storage().delete(key)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_pending(session: Session) -> None:
+    if session.in_nested_transaction():  # a savepoint released: the transaction goes on
+        return
+    for fn, args in session.info.pop(_PENDING, []):
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("after-commit %s%r failed", getattr(fn, "__name__", fn), args)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the outermost transaction ended without a commit running them
+        session.info.pop(_PENDING, None)
 
 
 def enqueue_training(job_id: str) -> bool:

@@ -50,8 +50,7 @@ def test_with_the_broker_down_reads_work_and_new_jobs_and_evaluations_are_kept_a
     from app.core.db import session_scope
     from app.domains.jobs.models import FineTuningJob
     from app.domains.evaluations.models import Evaluation
-    from worker.tasks.evaluation import redispatch_stale_evaluations
-    from worker.tasks.training import redispatch_stale
+    from worker.tasks.reaper import redispatch_stale
 
     def evaluation_status(evaluation_id: str) -> str:
         with session_scope() as session:
@@ -86,8 +85,9 @@ def test_with_the_broker_down_reads_work_and_new_jobs_and_evaluations_are_kept_a
         assert session.get(FineTuningJob, job["id"]).status == "queued"
         assert session.get(Evaluation, evaluation["id"]).status == "queued"
 
-    # The broker is back (this process uses the live one): the job is sent again.
-    assert job["id"] in redispatch_stale(older_than_seconds=0)
+    # The broker is back (this process uses the live one): the job and the evaluation are sent again.
+    stale = redispatch_stale(older_than_seconds=0)
+    assert job["id"] in stale.jobs
     queue = services_env["TUNEFORGE_TRAINING_QUEUE"]
     r = redis.Redis.from_url(REDIS_URL)
 
@@ -100,7 +100,7 @@ def test_with_the_broker_down_reads_work_and_new_jobs_and_evaluations_are_kept_a
     wait_until(sent_or_taken, timeout=30, message="the job to be re-dispatched")
 
     # And the evaluation, which the session's worker then scores.
-    assert evaluation["id"] in redispatch_stale_evaluations(older_than_seconds=0)
+    assert evaluation["id"] in stale.evaluations
     done = wait_until(lambda: (e := evaluation_status(evaluation["id"])) in ("succeeded", "failed") and e,
                       timeout=120, message="the re-dispatched evaluation to be scored")
     assert done == "succeeded"

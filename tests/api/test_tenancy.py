@@ -13,8 +13,11 @@ from sqlalchemy import func, select
 
 from app.core.db import session_scope
 from app.domains.files.models import File
-from app.domains.jobs import service as jobs
-from app.domains.jobs.schemas import JobCreate
+from app.core.ids import new_id
+from app.domains.jobs import lease as job_lease
+from app.domains.jobs.models import FineTuningJob
+from app.domains.jobs.spec import TrainingSpec
+from app.domains.jobs.states import JobStatus
 from app.domains.quotas import service as quotas
 from app.domains.quotas.ratelimit import LocalBuckets
 from app.domains.teams.models import ApiKey
@@ -272,9 +275,13 @@ def test_concurrent_uploads_cannot_both_take_the_last_file_slot(api, make_team, 
 
 
 def _queued_job(team_id: str, file_id: str) -> str:
-    """A job in 'queued' that is not sent to any queue, so no worker can start it during the test."""
+    """A job in 'queued' that is not sent to any queue, so no worker can start it during the test:
+    the row alone (jobs.create would enqueue it on commit)."""
     with session_scope() as session:
-        return jobs.create(session, team_id=team_id, body=JobCreate(model="tiny-llama", training_file=file_id)).id
+        job = FineTuningJob(id=new_id("ftjob"), team_id=team_id, model="tiny-llama", training_file=file_id,
+                            status=JobStatus.QUEUED, spec=TrainingSpec().model_dump(mode="json"), seed=42, attempts=0)
+        session.add(job)
+        return job.id
 
 
 def test_jobs_past_the_queued_jobs_quota_answer_429(api, make_team, tiny_model):
@@ -304,18 +311,18 @@ def test_may_start_holds_a_team_to_its_running_jobs_quota(api, make_team, tiny_m
     first, second = _queued_job(team_id, file_id), _queued_job(team_id, file_id)
     try:
         with session_scope() as session:
-            assert quotas.may_start(session, team_id)
-            assert jobs.claim(session, job_id=first, worker_id="quota-test", lease_seconds=60, max_attempts=3) is not None
+            assert job_lease.may_start(session, team_id)
+            assert job_lease.claim(session, job_id=first, worker_id="quota-test", lease_seconds=60, max_attempts=3) is not None
         with session_scope() as session:
-            assert not quotas.may_start(session, team_id)
-            assert quotas.may_start(session, other_team)  # the limit is per team
+            assert not job_lease.may_start(session, team_id)
+            assert job_lease.may_start(session, other_team)  # the limit is per team
         with session_scope() as session:  # the claim asks may_start: the second job stays queued
-            assert jobs.claim(session, job_id=second, worker_id="quota-test", lease_seconds=60, max_attempts=3) is None
+            assert job_lease.claim(session, job_id=second, worker_id="quota-test", lease_seconds=60, max_attempts=3) is None
         assert client.get(f"/fine_tuning/jobs/{second}").json()["status"] == "queued"
         assert client.get("/quotas").json()["running_jobs"] == {"limit": 1, "usage": 1}
         _set_quota(team_id, running_jobs=2)
         with session_scope() as session:
-            assert quotas.may_start(session, team_id)
+            assert job_lease.may_start(session, team_id)
     finally:
         for job_id in (first, second):
             client.post(f"/fine_tuning/jobs/{job_id}/cancel")

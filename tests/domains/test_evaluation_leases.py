@@ -87,7 +87,7 @@ def test_only_the_holder_renews_and_finishes_and_a_second_claim_wins_nothing(que
 
 
 def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queue, monkeypatch):
-    from worker.tasks.evaluation import reap_expired_evaluations
+    from worker.tasks.reaper import reap_expired
 
     monkeypatch.setenv("TUNEFORGE_MAX_ATTEMPTS", "2")
     _clear_caches()
@@ -104,7 +104,7 @@ def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queu
 
     # First claims, leases already lapsed (their workers "died"): requeued and re-sent.
     old_token, _ = _claim([standalone, base, tuned], lease_seconds=-1)
-    assert sorted(reap_expired_evaluations()) == sorted([standalone, base, tuned])
+    assert sorted(reap_expired().evaluations) == sorted([standalone, base, tuned])
     assert [_row(e).status for e in (standalone, base, tuned, fresh)] == ["queued", "queued", "queued", "running"]
     # The standalone one as itself, the job's two as one job evaluation.
     assert queue() == sorted([("evaluations.run", standalone), ("evaluations.run_job", job_id)])
@@ -114,7 +114,7 @@ def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queu
 
     # Second (and last) claims lapse too: given up, and the job fails with its evaluation.
     _claim([standalone, base, tuned], lease_seconds=-1)
-    assert reap_expired_evaluations() == []
+    assert reap_expired().evaluations == []
     for eid in (standalone, base, tuned):
         row = _row(eid)
         assert (row.status, row.attempts, row.error["code"]) == ("failed", 2, "lease_expired")
@@ -128,17 +128,17 @@ def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queu
 
 
 def test_queued_evaluations_are_resent_at_most_once_per_interval(queue):
-    from worker.tasks.evaluation import redispatch_stale_evaluations
+    from worker.tasks.reaper import redispatch_stale
 
     team_id, _ = create_team()
     eid = _evaluation(team_id)
-    assert redispatch_stale_evaluations(older_than_seconds=3600) == []  # just created: its message may be on its way
-    assert redispatch_stale_evaluations(older_than_seconds=0) == [eid]
+    assert redispatch_stale(older_than_seconds=3600).evaluations == []  # just created: its message may be on its way
+    assert redispatch_stale(older_than_seconds=0).evaluations == [eid]
     assert queue() == [("evaluations.run", eid)]
     # Marked as enqueued now: the next pass within the interval sends nothing.
-    assert redispatch_stale_evaluations(older_than_seconds=60) == []
+    assert redispatch_stale(older_than_seconds=60).evaluations == []
     with session_scope() as session:
-        assert evaluations.stale_queued(session, older_than=utcnow() + dt.timedelta(seconds=1)) == [(eid, None)]
+        assert evaluations.redispatch_stale(session, older_than=utcnow() + dt.timedelta(seconds=1)) == [(eid, None)]
 
 
 def test_an_evaluation_whose_inputs_are_gone_fails_at_once_instead_of_waiting_for_the_reaper(queue):

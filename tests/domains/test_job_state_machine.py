@@ -18,10 +18,12 @@ from sqlalchemy import select, update
 
 from app.core.db import session_scope, utcnow
 from app.core.ids import new_id
+from app.domains.jobs import lease as job_lease
 from app.domains.jobs import service as jobs
 from app.domains.jobs.errors import IllegalTransition
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.spec import TrainingSpec
+from app.domains.jobs.states import FINAL, JobStatus
 from tests.factories import create_team
 
 MAX_ATTEMPTS = 2
@@ -64,7 +66,7 @@ class JobLifecycle(RuleBasedStateMachine):
     def claim(self, worker: str) -> None:
         before = _row(self.job_id)
         with session_scope() as session:
-            job = jobs.claim(session, job_id=self.job_id, worker_id=worker, lease_seconds=LEASE_SECONDS,
+            job = job_lease.claim(session, job_id=self.job_id, worker_id=worker, lease_seconds=LEASE_SECONDS,
                              max_attempts=MAX_ATTEMPTS)
             token = job.lease_token if job else None
         assert (token is not None) == (before.status == "queued" and before.attempts < MAX_ATTEMPTS)
@@ -77,14 +79,14 @@ class JobLifecycle(RuleBasedStateMachine):
         if _row(self.job_id).status != "running":
             return
         with session_scope() as session:
-            assert jobs.claim(session, job_id=self.job_id, worker_id=f"{worker}-dup", lease_seconds=LEASE_SECONDS,
+            assert job_lease.claim(session, job_id=self.job_id, worker_id=f"{worker}-dup", lease_seconds=LEASE_SECONDS,
                               max_attempts=MAX_ATTEMPTS) is None
 
     @rule(worker=WORKERS)
     def heartbeat(self, worker: str) -> None:
         expected = self._is_holder(worker)
         with session_scope() as session:
-            renewed = jobs.renew(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
+            renewed = job_lease.renew(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
                                  lease_seconds=LEASE_SECONDS)
         assert renewed == expected
 
@@ -104,7 +106,7 @@ class JobLifecycle(RuleBasedStateMachine):
         before = _row(self.job_id)
         expired = before.status == "running" and before.lease_expires_at < utcnow()
         with session_scope() as session:
-            requeued = jobs.reap(session, max_attempts=MAX_ATTEMPTS)
+            requeued = job_lease.reap(session, max_attempts=MAX_ATTEMPTS)
         after = _row(self.job_id)
         if not expired:
             assert after.status == before.status and self.job_id not in requeued
@@ -122,7 +124,7 @@ class JobLifecycle(RuleBasedStateMachine):
         row = _row(self.job_id)
         expected = self._is_holder(worker) and row.stop_request != "cancel"
         with session_scope() as session:
-            done = jobs.succeed(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
+            done = job_lease.succeed(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
                                 fine_tuned_model=f"ft:tiny:{worker}", trained_tokens=1, usage={})
         assert done == expected
         if not expected:
@@ -132,7 +134,7 @@ class JobLifecycle(RuleBasedStateMachine):
     def fail(self, worker: str) -> None:
         expected = self._is_holder(worker)
         with session_scope() as session:
-            assert jobs.fail(session, job_id=self.job_id, code="training_error", message="boom",
+            assert job_lease.fail(session, job_id=self.job_id, code="training_error", message="boom",
                              lease_token=self.tokens.get(worker, "none")) == expected
 
     @rule(worker=WORKERS, reason=st.sampled_from(["cancel", "pause", "shutdown"]))
@@ -141,7 +143,7 @@ class JobLifecycle(RuleBasedStateMachine):
         row = _row(self.job_id)
         holder = self._is_holder(worker)
         with session_scope() as session:
-            status = jobs.release(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
+            status = job_lease.release(session, job_id=self.job_id, lease_token=self.tokens.get(worker, "none"),
                                   reason=reason)
         if not holder:
             assert status is None and _row(self.job_id).status == row.status
@@ -185,7 +187,8 @@ class JobLifecycle(RuleBasedStateMachine):
         before = _row(self.job_id)
         try:
             with session_scope() as session:
-                _, requeued = jobs.resume(session, team_id=self.team_id, job_id=self.job_id)
+                job = jobs.resume(session, team_id=self.team_id, job_id=self.job_id)
+                requeued = job.status == JobStatus.QUEUED
         except IllegalTransition:
             assert before.status != "paused" and not (before.status == "running" and before.stop_request == "pause")
             return
@@ -200,7 +203,7 @@ class JobLifecycle(RuleBasedStateMachine):
         assert (row.lease_expires_at is not None) == (row.status == "running")
         with session_scope() as session:
             holding = [w for w, t in self.tokens.items()
-                       if jobs.holder_view(session, job_id=self.job_id, lease_token=t) != "lost"]
+                       if job_lease.holder_view(session, job_id=self.job_id, lease_token=t) != "lost"]
         assert len(holding) <= 1
 
     @invariant()
@@ -210,14 +213,14 @@ class JobLifecycle(RuleBasedStateMachine):
         row = _row(self.job_id)
         if self.final is not None:
             assert row.status == self.final
-        if row.status in jobs.FINAL:
+        if row.status in FINAL:
             self.final = row.status
         with session_scope() as session:
             messages = session.scalars(select(FineTuningJobEvent.message)
                                        .where(FineTuningJobEvent.job_id == self.job_id)).all()
         finals = [m for m in messages if m.startswith(FINAL_EVENT_PREFIXES)]
-        assert len(finals) == (1 if row.status in jobs.FINAL else 0), finals
-        assert (row.finished_at is not None) == (row.status in jobs.FINAL)
+        assert len(finals) == (1 if row.status in FINAL else 0), finals
+        assert (row.finished_at is not None) == (row.status in FINAL)
 
     @invariant()
     def attempts_stay_within_max(self) -> None:
@@ -252,8 +255,8 @@ def test_reaper_requeues_a_dead_holders_job_then_gives_up_after_max_attempts(pri
         assert row.attempts == attempt
         assert row.status == ("queued" if attempt < MAX_ATTEMPTS else "failed")
         with session_scope() as session:  # the dead holder, come back, can write nothing
-            assert not jobs.renew(session, job_id=machine.job_id, lease_token=stale, lease_seconds=LEASE_SECONDS)
-            assert jobs.release(session, job_id=machine.job_id, lease_token=stale, reason="shutdown") is None
+            assert not job_lease.renew(session, job_id=machine.job_id, lease_token=stale, lease_seconds=LEASE_SECONDS)
+            assert job_lease.release(session, job_id=machine.job_id, lease_token=stale, reason="shutdown") is None
         machine.final_state_is_never_left_and_written_once()
     assert _row(machine.job_id).error["code"] == "lease_expired"
     machine.claim(worker="w9")  # a late duplicate delivery of a failed job claims nothing

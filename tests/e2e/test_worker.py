@@ -84,7 +84,7 @@ def test_a_failing_job_ends_failed_with_its_reason(api, make_team, worker):
 
 def test_a_queued_job_whose_message_was_lost_is_redispatched(api, make_team, worker, services_env):
     """The API commits the job before enqueueing; if the enqueue is lost, a worker re-sends it."""
-    from worker.tasks.training import redispatch_stale
+    from worker.tasks.reaper import redispatch_stale
 
     _, key = make_team()
     client = api(key)
@@ -94,5 +94,5 @@ def test_a_queued_job_whose_message_was_lost_is_redispatched(api, make_team, wor
     removed = sum(r.lrem(queue, 0, m) for m in r.lrange(queue, 0, -1) if job["id"].encode() in m)
     if removed:  # we beat the worker to the message: the job is now queued with no message at all
         assert client.get(f"/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
-        assert job["id"] in redispatch_stale(older_than_seconds=0)
+        assert job["id"] in redispatch_stale(older_than_seconds=0).jobs
     assert wait_for_job(client, job["id"])["status"] == "succeeded"

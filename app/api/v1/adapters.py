@@ -33,7 +33,5 @@ def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalD
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)
 def delete_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -> AdapterDeleted:
-    prefix = adapters.delete(session, team_id=principal.team_id, adapter_id=adapter_id)
-    session.commit()
-    get_storage().delete(prefix)
+    adapters.delete(session, team_id=principal.team_id, adapter_id=adapter_id)
     return AdapterDeleted(id=adapter_id)

@@ -5,7 +5,6 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
 from app.api.idempotent import create_once
-from app.core import queue
 from app.core.errors import Conflict
 from app.core.storage import get_storage
 from app.domains.evaluations import service as evaluations
@@ -19,12 +18,10 @@ def create_evaluation(body: EvaluationCreate, session: SessionDep, principal: Pr
                       idempotency_key: IdempotencyKey = None) -> EvaluationRead:
     """Generate completions with a model (or take the team's completions_file) and run every program
     in the sandbox; pass@k per k. Runs on the evaluation workers; poll GET /v1/evaluations/{id}."""
-    row, created = create_once(
+    row, _ = create_once(
         session, principal, endpoint="evaluations", key=idempotency_key,
         create=lambda: evaluations.create(session, team_id=principal.team_id, body=body),
         fetch=lambda evaluation_id: evaluations.get(session, team_id=principal.team_id, evaluation_id=evaluation_id))
-    if created:
-        queue.enqueue_evaluation(row.id)
     return evaluations.to_read(row)
 
 

@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy.exc import IntegrityError
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
+from app.api.idempotent import create_once
 from app.api.upload import receive_upload
 from app.core.config import get_settings
 from app.core.storage import get_storage
@@ -43,30 +43,35 @@ async def upload_file(request: Request, session: SessionDep, principal: Principa
         request, storage=storage, max_bytes=settings.upload_max_bytes,
         validator=JsonlValidator(max_errors=settings.upload_max_errors,
                                  max_line_bytes=settings.upload_max_line_bytes))
-    key = None
-    try:
+    stored: list[str] = []  # the blob's key, once the upload is moved into storage
+
+    def create():
         purpose = files.check_purpose(upload.fields.get("purpose"))
         files.report_errors(upload.report)
         quotas.check_upload(session, team_id=principal.team_id, size=upload.bytes)
         row = files.create(session, team_id=principal.team_id, storage=storage, temp_path=upload.temp_path,
                            filename=upload.filename, purpose=purpose, size=upload.bytes, sha256=upload.sha256,
                            report=upload.report)
-        key = row.storage_key
-        idempotency.remember(session, team_id=principal.team_id, endpoint="files", key=idempotency_key,
-                             object_id=row.id)
-        session.commit()
-    except IntegrityError:
-        # A concurrent request with the same Idempotency-Key won: answer with its file.
-        session.rollback()
-        storage.delete(key) if key else None
-        existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
-        return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
+        stored.append(row.storage_key)
+        return row
+
+    try:
+        row, created = create_once(
+            session, principal, endpoint="files", key=idempotency_key, create=create,
+            fetch=lambda file_id: files.get(session, team_id=principal.team_id, file_id=file_id))
     except BaseException:
-        upload.discard()
-        if key:
-            storage.delete(key)
+        _drop(upload, storage, stored)
         raise
+    if not created:  # a concurrent request with the same Idempotency-Key won: answer with its file
+        _drop(upload, storage, stored)
     return files.to_read(row)
+
+
+def _drop(upload, storage, stored: list[str]) -> None:
+    """Remove an upload that was not recorded: its temporary file, or the blob it became."""
+    upload.discard()
+    for key in stored:
+        storage.delete(key)
 
 
 @router.get("", response_model=FileList)
@@ -91,7 +96,5 @@ def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileDeleted:
     active = jobs.active_jobs_using_file(session, team_id=principal.team_id, file_id=file_id)
-    key = files.delete(session, team_id=principal.team_id, file_id=file_id, active_job_ids=active)
-    session.commit()
-    get_storage().delete(key)
+    files.delete(session, team_id=principal.team_id, file_id=file_id, active_job_ids=active)
     return FileDeleted(id=file_id)

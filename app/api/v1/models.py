@@ -7,7 +7,6 @@ from pydantic import BaseModel
 
 from app.api.deps import PrincipalDep, SessionDep
 from app.core.db import unix
-from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
 from app.domains.models import service as models
 from app.domains.models.errors import ModelNotFound
@@ -69,7 +68,5 @@ def delete_model(model_id: str, session: SessionDep, principal: PrincipalDep) ->
     row = adapters.get_by_name(session, team_id=principal.team_id, name=model_id)
     if row is None:
         raise ModelNotFound(f"No such fine-tuned model: {model_id!r}.", param="model")
-    prefix = adapters.delete(session, team_id=principal.team_id, adapter_id=row.id)
-    session.commit()
-    get_storage().delete(prefix)
+    adapters.delete(session, team_id=principal.team_id, adapter_id=row.id)
     return ModelDeleted(id=model_id)

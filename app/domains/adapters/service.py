@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core import queue
 from app.core.db import get_owned, unix
 from app.core.pagination import paginate
 from app.domains.adapters.errors import AdapterNotFound
@@ -64,10 +65,11 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int) 
 
 
 def delete(session: Session, *, team_id: str, adapter_id: str) -> str:
-    """Delete the row; returns the storage prefix for the caller to remove after commit."""
+    """Delete the row; its files are removed after commit. Returns their storage prefix."""
     row = get(session, team_id=team_id, adapter_id=adapter_id)
     session.delete(row)
     session.flush()
+    queue.delete_after_commit(session, row.storage_prefix)
     return row.storage_prefix
 
 

@@ -3,15 +3,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String
+from sqlalchemy import JSON, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
+from app.core.leases import LeaseColumns
 
 
-class Evaluation(Base):
+class Evaluation(LeaseColumns, Base):
     """pass@k of one model (a base, or a base + adapter) on code tasks, or of completions a team brought.
-    A job's evaluations carry its id and a role: 'base' or 'tuned'."""
+    A job's evaluations carry its id and a role: 'base' or 'tuned'. Status is an EvaluationStatus;
+    workers hold a running evaluation under a lease, as they hold jobs (LeaseColumns): the reaper
+    requeues or fails a running evaluation whose lease expired, and queued evaluations whose message
+    may be lost are re-sent, at most once per redispatch interval."""
 
     __tablename__ = "evaluation"
 
@@ -32,10 +36,3 @@ class Evaluation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    # As for jobs: claims used, the running worker's lease (renewed by its heartbeat; the reaper
-    # requeues or fails a running evaluation whose lease expired), and the last enqueue (queued
-    # evaluations whose message may be lost are re-sent, at most once per redispatch interval).
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_token: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

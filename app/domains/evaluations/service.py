@@ -1,28 +1,31 @@
 """Evaluations: resolve what to score, record it, claim it for a worker, store the outcome.
 
-States: queued -> running -> succeeded | failed. Claims and final writes are conditional
-updates, so a redelivered message scores nothing twice. A claim comes with a lease that the
-worker's heartbeat renews and that every final write is conditional on; reap() requeues (or,
-after max_attempts claims, fails) running evaluations whose lease expired, and stale_queued()
-finds queued ones whose message may have been lost."""
+States (EvaluationStatus): queued -> running -> succeeded | failed. Claims and final writes are
+conditional updates under a lease (app.core.leases), so a redelivered message scores nothing
+twice. reap() requeues (or, after max_attempts claims, fails) running evaluations whose lease
+expired, and redispatch_stale() re-sends queued ones whose message may have been lost. Every
+evaluation that is created or queued again is sent to the evaluation queue after commit: a
+standalone one as itself, a job's two as one job evaluation."""
 
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.db import get_owned, take_stale_queued, unix, utcnow
+from app.core import leases, queue
+from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
 from app.domains.evaluations.errors import EvaluationInvalid, EvaluationNotFound
 from app.domains.evaluations.models import Evaluation
+from app.domains.evaluations.report import compare
 from app.domains.evaluations.schemas import EvaluationCreate, EvaluationList, EvaluationRead
 from app.domains.evaluations.spec import SamplingSpec
+from app.domains.evaluations.states import EvaluationStatus
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
 from app.domains.files.validation import TASK_FORMATS
@@ -59,29 +62,33 @@ def _resolve_model(session: Session, team_id: str, name: str) -> tuple[str, str 
 
 
 def create(session: Session, *, team_id: str, body: EvaluationCreate) -> Evaluation:
-    """Validate and record a standalone evaluation in 'queued'. The caller commits, then enqueues."""
+    """Validate and record a standalone evaluation in 'queued'; it is enqueued after commit."""
     if body.tasks not in BUILTIN_TASKS:
         check_task_file(session, team_id=team_id, file_id=body.tasks, param="tasks")
     if body.completions_file:
         _team_file(session, team_id, body.completions_file, "completions_file", ("completions",))
     base, adapter_id = _resolve_model(session, team_id, body.model) if body.model else (None, None)
     settings = SamplingSpec.model_validate(body.model_dump(include=set(SamplingSpec.model_fields)))
-    row = Evaluation(id=new_id("eval"), team_id=team_id, status="queued", model=body.model, base_model=base,
-                     adapter_id=adapter_id, tasks=body.tasks, completions_file=body.completions_file,
+    row = Evaluation(id=new_id("eval"), team_id=team_id, status=EvaluationStatus.QUEUED, model=body.model,
+                     base_model=base, adapter_id=adapter_id, tasks=body.tasks, completions_file=body.completions_file,
                      settings=settings.model_dump(mode="json"))
     session.add(row)
     session.flush()
+    _send_after_commit(session, [(row.id, None)])
     return row
 
 
 def create_for_job(session: Session, *, team_id: str, job_id: str, base_model: str, adapter_id: str,
                    fine_tuned_model: str, tasks: str, settings: SamplingSpec) -> list[Evaluation]:
-    """The base and the tuned evaluation of a job, on the same tasks and settings."""
-    rows = [Evaluation(id=new_id("eval"), team_id=team_id, job_id=job_id, role=role, status="queued", model=model,
-                       base_model=base_model, adapter_id=adapter, tasks=tasks, settings=settings.model_dump(mode="json"))
+    """The base and the tuned evaluation of a job, on the same tasks and settings; the job's
+    evaluation is enqueued after commit."""
+    rows = [Evaluation(id=new_id("eval"), team_id=team_id, job_id=job_id, role=role, status=EvaluationStatus.QUEUED,
+                       model=model, base_model=base_model, adapter_id=adapter, tasks=tasks,
+                       settings=settings.model_dump(mode="json"))
             for role, model, adapter in (("base", base_model, None), ("tuned", fine_tuned_model, adapter_id))]
     session.add_all(rows)
     session.flush()
+    _send_after_commit(session, [(row.id, job_id) for row in rows])
     return rows
 
 
@@ -102,76 +109,87 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int) 
     return EvaluationList(data=[to_read(r) for r in rows], has_more=has_more)
 
 
+def queued_for_job(session: Session, job_id: str) -> list[str]:
+    return list(session.scalars(select(Evaluation.id).where(Evaluation.job_id == job_id,
+                                                            Evaluation.status == EvaluationStatus.QUEUED)))
+
+
+def job_report(session: Session, job_id: str) -> dict | None:
+    """The job's evaluation report (report.compare) once both its base and tuned evaluations
+    succeeded, else None."""
+    by_role = {r.role: r.result for r in for_job(session, job_id) if r.status == EvaluationStatus.SUCCEEDED}
+    return compare(by_role) if set(by_role) == {"base", "tuned"} else None
+
+
+# -- what workers record ----------------------------------------------------------------
+
 def claim(session: Session, *, ids: list[str], lease_seconds: float, max_attempts: int) -> tuple[str, list[str]]:
     """Move the queued ones of `ids` with attempts left to running, under one new lease; returns
     (the lease token, the ids this caller won)."""
-    token, now = secrets.token_hex(16), utcnow()
-    won = session.execute(
-        update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.status == "queued",
-                                 Evaluation.attempts < max_attempts)
-        .values(status="running", started_at=now, attempts=Evaluation.attempts + 1, lease_token=token,
-                lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-        .returning(Evaluation.id).execution_options(synchronize_session=False)).scalars().all()
-    return token, list(won)
+    return leases.claim(session, Evaluation, ids=ids, queued=EvaluationStatus.QUEUED,
+                        running=EvaluationStatus.RUNNING, lease_seconds=lease_seconds, max_attempts=max_attempts,
+                        started_at=utcnow())
 
 
 def renew(session: Session, *, ids: list[str], lease_token: str, lease_seconds: float) -> bool:
     """Extend the lease of the running ones of `ids` still held with lease_token; False when none
     is (the reaper took them back, or they ended): the holder's results would not be recorded."""
-    now = utcnow()
-    renewed = session.execute(
-        update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.status == "running",
-                                 Evaluation.lease_token == lease_token)
-        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-        .returning(Evaluation.id).execution_options(synchronize_session=False)).all()
-    return bool(renewed)
+    return leases.renew(session, Evaluation, ids=ids, running=EvaluationStatus.RUNNING, lease_token=lease_token,
+                        lease_seconds=lease_seconds)
 
 
 def succeed(session: Session, *, evaluation_id: str, lease_token: str, result: dict[str, Any],
             results_key: str) -> bool:
-    return _finish(session, evaluation_id, lease_token, status="succeeded", result=result, results_key=results_key)
+    """Final, by the lease holder only; False (nothing written) otherwise."""
+    return leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
+                         lease_token=lease_token, status=EvaluationStatus.SUCCEEDED, finished_at=utcnow(),
+                         result=result, results_key=results_key)
 
 
 def fail(session: Session, *, evaluation_id: str, lease_token: str, code: str, message: str) -> bool:
-    return _finish(session, evaluation_id, lease_token, status="failed", error={"code": code, "message": message})
+    """Final, by the lease holder only; False (nothing written) otherwise."""
+    return leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
+                         lease_token=lease_token, status=EvaluationStatus.FAILED, finished_at=utcnow(),
+                         error={"code": code, "message": message})
 
 
-def _finish(session: Session, evaluation_id: str, lease_token: str, **values: Any) -> bool:
-    done = session.execute(update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == "running",
-                                                    Evaluation.lease_token == lease_token)
-                           .values(finished_at=utcnow(), lease_token=None, lease_expires_at=None, **values)
-                           .returning(Evaluation.id).execution_options(synchronize_session=False)).first()
-    return done is not None
-
-
-def reap(session: Session, *, max_attempts: int) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+def reap(session: Session, *, max_attempts: int) -> tuple[list[str], list[tuple[str, str | None]]]:
     """Take back running evaluations whose lease expired (their worker died or lost the database):
-    queued again while attempts remain, else failed with code lease_expired. Each is one
-    conditional UPDATE, so a holder renewing at the same moment either wins or loses cleanly.
-    Returns (requeued, failed), each as (evaluation id, job id or None), for the caller to enqueue
-    the requeued ones and end the failed ones' jobs."""
-    now = utcnow()
-    expired = (Evaluation.status == "running", Evaluation.lease_expires_at < now)
-    gone = {"lease_token": None, "lease_expires_at": None}
-    failed = session.execute(
-        update(Evaluation).where(*expired, Evaluation.attempts >= max_attempts)
-        .values(status="failed", finished_at=now, **gone, error={
-            "code": "lease_expired",
-            "message": f"The evaluation was given up: its worker stopped renewing its lease on all "
-                       f"{max_attempts} attempts (max_attempts {max_attempts}).",
-        }).returning(Evaluation.id, Evaluation.job_id).execution_options(synchronize_session=False)).all()
-    requeued = session.execute(
-        update(Evaluation).where(*expired).values(status="queued", enqueued_at=now, **gone)
-        .returning(Evaluation.id, Evaluation.job_id).execution_options(synchronize_session=False)).all()
-    return [tuple(r) for r in requeued], [tuple(r) for r in failed]
+    queued again (and re-sent after commit) while attempts remain, else failed with code
+    lease_expired. Returns (the requeued ids, the given-up ones as (evaluation id, job id or
+    None)): a job whose evaluation was given up is the jobs domain's to fail."""
+    running, now = EvaluationStatus.RUNNING, utcnow()
+    given_up = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.FAILED,
+                           where=(Evaluation.attempts >= max_attempts,), returning=(Evaluation.job_id,),
+                           finished_at=now, error={
+                               "code": "lease_expired",
+                               "message": f"The evaluation was given up: its worker stopped renewing its lease on "
+                                          f"all {max_attempts} attempts (max_attempts {max_attempts}).",
+                           })
+    requeued = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.QUEUED,
+                           returning=(Evaluation.job_id,), enqueued_at=now)
+    _send_after_commit(session, requeued)
+    return [r.id for r in requeued], [tuple(r) for r in given_up]
 
 
-def stale_queued(session: Session, *, older_than: dt.datetime) -> list[tuple[str, str | None]]:
-    """Queued evaluations last enqueued (or created) before `older_than`, as (id, job id or None):
+def redispatch_stale(session: Session, *, older_than: dt.datetime) -> list[tuple[str, str | None]]:
+    """Re-send, after commit, queued evaluations last enqueued (or created) before `older_than`:
     their message may be lost (the broker was down at create time, or lost it). Marks them
-    enqueued now, so each is re-sent at most once per interval."""
-    rows = take_stale_queued(session, Evaluation, Evaluation.id, Evaluation.job_id, older_than=older_than)
-    return [tuple(r) for r in rows]
+    enqueued now, so each is re-sent at most once per interval. Returns them as (id, job id or
+    None)."""
+    rows = [tuple(r) for r in leases.take_stale(session, Evaluation, Evaluation.job_id,
+                                                queued=EvaluationStatus.QUEUED, older_than=older_than)]
+    _send_after_commit(session, rows)
+    return rows
+
+
+def _send_after_commit(session: Session, rows) -> None:
+    """A standalone evaluation goes out on its own; a job's as its job's evaluation task, once."""
+    for job_id in dict.fromkeys(job_id for _, job_id in rows if job_id):
+        queue.after_commit(session, queue.enqueue_job_evaluation, job_id)
+    for evaluation_id, job_id in rows:
+        if not job_id:
+            queue.after_commit(session, queue.enqueue_evaluation, evaluation_id)
 
 
 def to_read(row: Evaluation) -> EvaluationRead:

@@ -8,6 +8,7 @@ import re
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core import queue
 from app.core.db import get_owned, unix
 from app.core.ids import new_id
 from app.core.pagination import paginate
@@ -89,8 +90,8 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int,
 
 def delete(session: Session, *, team_id: str, file_id: str,
            active_job_ids: list[str]) -> str:
-    """Delete the row; returns the storage key, for the caller to remove after commit (so a failed
-    commit never leaves a row without its blob). Raises FileNotFound, or FileInUse while an
+    """Delete the row; its blob is removed after commit (so a failed commit never leaves a row
+    without its blob). Returns the blob's storage key. Raises FileNotFound, or FileInUse while an
     unfinished job uses the file."""
     row = get(session, team_id=team_id, file_id=file_id)
     if active_job_ids:
@@ -98,6 +99,7 @@ def delete(session: Session, *, team_id: str, file_id: str,
                         "cancel them or wait until they end.", param="file_id")
     session.delete(row)
     session.flush()
+    queue.delete_after_commit(session, row.storage_key)
     return row.storage_key
 
 

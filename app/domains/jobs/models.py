@@ -7,10 +7,13 @@ from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
+from app.core.leases import LeaseColumns
 
 
-class FineTuningJob(Base):
-    """A job's truth. Celery carries only its id; status moves only via jobs.service."""
+class FineTuningJob(LeaseColumns, Base):
+    """A job's truth. Celery carries only its id; status (a JobStatus) moves only through
+    jobs.states.transition. The lease columns (attempts, lease_token, lease_expires_at,
+    enqueued_at) come from LeaseColumns: a running job has one holder, the worker that claimed it."""
 
     __tablename__ = "fine_tuning_job"
 
@@ -29,7 +32,6 @@ class FineTuningJob(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(255))
     # auto_iterate: later rounds are child jobs of the job the user submitted (round 1).
     parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("fine_tuning_job.id", ondelete="SET NULL"), index=True)
@@ -37,14 +39,8 @@ class FineTuningJob(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    # The running job's lease: only the worker holding lease_token may renew it or write a final
-    # state; the reaper requeues (or fails) a running job whose lease_expires_at has passed.
-    lease_token: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    # "cancel" or "pause", asked by the API of a running job; the lease holder acts on it.
+    # A StopRequest ("cancel" or "pause"), asked by the API of a running job; the lease holder acts on it.
     stop_request: Mapped[str | None] = mapped_column(String(16))
-    # When the job's id was last sent to the queue (None: at creation); paces re-dispatch.
-    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     estimated_finish: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 

@@ -6,27 +6,35 @@ them. Each check that precedes a write locks the team's row first (teams.lock_te
 concurrent requests of one team cannot both take the last unit: the second waits, then sees the
 first one's row. Over quota answers 429 where waiting helps (queued jobs) and 409 where it does not
 until the team frees something (storage, files); every message names the limit and the usage.
+
+Quotas do not know job states: the jobs domain passes in the queries that count a team's jobs
+(JobCounts), run here after the team's row is locked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.domains.adapters.models import Adapter
 from app.domains.files.models import File
-from app.domains.jobs.models import FineTuningJob
 from app.domains.quotas.errors import QueueFull, StorageFull, TooManyFiles
 from app.domains.quotas.models import TeamQuota
 from app.domains.quotas.schemas import QuotaItem, QuotaRead
 from app.domains.teams import service as teams
 
-RUNNING = ("running",)
-WAITING = ("validating_files", "queued")
 OVERRIDABLE = ("running_jobs", "queued_jobs", "storage_bytes", "files", "rate_per_second", "rate_burst")
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """Queries (SELECT count) of one team's jobs: running, and waiting to start."""
+
+    running: Select
+    waiting: Select
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,8 @@ def limits(session: Session, team_id: str) -> Limits:
                             else default) for name, default in defaults.items()})
 
 
-def _jobs_in(session: Session, team_id: str, statuses: tuple[str, ...]) -> int:
-    return session.scalar(select(func.count()).select_from(FineTuningJob).where(
-        FineTuningJob.team_id == team_id, FineTuningJob.status.in_(statuses))) or 0
+def _count(session: Session, query: Select) -> int:
+    return session.scalar(query) or 0
 
 
 def _storage(session: Session, team_id: str) -> tuple[int, int]:
@@ -63,20 +70,20 @@ def _storage(session: Session, team_id: str) -> tuple[int, int]:
     return int(count), int(files) + int(adapters or 0)
 
 
-def may_start(session: Session, team_id: str) -> bool:
+def may_start(session: Session, team_id: str, *, jobs: JobCounts) -> bool:
     """Whether one more of the team's jobs may start running now. Call it in the claim's transaction,
     right before the claiming UPDATE: it locks the team's row until that transaction ends, so two
     workers claiming jobs of one team at once cannot both take the last running slot."""
     teams.lock_team(session, team_id)
-    return _jobs_in(session, team_id, RUNNING) < limits(session, team_id).running_jobs
+    return _count(session, jobs.running) < limits(session, team_id).running_jobs
 
 
-def check_can_queue(session: Session, *, team_id: str) -> None:
+def check_can_queue(session: Session, *, team_id: str, jobs: JobCounts) -> None:
     """Before a job is created. Raises QueueFull (429) when the team already has its limit of jobs
     waiting to start. Locks the team's row until the transaction ends."""
     teams.lock_team(session, team_id)
     limit = limits(session, team_id).queued_jobs
-    waiting = _jobs_in(session, team_id, WAITING)
+    waiting = _count(session, jobs.waiting)
     if waiting >= limit:
         raise QueueFull(f"Queued jobs quota exceeded: the team has {waiting} job(s) waiting to start and its limit "
                         f"is {limit}. Retry when some have started, or cancel some.", param=None,
@@ -102,12 +109,12 @@ def check_upload(session: Session, *, team_id: str, size: int, lock: bool = True
                           param="file", extra={"limit": quota.storage_bytes, "usage": used})
 
 
-def read(session: Session, *, team_id: str) -> QuotaRead:
+def read(session: Session, *, team_id: str, jobs: JobCounts) -> QuotaRead:
     quota = limits(session, team_id)
     count, used = _storage(session, team_id)
     return QuotaRead(
-        running_jobs=QuotaItem(limit=quota.running_jobs, usage=_jobs_in(session, team_id, RUNNING)),
-        queued_jobs=QuotaItem(limit=quota.queued_jobs, usage=_jobs_in(session, team_id, WAITING)),
+        running_jobs=QuotaItem(limit=quota.running_jobs, usage=_count(session, jobs.running)),
+        queued_jobs=QuotaItem(limit=quota.queued_jobs, usage=_count(session, jobs.waiting)),
         storage_bytes=QuotaItem(limit=quota.storage_bytes, usage=used),
         files=QuotaItem(limit=quota.files, usage=count),
         rate_limit_per_second=quota.rate_per_second, rate_limit_burst=quota.rate_burst)

@@ -1,0 +1,141 @@
+"""The evaluation pipeline: read what an evaluation needs, generate completions (or take the
+team's), run them in the sandbox, score pass@k, store the per-sample results, and record each
+outcome under the claim's lease."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.core.storage import get_storage
+from app.domains.adapters.models import Adapter
+from app.domains.evaluations import service as evaluations
+from app.domains.evaluations.models import Evaluation
+from app.domains.evaluations.spec import SamplingSpec
+from app.domains.files import service as files
+from app.domains.models import service as models
+from worker.lease import Lease
+
+log = logging.getLogger("tuneforge.evaluation")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one evaluation needs, read in one short transaction."""
+
+    id: str
+    team_id: str
+    role: str | None
+    settings: SamplingSpec
+    tasks_path: Path | None  # None: built-in HumanEval
+    completions_path: Path | None
+    base_path: Path | None
+    adapter_dir: Path | None
+
+
+@lru_cache
+def _sandbox():
+    """One sandbox per worker process: its identities and self-check are set up once."""
+    from worker.evaluation.sandbox import Sandbox
+
+    return Sandbox(mode="auto", allow_weak_sandbox=get_settings().allow_weak_sandbox)
+
+
+def plan(session, row: Evaluation) -> Plan:
+    """Raises when the evaluation's model, adapter or files are gone."""
+    storage = get_storage()
+
+    def file_path(file_id: str) -> Path:
+        return storage.path(files.get(session, team_id=row.team_id, file_id=file_id).storage_key)
+
+    adapter = session.get(Adapter, row.adapter_id) if row.adapter_id else None
+    base = models.get_base(session, row.base_model) if row.base_model else None
+    return Plan(
+        id=row.id, team_id=row.team_id, role=row.role, settings=SamplingSpec.model_validate(row.settings),
+        tasks_path=None if row.tasks == "humaneval" else file_path(row.tasks),
+        completions_path=file_path(row.completions_file) if row.completions_file else None,
+        base_path=Path(base.path) if base else None,
+        adapter_dir=storage.path(f"{adapter.storage_prefix}/files") if adapter else None,
+    )
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _evaluate(plan: Plan) -> tuple[dict, str]:
+    """Score one evaluation; returns (result summary, storage key of the per-sample JSONL)."""
+    from worker.evaluation import generate, harness, tasks_io
+
+    start, cpu0 = time.monotonic(), _cpu_seconds()
+    problems, prompts = tasks_io.builtin_humaneval() if plan.tasks_path is None else tasks_io.from_jsonl(plan.tasks_path)
+    if plan.settings.limit:
+        prompts = prompts[:plan.settings.limit]
+        problems = {p.task_id: problems[p.task_id] for p in prompts}
+    summary: dict = {}
+    if plan.completions_path is not None:
+        with open(plan.completions_path, encoding="utf-8") as f:
+            samples = [s for s in harness.read_samples(f, problems=None) if s.task_id in problems]
+    else:
+        model, tokenizer = generate.load(plan.base_path, plan.adapter_dir)
+        samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings)
+        summary["heldout_loss"] = generate.heldout_loss(model, tokenizer, generate.heldout_texts())
+        del model
+    exec_start = time.monotonic()
+    score = harness.score(_sandbox(), samples, problems=problems, ks=plan.settings.k,
+                          timeout_s=plan.settings.timeout_seconds)
+    outcomes: dict[str, int] = {}
+    for r in score.results:
+        outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+    summary.update(
+        pass_at_k={str(k): v for k, v in sorted(score.pass_at_k.items())}, tasks=score.tasks,
+        samples=score.samples, passed=sum(r.passed for r in score.results), outcomes=outcomes,
+        sandbox_mode=score.mode, execution_seconds=time.monotonic() - exec_start,
+        wall_seconds=time.monotonic() - start, cpu_seconds=_cpu_seconds() - cpu0,
+        peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    key = f"teams/{plan.team_id}/evaluations/{plan.id}/results.jsonl"
+    storage = get_storage()
+    with storage.temp_file() as tmp:
+        for r in score.results:
+            tmp.write((json.dumps(asdict(r)) + "\n").encode())
+    storage.commit(tmp.name, key)
+    return summary, key
+
+
+def run_plans(plans: list[Plan], lease: Lease) -> dict[str, dict]:
+    """Run each plan, recording each outcome as it ends while the lease is held. Returns
+    {evaluation id: summary}; re-raises the first failure after marking that evaluation (and the
+    ones not run) failed. Stops early, writing nothing more, once the lease is lost."""
+    results: dict[str, dict] = {}
+    for i, p in enumerate(plans):
+        if lease.lost.is_set():
+            break
+        try:
+            summary, key = _evaluate(p)
+        except Exception as exc:
+            log.error("evaluation %s failed:\n%s", p.id, traceback.format_exc())
+            fail([later.id for later in plans[i:]], lease.token, exc)
+            raise
+        with session_scope() as session:
+            if evaluations.succeed(session, evaluation_id=p.id, lease_token=lease.token, result=summary,
+                                   results_key=key):
+                results[p.id] = summary
+    return results
+
+
+def fail(ids: list[str], token: str, exc: Exception) -> None:
+    """Mark these held evaluations failed with the exception's message."""
+    with session_scope() as session:
+        for evaluation_id in ids:
+            evaluations.fail(session, evaluation_id=evaluation_id, lease_token=token, code="evaluation_error",
+                             message=f"{type(exc).__name__}: {exc}"[:2000])
