@@ -312,12 +312,14 @@ def test_may_start_holds_a_team_to_its_running_jobs_quota(api, make_team, tiny_m
     try:
         with session_scope() as session:
             assert job_lease.may_start(session, team_id)
-            assert job_lease.claim(session, job_id=first, worker_id="quota-test", lease_seconds=60, max_attempts=3) is not None
+            assert job_lease.claim(session, job_id=first, worker_id="quota-test", lease_seconds=60,
+                                   max_attempts=3) is not None
         with session_scope() as session:
             assert not job_lease.may_start(session, team_id)
             assert job_lease.may_start(session, other_team)  # the limit is per team
         with session_scope() as session:  # the claim asks may_start: the second job stays queued
-            assert job_lease.claim(session, job_id=second, worker_id="quota-test", lease_seconds=60, max_attempts=3) is None
+            assert job_lease.claim(session, job_id=second, worker_id="quota-test", lease_seconds=60,
+                                   max_attempts=3) is None
         assert client.get(f"/fine_tuning/jobs/{second}").json()["status"] == "queued"
         assert client.get("/quotas").json()["running_jobs"] == {"limit": 1, "usage": 1}
         _set_quota(team_id, running_jobs=2)

@@ -17,6 +17,7 @@ from app.core.db import session_scope
 from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.models import Evaluation
+from app.domains.evaluations.states import EvaluationStatus
 from app.domains.jobs import lease as job_lease
 from app.domains.jobs import rounds
 from worker.celery_app import app
@@ -48,7 +49,7 @@ def _cannot_start(ids: list[str], token: str, exc: Exception) -> None:
 def _fail_job(job_id: str, exc: Exception) -> str:
     with session_scope() as session:
         job_lease.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
-    return "failed"
+    return str(EvaluationStatus.FAILED)
 
 
 @app.task(name=EVALUATE_TASK)
@@ -63,13 +64,13 @@ def run(evaluation_id: str) -> str:
             plan = runner.plan(session, session.get(Evaluation, evaluation_id))
     except Exception as exc:  # its model or files went away after it was queued
         _cannot_start(won, token, exc)
-        return "failed"
+        return str(EvaluationStatus.FAILED)
     with _lease(won, token) as lease:
         try:
             results = runner.run_plans([plan], lease)
         except Exception:
-            return "failed"
-    return "succeeded" if evaluation_id in results else "lost"
+            return str(EvaluationStatus.FAILED)
+    return str(EvaluationStatus.SUCCEEDED) if evaluation_id in results else "lost"
 
 
 @app.task(name=EVALUATE_JOB_TASK)
@@ -102,4 +103,4 @@ def run_job(job_id: str) -> str:
         if report is None:
             return "lost"
         rounds.after_evaluation(session, job_id=job_id, evaluation=report)
-    return "succeeded"
+    return str(EvaluationStatus.SUCCEEDED)

@@ -21,6 +21,7 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.queue import TRAIN_TASK
 from app.domains.jobs import lease as job_lease
+from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
 from worker.lease import Lease, retry_db, worker_id
 from worker.tasks import checkpoints
@@ -105,7 +106,7 @@ def _fail(job_id: str, token: str, exc: Exception) -> str:
         with session_scope() as session:
             failed = job_lease.fail(session, job_id=job_id, code="training_error", lease_token=token,
                                     message=f"{type(exc).__name__}: {exc}"[:2000])
-        return "failed" if failed else "lost"
+        return str(JobStatus.FAILED) if failed else "lost"
 
     return retry_db(write)
 

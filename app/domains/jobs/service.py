@@ -89,7 +89,8 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
                             param="model")
     seed = body.seed if body.seed is not None else 42
     spec = resolve_spec(body, seed)
-    quotas.check_can_queue(session, team_id=team_id, jobs=counts(team_id))  # 429 when the team has its limit of jobs waiting
+    # 429 when the team has its limit of jobs waiting
+    quotas.check_can_queue(session, team_id=team_id, jobs=counts(team_id))
     job = FineTuningJob(
         id=new_id("ftjob"), team_id=team_id, model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, status=JobStatus.VALIDATING_FILES, spec=spec.model_dump(mode="json"),
