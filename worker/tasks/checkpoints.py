@@ -1,6 +1,6 @@
 """Training checkpoints in blob storage: upload (record, prune) and download the latest.
 
-Called by the jobs.train task: upload from its TrainingHooks.on_checkpoint,
+Called for the jobs.train task: upload from JobHooks.on_checkpoint (worker.training.job_hooks),
 download_latest before building the recipe, so a retried, resumed or
 handed-back job continues from its newest checkpoint. No torch here.
 """
