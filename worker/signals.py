@@ -16,7 +16,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 
 from app.core.db import get_engine, get_sessionmaker
 from worker.lifecycle import SHUTDOWN, SHUTDOWN_SIGNAL
-from worker.tasks.reaper import redispatch_stale, run_reaper
+from worker.reaper import redispatch_stale, run_reaper
 
 log = logging.getLogger("tuneforge.worker")
 _reaper_stop = threading.Event()

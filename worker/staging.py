@@ -3,7 +3,7 @@
 Workers never read storage's own paths: they stage what they use here, so a worker on another
 host, or a storage backend that is not a directory, works the same. Only immutable blobs are
 cached (an uploaded file and an adapter never change under their id); a checkpoint, which a step
-saved again replaces, is fetched afresh each time (worker.tasks.checkpoints).
+saved again replaces, is fetched afresh each time (worker.training.checkpoint_store).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_with_the_broker_down_reads_work_and_new_jobs_and_evaluations_are_kept_a
     from app.core.db import session_scope
     from app.domains.jobs.models import FineTuningJob
     from app.domains.evaluations.models import Evaluation
-    from worker.tasks.reaper import redispatch_stale
+    from worker.reaper import redispatch_stale
 
     def evaluation_status(evaluation_id: str) -> str:
         with session_scope() as session:

@@ -87,7 +87,7 @@ def test_only_the_holder_renews_and_finishes_and_a_second_claim_wins_nothing(que
 
 
 def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queue, monkeypatch):
-    from worker.tasks.reaper import reap_expired
+    from worker.reaper import reap_expired
 
     monkeypatch.setenv("TUNEFORGE_MAX_ATTEMPTS", "2")
     _clear_caches()
@@ -128,7 +128,7 @@ def test_an_expired_lease_is_requeued_and_resent_then_given_up_with_its_job(queu
 
 
 def test_queued_evaluations_are_resent_at_most_once_per_interval(queue):
-    from worker.tasks.reaper import redispatch_stale
+    from worker.reaper import redispatch_stale
 
     team_id, _ = create_team()
     eid = _evaluation(team_id)

@@ -84,7 +84,7 @@ def test_a_failing_job_ends_failed_with_its_reason(api, make_team, worker):
 
 def test_a_queued_job_whose_message_was_lost_is_redispatched(api, make_team, worker, services_env):
     """The API commits the job before enqueueing; if the enqueue is lost, a worker re-sends it."""
-    from worker.tasks.reaper import redispatch_stale
+    from worker.reaper import redispatch_stale
 
     _, key = make_team()
     client = api(key)

@@ -24,7 +24,7 @@ from app.domains.checkpoints import service as checkpoints_service
 from app.domains.jobs.spec import QuantizationSpec, TrainingSettings, TrainingSpec
 from tests.factories import create_job, uploaded_file_id
 from tests.worker.test_training_recipe import code_task_records, write_jsonl
-from worker.tasks import checkpoints
+from worker.training import checkpoint_store as checkpoints
 from worker.training.hooks import StopReason
 from worker.training.recipe import LoraRecipe, TrainResult
 
@@ -42,7 +42,7 @@ def train_file(tmp_path_factory) -> Path:
 @dataclass
 class CheckpointHooks:
     """TrainingHooks that answers `reason` from the `stop_at`-th step on and copies every checkpoint
-    handed to it (or uploads it through worker.tasks.checkpoints when `upload` is set)."""
+    handed to it (or uploads it through worker.training.checkpoint_store when `upload` is set)."""
 
     keep_dir: Path
     stop_at: int | None = None

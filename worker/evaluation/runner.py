@@ -16,6 +16,7 @@ from pathlib import Path
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.storage import get_storage
+from app.domains.adapters import service as adapters
 from app.domains.adapters.models import Adapter
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.models import Evaluation
@@ -23,6 +24,7 @@ from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import service as files
 from app.domains.models import service as models
 from worker.lease import Lease
+from worker.staging import stage_file, stage_tree
 
 log = logging.getLogger("tuneforge.evaluation")
 
@@ -35,10 +37,10 @@ class Plan:
     team_id: str
     role: str | None
     settings: SamplingSpec
-    tasks_path: Path | None  # None: built-in HumanEval
-    completions_path: Path | None
+    tasks_key: str | None  # storage keys, staged by the worker; None: built-in HumanEval
+    completions_key: str | None
     base_path: Path | None
-    adapter_dir: Path | None
+    adapter_prefix: str | None  # the adapter's peft directory in storage
 
 
 @lru_cache
@@ -51,19 +53,17 @@ def _sandbox():
 
 def plan(session, row: Evaluation) -> Plan:
     """Raises when the evaluation's model, adapter or files are gone."""
-    storage = get_storage()
-
-    def file_path(file_id: str) -> Path:
-        return storage.path(files.get(session, team_id=row.team_id, file_id=file_id).storage_key)
+    def file_key(file_id: str) -> str:
+        return files.get(session, team_id=row.team_id, file_id=file_id).storage_key
 
     adapter = session.get(Adapter, row.adapter_id) if row.adapter_id else None
     base = models.get_base(session, row.base_model) if row.base_model else None
     return Plan(
         id=row.id, team_id=row.team_id, role=row.role, settings=SamplingSpec.model_validate(row.settings),
-        tasks_path=None if row.tasks == "humaneval" else file_path(row.tasks),
-        completions_path=file_path(row.completions_file) if row.completions_file else None,
+        tasks_key=None if row.tasks == "humaneval" else file_key(row.tasks),
+        completions_key=file_key(row.completions_file) if row.completions_file else None,
         base_path=Path(base.path) if base else None,
-        adapter_dir=storage.path(f"{adapter.storage_prefix}/files") if adapter else None,
+        adapter_prefix=adapters.files_prefix(adapter.storage_prefix) if adapter else None,
     )
 
 
@@ -77,16 +77,18 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
     from worker.evaluation import generate, harness, tasks_io
 
     start, cpu0 = time.monotonic(), _cpu_seconds()
-    problems, prompts = tasks_io.builtin_humaneval() if plan.tasks_path is None else tasks_io.from_jsonl(plan.tasks_path)
+    problems, prompts = (tasks_io.builtin_humaneval() if plan.tasks_key is None
+                         else tasks_io.from_jsonl(stage_file(plan.tasks_key)))
     if plan.settings.limit:
         prompts = prompts[:plan.settings.limit]
         problems = {p.task_id: problems[p.task_id] for p in prompts}
     summary: dict = {}
-    if plan.completions_path is not None:
-        with open(plan.completions_path, encoding="utf-8") as f:
+    if plan.completions_key is not None:
+        with open(stage_file(plan.completions_key), encoding="utf-8") as f:
             samples = [s for s in harness.read_samples(f, problems=None) if s.task_id in problems]
     else:
-        model, tokenizer = generate.load(plan.base_path, plan.adapter_dir)
+        adapter_dir = stage_tree(plan.adapter_prefix) if plan.adapter_prefix else None
+        model, tokenizer = generate.load(plan.base_path, adapter_dir)
         samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings)
         summary["heldout_loss"] = generate.heldout_loss(model, tokenizer, generate.heldout_texts())
         del model
@@ -103,7 +105,7 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
         wall_seconds=time.monotonic() - start, cpu_seconds=_cpu_seconds() - cpu0,
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
-    key = f"teams/{plan.team_id}/evaluations/{plan.id}/results.jsonl"
+    key = evaluations.results_key(team_id=plan.team_id, evaluation_id=plan.id)
     storage = get_storage()
     with storage.temp_file() as tmp:
         for r in score.results:

@@ -24,7 +24,8 @@ from app.domains.jobs import lease as job_lease
 from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
 from worker.lease import Lease, retry_db, worker_id
-from worker.tasks import checkpoints
+from worker.staging import stage_file
+from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
 from worker.training.hooks import StopReason
 from worker.training.job_hooks import JobHooks
@@ -74,8 +75,9 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
     spec = inputs.spec
     hooks = JobHooks(inputs.job_id, inputs.team_id, lease, spec.training.keep_checkpoints)
     latest = checkpoints.download_latest(job_id=inputs.job_id, dest=work_dir / "resume")
-    recipe = LoraRecipe(spec=spec, base_model_path=inputs.base_path, train_file=inputs.train_path,
-                        validation_file=inputs.valid_path, work_dir=work_dir, hooks=hooks,
+    recipe = LoraRecipe(spec=spec, base_model_path=inputs.base_path, train_file=stage_file(inputs.train_key),
+                        validation_file=stage_file(inputs.valid_key) if inputs.valid_key else None,
+                        work_dir=work_dir, hooks=hooks,
                         resume_from=latest[1] if latest else None)
     adapter_dir = work_dir / "adapter"
     try:

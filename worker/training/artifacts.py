@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.core.ids import new_id
 from app.core.storage import get_storage
+from app.domains.adapters import service as adapters
 from app.domains.jobs.lease import StoredAdapter
 
 
@@ -17,14 +18,14 @@ def store_adapter(adapter_dir: Path, *, team_id: str, base_model: str, work_dir:
     work_dir). Not recorded yet: jobs.lease.finish_training does that, or deletes the files."""
     _make_portable(adapter_dir, base_model)
     adapter_id = new_id("ftadapter")
-    prefix = f"teams/{team_id}/adapters/{adapter_id}"
+    prefix = adapters.storage_prefix(team_id=team_id, adapter_id=adapter_id)
     storage = get_storage()
     archive = work_dir / "adapter.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(adapter_dir.iterdir()):
             tar.add(path, arcname=path.name)
-    storage.put_tree(adapter_dir, f"{prefix}/files")
-    blob = storage.put_file(archive, f"{prefix}/adapter.tar.gz")
+    storage.put_tree(adapter_dir, adapters.files_prefix(prefix))
+    blob = storage.put_file(archive, adapters.archive_key(prefix))
     return StoredAdapter(id=adapter_id, storage_prefix=prefix, archive_key=blob.key, bytes=blob.bytes,
                          sha256=blob.sha256)
 

@@ -45,7 +45,7 @@ class TrainingHooks(Protocol):
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """Called after a complete checkpoint directory was written at path for global step `step`.
 
-        The callee uploads it (worker.tasks.checkpoints.upload); the recipe may
+        The callee uploads it (worker.training.checkpoint_store.upload); the recipe may
         delete the directory once this returns. metrics: {step, train_loss,
         valid_loss?} as known at that step. Only called when the spec asks for
         checkpoints (training.checkpoint_every_steps) or on a pause/shutdown stop.

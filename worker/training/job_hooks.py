@@ -12,7 +12,7 @@ from app.core.db import session_scope
 from app.domains.jobs import lease as job_lease
 from worker.lease import DB_DOWN, Lease, retry_db
 from worker.lifecycle import SHUTDOWN
-from worker.tasks import checkpoints
+from worker.training import checkpoint_store as checkpoints
 from worker.training.hooks import StopReason
 
 log = logging.getLogger("tuneforge.worker")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import PageDep, PrincipalDep, SessionDep
 from app.core.storage import get_storage
@@ -21,14 +21,16 @@ def get_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -
     return adapters.to_read(adapters.get(session, team_id=principal.team_id, adapter_id=adapter_id))
 
 
-@router.get("/{adapter_id}/content", response_class=FileResponse,
+@router.get("/{adapter_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/gzip": {}}}})
-def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -> FileResponse:
+def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
     """A .tar.gz of the peft adapter directory (adapter_config.json, adapter_model.safetensors and
     the tokenizer): extract it and pass the folder to peft.PeftModel.from_pretrained."""
     row = adapters.get(session, team_id=principal.team_id, adapter_id=adapter_id)
-    return FileResponse(get_storage().path(row.archive_key), media_type="application/gzip",
-                        filename=f"{row.id}.tar.gz", headers={"X-Adapter-SHA256": row.sha256})
+    storage = get_storage()
+    return StreamingResponse(storage.iter_bytes(row.archive_key), media_type="application/gzip", headers={
+        "Content-Disposition": f'attachment; filename="{row.id}.tar.gz"',
+        "Content-Length": str(storage.size(row.archive_key)), "X-Adapter-SHA256": row.sha256})
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)

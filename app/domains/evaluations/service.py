@@ -34,6 +34,11 @@ from app.domains.models import service as models
 BUILTIN_TASKS = ("humaneval",)
 
 
+def results_key(*, team_id: str, evaluation_id: str) -> str:
+    """Where an evaluation's per-sample results (JSONL) live."""
+    return f"teams/{team_id}/evaluations/{evaluation_id}/results.jsonl"
+
+
 def check_task_file(session: Session, *, team_id: str, file_id: str, param: str) -> None:
     """Raises EvaluationInvalid unless file_id is the team's file of mbpp or humaneval tasks."""
     _team_file(session, team_id, file_id, param, TASK_FORMATS)

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from app.core import leases, queue
 from app.core.db import utcnow
-from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.spec import SamplingSpec
@@ -30,8 +29,7 @@ from app.domains.jobs.models import FineTuningJob
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.service import counts, model_name
 from app.domains.jobs.spec import TrainingSpec
-from app.domains.jobs.states import (FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event,
-                                     transition)
+from app.domains.jobs.states import FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event, transition
 from app.domains.models import service as models
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import Team
@@ -86,8 +84,8 @@ class TrainingInputs:
     spec: TrainingSpec
     base_model: str  # the registered name, which the adapter records
     base_path: Path
-    train_path: Path
-    valid_path: Path | None
+    train_key: str  # storage keys of the training and validation files: the worker stages them
+    valid_key: str | None
     fine_tuned_model: str  # the name the adapter gets if training succeeds
 
 
@@ -98,14 +96,13 @@ def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
     base = models.get_base(session, job.model)
     if base is None:
         raise LookupError(f"base model {job.model!r} is no longer registered")
-    storage = get_storage()
-    train_path = storage.path(files.get(session, team_id=job.team_id, file_id=job.training_file).storage_key)
-    valid_path = (storage.path(files.get(session, team_id=job.team_id, file_id=job.validation_file).storage_key)
-                  if job.validation_file else None)
+    train_key = files.get(session, team_id=job.team_id, file_id=job.training_file).storage_key
+    valid_key = (files.get(session, team_id=job.team_id, file_id=job.validation_file).storage_key
+                 if job.validation_file else None)
     team_name = session.get(Team, job.team_id).name
     return TrainingInputs(
         job_id=job.id, team_id=job.team_id, spec=TrainingSpec.model_validate(job.spec), base_model=job.model,
-        base_path=Path(base.path), train_path=train_path, valid_path=valid_path,
+        base_path=Path(base.path), train_key=train_key, valid_key=valid_key,
         fine_tuned_model=model_name(base=job.model, team_name=team_name, suffix=job.suffix, job_id=job.id))
 
 

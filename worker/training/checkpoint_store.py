@@ -7,17 +7,12 @@ handed-back job continues from its newest checkpoint. No torch here.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from app.core.db import session_scope
 from app.core.storage import get_storage
 from app.domains.checkpoints import service as checkpoints
-
-
-def checkpoint_prefix(*, team_id: str, job_id: str, step: int) -> str:
-    return f"teams/{team_id}/jobs/{job_id}/checkpoints/step-{step:08d}"
 
 
 def upload(*, job_id: str, team_id: str, step: int, local_dir: Path, metrics: dict[str, Any], keep: int) -> str:
@@ -29,7 +24,7 @@ def upload(*, job_id: str, team_id: str, step: int, local_dir: Path, metrics: di
     step that is saved twice, e.g. by a job resumed from it and paused again).
     """
     storage = get_storage()
-    prefix = checkpoint_prefix(team_id=team_id, job_id=job_id, step=step)
+    prefix = checkpoints.storage_prefix(team_id=team_id, job_id=job_id, step=step)
     storage.put_tree(Path(local_dir), prefix)
     size = sum(p.stat().st_size for p in Path(local_dir).rglob("*") if p.is_file())
     with session_scope() as session:
@@ -52,10 +47,10 @@ def download_latest(*, job_id: str, dest: Path) -> tuple[int, Path] | None:
         if row is None:
             return None
         step, prefix = row.step, row.storage_prefix
-    source = get_storage().path(prefix)
-    if not source.is_dir():
-        raise FileNotFoundError(f"checkpoint files of job {job_id} at step {step} are missing from storage ({prefix})")
     target = Path(dest) / f"step-{step:08d}"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target)
+    try:
+        get_storage().fetch_tree_to(prefix, target)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint files of job {job_id} at step {step} are missing from storage "
+                                f"({prefix})") from None
     return step, target
