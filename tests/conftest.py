@@ -116,12 +116,12 @@ def _clear_caches() -> None:
 def tiny_model(services_env) -> Path:
     """The tiny Llama model, built offline and registered as 'tiny-llama'."""
     from app.core.db import session_scope
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
     from worker.training.tiny import make_tiny_model
 
     path = make_tiny_model(Path(services_env["TUNEFORGE_DATA_DIR"]) / "models" / "tiny-llama")
     with session_scope() as session:
-        models.register(session, name="tiny-llama", path=path)
+        base_models.register(session, name="tiny-llama", path=path)
     return path
 
 
@@ -132,7 +132,7 @@ def private_database(services_env, tiny_model) -> str:
     the database it serves, so jobs in the session's database would reach the session's worker."""
     from app.core.db import session_scope
     from app.core.migrate import upgrade
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
 
     name = f"tuneforge_test_{RUN_ID}_{secrets.token_hex(3)}"
     url = create_database(name)
@@ -141,7 +141,7 @@ def private_database(services_env, tiny_model) -> str:
     os.environ["TUNEFORGE_DATABASE_URL"] = url
     _clear_caches()
     with session_scope() as session:
-        models.register(session, name="tiny-llama", path=tiny_model)
+        base_models.register(session, name="tiny-llama", path=tiny_model)
     yield url
     os.environ["TUNEFORGE_DATABASE_URL"] = previous
     _clear_caches()

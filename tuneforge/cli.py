@@ -90,10 +90,10 @@ def _inference(args: argparse.Namespace) -> int:
 
 def _base_model_names() -> list[str]:
     from app.core.db import session_scope
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
 
     with session_scope() as session:
-        return [m.id for m in models.list_base(session)]
+        return [m.id for m in base_models.list_base(session)]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -191,11 +191,11 @@ def _set_quota(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from app.core.db import session_scope
     from app.core.errors import TuneforgeError
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
 
     try:
         with session_scope() as session:
-            row = models.register(session, name=args.name, path=args.path, replace=args.replace)
+            row = base_models.register(session, name=args.name, path=args.path, replace=args.replace)
     except TuneforgeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -242,10 +242,10 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def _list_models(_: argparse.Namespace) -> int:
     from app.core.db import session_scope
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
 
     with session_scope() as session:
-        for m in models.list_base(session):
+        for m in base_models.list_base(session):
             print(f"{m.id}\t{m.architecture}\t{m.path}")
     return 0
 

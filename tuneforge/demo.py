@@ -82,13 +82,13 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150) -> int
         with step("Building the tiny Llama model and tokenizer offline (briefly pretrained on Python's own "
                   "sources), registering it as 'tiny-llama'"):
             from app.core.db import session_scope
-            from app.domains.models import service as models
+            from app.domains.base_models import service as base_models
             from app.domains.teams import service as teams
             from worker.training.tiny import make_tiny_model
 
             model_dir = make_tiny_model(data_dir / "models" / "tiny-llama", pretrain_steps=pretrain_steps)
             with session_scope() as session:
-                models.register(session, name="tiny-llama", path=model_dir)
+                base_models.register(session, name="tiny-llama", path=model_dir)
         with step("Creating team 'demo' and its API key"):
             with session_scope() as session:
                 _, key = teams.create_team(session, name="demo")

@@ -8,7 +8,7 @@ from app.domains.evaluations import models as _evaluations  # noqa: F401
 from app.domains.files import models as _files  # noqa: F401
 from app.domains.idempotency import models as _idempotency  # noqa: F401
 from app.domains.jobs import models as _jobs  # noqa: F401
-from app.domains.models import models as _models  # noqa: F401
+from app.domains.base_models import models as _base_models  # noqa: F401
 from app.domains.quotas import models as _quotas  # noqa: F401
 from app.domains.serving import models as _serving  # noqa: F401
 from app.domains.teams import models as _teams  # noqa: F401

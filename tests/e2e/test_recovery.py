@@ -38,12 +38,12 @@ import sys
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.migrate import upgrade
-from app.domains.models import service as models
+from app.domains.base_models import service as base_models
 from app.domains.teams import service as teams
 upgrade(get_settings().effective_database_url)
 with session_scope() as session:
-    if models.get_base(session, "tiny-llama") is None:
-        models.register(session, name="tiny-llama", path=sys.argv[1])
+    if base_models.get_base(session, "tiny-llama") is None:
+        base_models.register(session, name="tiny-llama", path=sys.argv[1])
     team, key = teams.create_team(session, name=sys.argv[2])
 print(key)
 """

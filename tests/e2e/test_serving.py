@@ -299,11 +299,11 @@ def test_corrupt_or_missing_adapter_fails_clearly_and_others_keep_serving(client
 
 def test_models_show_what_serves_and_an_unserved_base_answers_503(client, served, tiny_model):
     from app.core.db import session_scope
-    from app.domains.models import service as models
+    from app.domains.base_models import service as base_models
 
     unserved = f"tiny-unserved-{secrets.token_hex(3)}"
     with session_scope() as session:
-        models.register(session, name=unserved, path=tiny_model)
+        base_models.register(session, name=unserved, path=tiny_model)
     listed = {m.id: m.model_extra["serving"] for m in client.models.list()}
     assert listed[BASE] is True and listed[served.models["a"]] is True
     assert listed[unserved] is False

@@ -23,7 +23,7 @@ GGUF_MAGIC = b"GGUF"
 # Written last into a finished conversion: it is how a later call knows the directory is complete
 # and which file it came from.
 MARKER = "gguf_import.json"
-# What the project's model registry requires of a directory (app.domains.models.service.register),
+# What the project's model registry requires of a directory (app.domains.base_models.service.register),
 # besides weights: one model.safetensors, or numbered shards past save_pretrained's shard size.
 REQUIRED_FILES = ("config.json", "tokenizer.json")
 

@@ -22,7 +22,7 @@ from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.models import Evaluation
 from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import service as files
-from app.domains.models import service as models
+from app.domains.base_models import service as base_models
 from worker.lease import Lease
 from worker.staging import stage_file, stage_tree
 
@@ -57,7 +57,7 @@ def plan(session, row: Evaluation) -> Plan:
         return files.get(session, team_id=row.team_id, file_id=file_id).storage_key
 
     adapter = session.get(Adapter, row.adapter_id) if row.adapter_id else None
-    base = models.get_base(session, row.base_model) if row.base_model else None
+    base = base_models.get_base(session, row.base_model) if row.base_model else None
     return Plan(
         id=row.id, team_id=row.team_id, role=row.role, settings=SamplingSpec.model_validate(row.settings),
         tasks_key=None if row.tasks == "humaneval" else file_key(row.tasks),

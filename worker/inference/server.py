@@ -31,8 +31,8 @@ from app.core.errors import InvalidRequest, NotFound, TuneforgeError
 from app.domains.adapters import service as adapters
 from app.domains.adapters.errors import AdapterNotFound as AdapterRowNotFound
 from app.domains.files import formats
-from app.domains.models import service as models
-from app.domains.models.errors import ModelNotFound
+from app.domains.base_models import service as base_models
+from app.domains.base_models.errors import ModelNotFound
 from app.domains.serving import protocol
 from app.domains.serving import service as serving
 from worker.inference.adapters import AdapterRef
@@ -274,7 +274,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8100, advertise_ur
     """Load the registered base model `model`, listen on host:port (0 picks a free port), register the
     URL (advertise_url, or http://host:port) and serve until SIGINT/SIGTERM. Returns an exit code."""
     with session_scope() as session:
-        base = models.get_base(session, model)
+        base = base_models.get_base(session, model)
         if base is None:
             raise ModelNotFound(f"No base model named {model!r} is registered; register it with "
                                 "`tuneforge models register NAME PATH`.", param="model")

@@ -8,8 +8,8 @@ from pydantic import BaseModel
 from app.api.deps import PrincipalDep, SessionDep
 from app.core.db import unix
 from app.domains.adapters import service as adapters
-from app.domains.models import service as models
-from app.domains.models.errors import ModelNotFound
+from app.domains.base_models import service as base_models
+from app.domains.base_models.errors import ModelNotFound
 from app.domains.serving import service as serving
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -40,7 +40,7 @@ class ModelDeleted(BaseModel):
 def _all(session, team_id: str) -> list[ModelRead]:
     live = serving.serving_bases(session)
     out = [ModelRead(id=m.id, created=unix(m.created_at), owned_by="tuneforge", kind="base", serving=m.id in live)
-           for m in models.list_base(session)]
+           for m in base_models.list_base(session)]
     out += [ModelRead(id=a.name, created=unix(a.created_at), owned_by=team_id, kind="fine-tuned",
                       base_model=a.base_model, adapter_id=a.id, serving=a.base_model in live)
             for a in adapters.list_all(session, team_id=team_id)]

@@ -29,7 +29,7 @@ from app.domains.evaluations.states import EvaluationStatus
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
 from app.domains.files.validation import TASK_FORMATS
-from app.domains.models import service as models
+from app.domains.base_models import service as base_models
 
 BUILTIN_TASKS = ("humaneval",)
 
@@ -57,7 +57,7 @@ def _team_file(session: Session, team_id: str, file_id: str, param: str, formats
 
 def _resolve_model(session: Session, team_id: str, name: str) -> tuple[str, str | None]:
     """(base model, adapter id) for a base or the team's fine-tuned model name."""
-    if models.get_base(session, name) is not None:
+    if base_models.get_base(session, name) is not None:
         return name, None
     adapter = adapters.get_by_name(session, team_id=team_id, name=name)
     if adapter is None:

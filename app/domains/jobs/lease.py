@@ -30,7 +30,7 @@ from app.domains.jobs.rounds import end_round
 from app.domains.jobs.service import counts, model_name
 from app.domains.jobs.spec import TrainingSpec
 from app.domains.jobs.states import FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event, transition
-from app.domains.models import service as models
+from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import Team
 
@@ -93,7 +93,7 @@ def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
     """Read a claimed job's inputs. Raises LookupError when its base model is no longer
     registered, FileNotFound when one of its files was deleted."""
     job = session.get(FineTuningJob, job_id)
-    base = models.get_base(session, job.model)
+    base = base_models.get_base(session, job.model)
     if base is None:
         raise LookupError(f"base model {job.model!r} is no longer registered")
     train_key = files.get(session, team_id=job.team_id, file_id=job.training_file).storage_key

@@ -30,7 +30,7 @@ from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobC
 from app.domains.jobs.spec import TrainingSettings, TrainingSpec
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, RUNNING, UNHELD, WAITING, JobStatus, StopRequest, add_event,
                                      transition)
-from app.domains.models import service as models
+from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 
 DEFAULT_LR = TrainingSettings().learning_rate
@@ -84,7 +84,7 @@ def _check_file(session: Session, team_id: str, file_id: str, param: str) -> Non
 def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
     """Validate the request and create the job in 'queued'; it is enqueued after commit. Raises
     ModelNotFound, JobInvalid, QueueFull."""
-    if models.get_base(session, body.model) is None:
+    if base_models.get_base(session, body.model) is None:
         raise ModelNotFound(f"Base model {body.model!r} is not registered. GET /v1/models lists the base models.",
                             param="model")
     seed = body.seed if body.seed is not None else 42

@@ -17,8 +17,8 @@ from app.core.db import utcnow
 from app.core.ids import new_id
 from app.domains.adapters import service as adapters
 from app.domains.adapters.models import Adapter
-from app.domains.models import service as models
-from app.domains.models.errors import ModelNotFound
+from app.domains.base_models import service as base_models
+from app.domains.base_models.errors import ModelNotFound
 from app.domains.serving.errors import ModelNotServing
 from app.domains.serving.models import InferenceEndpoint
 
@@ -37,7 +37,7 @@ class Target:
 
 def register(session: Session, *, base_model: str, url: str) -> InferenceEndpoint:
     """Record (or take over) the row for `url`. Raises ModelNotFound when the base is not registered."""
-    if models.get_base(session, base_model) is None:
+    if base_models.get_base(session, base_model) is None:
         raise ModelNotFound(f"No base model named {base_model!r} is registered; register it with "
                             "`tuneforge models register NAME PATH`.", param="model")
     row = session.scalar(select(InferenceEndpoint).where(InferenceEndpoint.url == url))
@@ -82,7 +82,7 @@ def serving_bases(session: Session) -> set[str]:
 def resolve(session: Session, *, team_id: str, model: str) -> Target:
     """The base model or the team's fine-tuned model named `model`. Raises ModelNotFound for an unknown
     name and for another team's model, alike."""
-    if models.get_base(session, model) is not None:
+    if base_models.get_base(session, model) is not None:
         return Target(model=model, base_model=model, adapter=None)
     adapter = adapters.get_by_name(session, team_id=team_id, name=model)
     if adapter is None:

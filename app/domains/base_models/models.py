@@ -8,7 +8,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.core.db import Base, UTCDateTime, utcnow
 
 
-class BaseModel(Base):
+class RegisteredModel(Base):
     """A base model an operator registered from a local directory."""
 
     __tablename__ = "base_model"

@@ -9,13 +9,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.domains.models.errors import InvalidModelDirectory, ModelExists
-from app.domains.models.models import BaseModel
+from app.domains.base_models.errors import InvalidModelDirectory, ModelExists
+from app.domains.base_models.models import RegisteredModel
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def register(session: Session, *, name: str, path: str | Path, replace: bool = False) -> BaseModel:
+def register(session: Session, *, name: str, path: str | Path, replace: bool = False) -> RegisteredModel:
     """Record a local model directory under `name`. Raises InvalidModelDirectory when the directory lacks
     config.json, weights or a tokenizer; ModelExists when the name is taken and replace is False."""
     if not name or len(name) > 128 or ":" in name or "/" in name:
@@ -34,11 +34,11 @@ def register(session: Session, *, name: str, path: str | Path, replace: bool = F
     except (OSError, ValueError) as exc:
         raise InvalidModelDirectory(f"{config_file} is not readable JSON: {exc}", param="path") from None
     architecture = str(config.get("model_type") or "unknown")
-    row = session.get(BaseModel, name)
+    row = session.get(RegisteredModel, name)
     if row is not None and not replace:
         raise ModelExists(f"A base model named {name!r} is registered already ({row.path}).", param="name")
     if row is None:
-        row = BaseModel(id=name, path=str(root), architecture=architecture)
+        row = RegisteredModel(id=name, path=str(root), architecture=architecture)
         session.add(row)
     else:
         row.path, row.architecture = str(root), architecture
@@ -46,9 +46,9 @@ def register(session: Session, *, name: str, path: str | Path, replace: bool = F
     return row
 
 
-def get_base(session: Session, name: str) -> BaseModel | None:
-    return session.get(BaseModel, name)
+def get_base(session: Session, name: str) -> RegisteredModel | None:
+    return session.get(RegisteredModel, name)
 
 
-def list_base(session: Session) -> list[BaseModel]:
-    return list(session.scalars(select(BaseModel).order_by(BaseModel.id)))
+def list_base(session: Session) -> list[RegisteredModel]:
+    return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)))
