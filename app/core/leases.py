@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Integer, String, func, select, update
+from sqlalchemy import ColumnElement, ColumnExpressionArgument, Integer, Row, String, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.core.db import UTCDateTime, utcnow
@@ -25,6 +26,12 @@ from app.core.db import UTCDateTime, utcnow
 
 class LeaseColumns:
     """Mixin for a model whose rows workers claim: it also has id, status and created_at."""
+
+    if TYPE_CHECKING:
+        # Each model declares these columns itself; named here so that the functions below may use them.
+        id: Mapped[str]
+        status: Mapped[str]
+        created_at: Mapped[dt.datetime]
 
     # Claims used so far; a row that used max_attempts is failed instead of requeued.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -40,13 +47,13 @@ def _expiry(lease_seconds: float) -> dt.datetime:
     return utcnow() + dt.timedelta(seconds=lease_seconds)
 
 
-def claimable(model: type, *, max_attempts: int) -> tuple[ColumnElement[bool], ...]:
+def claimable(model: type[LeaseColumns], *, max_attempts: int) -> tuple[ColumnElement[bool], ...]:
     """Conditions (besides the queued status) for a claim: attempts left and no live lease."""
     live = model.lease_expires_at.is_not(None) & (model.lease_expires_at > utcnow())
     return (model.attempts < max_attempts, ~live)
 
 
-def new_lease(model: type, *, lease_seconds: float) -> dict[str, Any]:
+def new_lease(model: type[LeaseColumns], *, lease_seconds: float) -> dict[str, Any]:
     """The values a claim sets: one more attempt and a fresh lease."""
     return {"attempts": model.attempts + 1, "lease_token": secrets.token_hex(16),
             "lease_expires_at": _expiry(lease_seconds)}
@@ -57,17 +64,17 @@ def no_lease() -> dict[str, Any]:
     return {"lease_token": None, "lease_expires_at": None}
 
 
-def held(model: type, *, running: str, lease_token: str) -> tuple[ColumnElement[bool], ...]:
+def held(model: type[LeaseColumns], *, running: str, lease_token: str) -> tuple[ColumnElement[bool], ...]:
     """Conditions under which the holder of lease_token may write: running and still its lease."""
     return (model.status == running, model.lease_token == lease_token)
 
 
-def expired(model: type, *, running: str) -> tuple[ColumnElement[bool], ...]:
+def expired(model: type[LeaseColumns], *, running: str) -> tuple[ColumnElement[bool], ...]:
     return (model.status == running, model.lease_expires_at < utcnow())
 
 
-def claim(session: Session, model: type, *, ids: list[str], queued: str, running: str, lease_seconds: float,
-          max_attempts: int, **values: Any) -> tuple[str, list[str]]:
+def claim(session: Session, model: type[LeaseColumns], *, ids: list[str], queued: str, running: str,
+          lease_seconds: float, max_attempts: int, **values: Any) -> tuple[str, list[str]]:
     """Move the queued ones of `ids` with attempts left to running under one new lease, setting
     `values` too. Returns (the lease token, the ids this caller won)."""
     lease = new_lease(model, lease_seconds=lease_seconds)
@@ -78,8 +85,8 @@ def claim(session: Session, model: type, *, ids: list[str], queued: str, running
     return lease["lease_token"], list(won)
 
 
-def renew(session: Session, model: type, *, ids: list[str], running: str, lease_token: str, lease_seconds: float,
-          **values: Any) -> bool:
+def renew(session: Session, model: type[LeaseColumns], *, ids: list[str], running: str, lease_token: str,
+          lease_seconds: float, **values: Any) -> bool:
     """Extend the lease of the ones of `ids` still held with lease_token from now. False when none
     is (the reaper took them back, or they ended): the holder must stop and write nothing more."""
     renewed = session.execute(
@@ -89,7 +96,7 @@ def renew(session: Session, model: type, *, ids: list[str], running: str, lease_
     return bool(renewed)
 
 
-def holds(session: Session, model: type, *, id: str, running: str, lease_token: str) -> bool:
+def holds(session: Session, model: type[LeaseColumns], *, id: str, running: str, lease_token: str) -> bool:
     """Whether lease_token still holds the row; locks it until the caller's transaction ends, so
     what the holder writes in that transaction cannot interleave with a reap."""
     return session.execute(select(model.id).where(model.id == id, *held(model, running=running,
@@ -97,7 +104,7 @@ def holds(session: Session, model: type, *, id: str, running: str, lease_token: 
                            .with_for_update()).first() is not None
 
 
-def finish(session: Session, model: type, *, id: str, running: str, lease_token: str, status: str,
+def finish(session: Session, model: type[LeaseColumns], *, id: str, running: str, lease_token: str, status: str,
            **values: Any) -> bool:
     """The holder's final write: the row moves to `status` (with `values`) and its lease is dropped.
     False (nothing written) when lease_token no longer holds it."""
@@ -108,8 +115,9 @@ def finish(session: Session, model: type, *, id: str, running: str, lease_token:
     return done is not None
 
 
-def reap(session: Session, model: type, *, running: str, status: str, where: tuple[ColumnElement[bool], ...] = (),
-         returning: tuple = (), **values: Any) -> list:
+def reap(session: Session, model: type[LeaseColumns], *, running: str, status: str,
+         where: tuple[ColumnElement[bool], ...] = (), returning: tuple[ColumnExpressionArgument[Any], ...] = (),
+         **values: Any) -> Sequence[Row[*tuple[Any, ...]]]:
     """Move running rows whose lease expired (and `where` holds) to `status`, dropping the lease.
     One conditional UPDATE, so a holder renewing at the same moment either wins or loses cleanly.
     Returns the rows of (id, *returning) it moved."""
@@ -119,7 +127,8 @@ def reap(session: Session, model: type, *, running: str, status: str, where: tup
         .returning(model.id, *returning).execution_options(synchronize_session=False)).all()
 
 
-def take_stale(session: Session, model: type, *columns, queued: str, older_than: dt.datetime) -> list:
+def take_stale(session: Session, model: type[LeaseColumns], *columns: ColumnExpressionArgument[Any], queued: str,
+               older_than: dt.datetime) -> Sequence[Row[*tuple[Any, ...]]]:
     """Rows (id and `columns`) still queued and last enqueued, or created, before older_than: their
     message may have been lost. Marks them enqueued now, so each is re-sent at most once per
     interval."""
