@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session
 from app.domains.idempotency import service as idempotency
 from app.domains.teams.service import Principal
 
-T = TypeVar("T")
+
+class _HasId(Protocol):
+    """A created row: its id is what the key remembers."""
+
+    @property
+    def id(self) -> str: ...
+
+
+T = TypeVar("T", bound=_HasId)
 
 
 def create_once(session: Session, principal: Principal, *, endpoint: str, key: str | None,
@@ -29,5 +37,8 @@ def create_once(session: Session, principal: Principal, *, endpoint: str, key: s
         session.commit()
     except IntegrityError:
         session.rollback()
-        return fetch(idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)), False
+        winner = idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)
+        if winner is None:  # the conflict was not over this key, so there is no first object to return
+            raise
+        return fetch(winner), False
     return obj, True
