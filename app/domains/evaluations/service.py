@@ -122,7 +122,9 @@ def queued_for_job(session: Session, job_id: str) -> list[str]:
 def job_report(session: Session, job_id: str) -> dict | None:
     """The job's evaluation report (report.compare) once both its base and tuned evaluations
     succeeded, else None."""
-    by_role = {r.role: r.result for r in for_job(session, job_id) if r.status == EvaluationStatus.SUCCEEDED}
+    # A job's evaluations all have a role, and a succeeded one has its result.
+    by_role = {r.role: r.result for r in for_job(session, job_id)
+               if r.status == EvaluationStatus.SUCCEEDED and r.role is not None and r.result is not None}
     return compare(by_role) if set(by_role) == {"base", "tuned"} else None
 
 
