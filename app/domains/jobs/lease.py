@@ -29,7 +29,8 @@ from app.domains.jobs.models import FineTuningJob
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.service import counts, model_name
 from app.domains.jobs.spec import TrainingSpec
-from app.domains.jobs.states import FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event, transition
+from app.domains.jobs.states import (FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event,
+                                     existing_job, transition)
 from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import Team
@@ -92,14 +93,14 @@ class TrainingInputs:
 def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
     """Read a claimed job's inputs. Raises LookupError when its base model is no longer
     registered, FileNotFound when one of its files was deleted."""
-    job = session.get(FineTuningJob, job_id)
+    job = existing_job(session, job_id)
     base = base_models.get_base(session, job.model)
     if base is None:
         raise LookupError(f"base model {job.model!r} is no longer registered")
     train_key = files.get(session, team_id=job.team_id, file_id=job.training_file).storage_key
     valid_key = (files.get(session, team_id=job.team_id, file_id=job.validation_file).storage_key
                  if job.validation_file else None)
-    team_name = session.get(Team, job.team_id).name
+    team_name = session.get_one(Team, job.team_id).name  # a job's team exists (the job cascades with it)
     return TrainingInputs(
         job_id=job.id, team_id=job.team_id, spec=TrainingSpec.model_validate(job.spec), base_model=job.model,
         base_path=Path(base.path), train_key=train_key, valid_key=valid_key,
@@ -226,8 +227,8 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
     cancelled, and when the lease was lost nothing is recorded; either way the adapter's files are
     deleted after commit. Returns the new status, or None when the lease was lost."""
     spec, job_id = inputs.spec, inputs.job_id
-    evaluate = spec.evaluation is not None
-    done = start_evaluating if evaluate else succeed
+    evaluation = spec.evaluation
+    done = start_evaluating if evaluation is not None else succeed
     if not done(session, job_id=job_id, lease_token=lease_token, fine_tuned_model=inputs.fine_tuned_model,
                 trained_tokens=trained_tokens, usage=usage):
         queue.delete_after_commit(session, adapter.storage_prefix)
@@ -236,12 +237,12 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
     adapters.create(session, adapter_id=adapter.id, team_id=inputs.team_id, job_id=job_id,
                     base_model=inputs.base_model, name=inputs.fine_tuned_model, storage_prefix=adapter.storage_prefix,
                     archive_key=adapter.archive_key, size=adapter.bytes, sha256=adapter.sha256)
-    if not evaluate:
+    if evaluation is None:
         return JobStatus.SUCCEEDED
     evaluations.create_for_job(session, team_id=inputs.team_id, job_id=job_id, base_model=inputs.base_model,
                                adapter_id=adapter.id, fine_tuned_model=inputs.fine_tuned_model,
-                               tasks=spec.evaluation.tasks,
-                               settings=SamplingSpec.model_validate(spec.evaluation.model_dump(exclude={"tasks"})))
+                               tasks=evaluation.tasks,
+                               settings=SamplingSpec.model_validate(evaluation.model_dump(exclude={"tasks"})))
     return JobStatus.EVALUATING
 
 
@@ -250,7 +251,8 @@ def fail(session: Session, *, job_id: str, code: str, message: str, param: str |
     """Final state. A running job fails only by its lease holder (pass lease_token); without one,
     only a job with no holder (validating_files, queued, evaluating) fails. A failed round ends its
     auto_iterate loop. Returns False (nothing written) otherwise."""
-    states, where = FAILABLE_UNHELD, ()
+    states: tuple[JobStatus, ...] = FAILABLE_UNHELD
+    where: tuple[ColumnElement[bool], ...] = ()
     if lease_token is not None:
         states, where = (RUNNING,), _held(job_id, lease_token)
     if not transition(session, job_id, states, JobStatus.FAILED, f"The job failed: {message}", level="error",
@@ -270,7 +272,8 @@ def reap(session: Session, *, max_attempts: int) -> list[str]:
     Returns the requeued ids."""
     now = utcnow()
     lost = "its worker stopped renewing its lease"
-    outcomes = (
+    # (the further condition, the status it leads to, the columns set alongside), tried in order.
+    outcomes: tuple[tuple[tuple[ColumnElement[bool], ...], JobStatus, dict[str, Any]], ...] = (
         ((FineTuningJob.stop_request == StopRequest.CANCEL,), JobStatus.CANCELLED, {}),
         ((FineTuningJob.stop_request == StopRequest.PAUSE,), JobStatus.PAUSED, {}),
         ((FineTuningJob.attempts >= max_attempts,), JobStatus.FAILED, {}),

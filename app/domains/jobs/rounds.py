@@ -8,6 +8,8 @@ fails or is cancelled ends the loop.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,8 +18,8 @@ from app.core.ids import new_id
 from app.domains.adapters import service as adapters
 from app.domains.jobs import iteration
 from app.domains.jobs.models import FineTuningJob
-from app.domains.jobs.spec import TrainingSpec
-from app.domains.jobs.states import JobStatus, add_event, transition
+from app.domains.jobs.spec import AutoIterateSpec, TrainingSpec
+from app.domains.jobs.states import JobStatus, add_event, existing_job, transition
 
 
 def _loop_parent(session: Session, job: FineTuningJob) -> FineTuningJob | None:
@@ -26,9 +28,16 @@ def _loop_parent(session: Session, job: FineTuningJob) -> FineTuningJob | None:
     return job if TrainingSpec.model_validate(job.spec).auto_iterate else None
 
 
+def _policy(parent: FineTuningJob) -> AutoIterateSpec:
+    policy = TrainingSpec.model_validate(parent.spec).auto_iterate
+    if policy is None:  # a loop's parent is the job submitted with auto_iterate; its children have none
+        raise ValueError(f"job {parent.id!r} is not the parent of an auto_iterate loop")
+    return policy
+
+
 def rounds_of(session: Session, parent: FineTuningJob) -> list[iteration.RoundResult]:
     """Round 1 (the parent) and its child rounds, in order, each with its target metric."""
-    metric = TrainingSpec.model_validate(parent.spec).auto_iterate.target.metric
+    metric = _policy(parent).target.metric
     jobs_ = [parent, *session.scalars(select(FineTuningJob).where(FineTuningJob.parent_job_id == parent.id)
                                       .order_by(FineTuningJob.round))]
     return [iteration.RoundResult(round=j.round or 1, job_id=j.id,
@@ -54,7 +63,7 @@ def after_evaluation(session: Session, *, job_id: str, evaluation: dict) -> None
     """Record a job's evaluation. A plain job ends succeeded. In an auto_iterate loop, the round is
     recorded and the loop either ends (the parent succeeds, reporting every round) or the next round
     is created, and enqueued after commit."""
-    job = session.get(FineTuningJob, job_id)
+    job = existing_job(session, job_id)
     parent = _loop_parent(session, job)
     if parent is None or (parent.id != job.id and parent.status != JobStatus.EVALUATING):
         finish_evaluation(session, job_id=job_id, evaluation=evaluation)
@@ -79,7 +88,7 @@ def end_round(session: Session, *, job_id: str) -> None:
 def _next_round(session: Session, parent: FineTuningJob) -> None:
     # Status changes are conditional UPDATEs that bypass loaded objects: read the rounds afresh.
     session.expire_all()
-    policy = TrainingSpec.model_validate(parent.spec).auto_iterate
+    policy = _policy(parent)
     history = rounds_of(session, parent)
     last = history[-1]
     outcome = "failed or cancelled" if last.score is None else f"{policy.target.metric} {last.score:.3f}"
@@ -89,7 +98,7 @@ def _next_round(session: Session, parent: FineTuningJob) -> None:
     if reason:
         _conclude(session, parent, history, reason)
         return
-    last_job = session.get(FineTuningJob, last.job_id)
+    last_job = existing_job(session, last.job_id)
     spec, change = iteration.adjust(TrainingSpec.model_validate(last_job.spec), last.round + 1)
     spec = spec.model_copy(update={"auto_iterate": None})
     child = FineTuningJob(
@@ -107,11 +116,11 @@ def _next_round(session: Session, parent: FineTuningJob) -> None:
 
 def _conclude(session: Session, parent: FineTuningJob, history: list[iteration.RoundResult], reason: str) -> None:
     top = iteration.best(history)
-    report = {"stop_reason": reason,
-              "rounds": [{"round": r.round, "job_id": r.job_id, "score": r.score} for r in history],
-              "best": None}
+    report: dict[str, Any] = {"stop_reason": reason,
+                              "rounds": [{"round": r.round, "job_id": r.job_id, "score": r.score} for r in history],
+                              "best": None}
     if top is not None:
-        best_job = session.get(FineTuningJob, top.job_id)
+        best_job = existing_job(session, top.job_id)
         adapter = adapters.for_job(session, top.job_id)
         report["best"] = {"round": top.round, "job_id": top.job_id, "score": top.score,
                           "fine_tuned_model": best_job.fine_tuned_model, "adapter_id": adapter.id if adapter else None}

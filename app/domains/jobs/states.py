@@ -56,6 +56,15 @@ WAITING = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
 RUNNING = (JobStatus.RUNNING,)
 
 
+def existing_job(session: Session, job_id: str) -> FineTuningJob:
+    """The job, for a caller that knows it exists (it holds the job's lease, or read the id from
+    another of its rows). Raises LookupError when it does not."""
+    job = session.get(FineTuningJob, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id!r} does not exist")
+    return job
+
+
 def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
               data: dict | None = None) -> FineTuningJobEvent:
     event = FineTuningJobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message,
