@@ -42,7 +42,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".tuneforge"), description="Root of storage, SQLite and the embedded broker.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir when unset.")
-    broker_url: str | None = Field(default=None, description="Celery broker URL; filesystem broker in data_dir when unset.")
+    broker_url: str | None = Field(default=None,
+                                   description="Celery broker URL; filesystem broker in data_dir when unset.")
 
     upload_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted upload, in bytes.")
     upload_max_line_bytes: int = Field(default=8 * 1024 * 1024, gt=0, description="Longest accepted JSONL line.")

@@ -43,7 +43,7 @@ async def inference_stats(session: SessionDep, principal: AdminDep) -> EndpointS
     own = {a.id for a in await run_in_threadpool(lambda: adapters.list_all(session, team_id=principal.team_id))}
     rows = [EndpointStats(id=e.id, base_model=e.base_model, url=e.url, started_at=unix(e.started_at),
                           heartbeat_at=unix(e.heartbeat_at)) for e in endpoints]
-    for row, answer in zip(rows, await forward.stats([r.url for r in rows])):
+    for row, answer in zip(rows, await forward.stats([r.url for r in rows]), strict=True):
         if isinstance(answer, dict):
             row.stats = _team_view(answer, own)
         else:

@@ -17,7 +17,7 @@ class EvaluationCreate(SamplingSpec):
     completions_file: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
-    def _what_to_score(self) -> "EvaluationCreate":
+    def _what_to_score(self) -> EvaluationCreate:
         if not self.model and not self.completions_file:
             raise ValueError("give a model to generate completions, or a completions_file to score")
         return self

@@ -79,7 +79,7 @@ class JobCreate(BaseModel):
                                                                    "target is met (needs eval).")
 
     @model_validator(mode="after")
-    def _iterate_needs_eval(self) -> "JobCreate":
+    def _iterate_needs_eval(self) -> JobCreate:
         if self.auto_iterate is not None:
             if self.eval is None:
                 raise ValueError("auto_iterate needs eval: the target is measured by the job's evaluation")

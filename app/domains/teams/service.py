@@ -53,7 +53,8 @@ def create_team(session: Session, *, name: str) -> tuple[Team, str]:
     Raises TeamExists, InvalidTeamName."""
     if not _TEAM_NAME.match(name):
         raise InvalidTeamName(
-            f"Team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit.",
+            f"Team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit.",
             param="name")
     if session.scalar(select(Team.id).where(Team.name == name)):
         raise TeamExists(f"A team named {name!r} already exists.", param="name")
