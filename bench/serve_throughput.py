@@ -336,22 +336,23 @@ def engine_decode_step(base: Path, adapters: list[Path], texts: list[str], devic
     1 + steps tokens minus that with 1 token (prefill only), per step."""
     rows = len(adapters)
     out = {}
+
+    def busy(engine: InferenceEngine, refs: list[AdapterRef], tokens: int) -> float:
+        before = engine.stats()["tokens"]["busy_s"]
+        handles = [engine.submit(texts[i % len(texts)], adapter=refs[i], max_tokens=tokens, temperature=0)
+                   for i in range(rows)]
+        for h in handles:
+            h.result(600)
+        return engine.stats()["tokens"]["busy_s"] - before
+
     for label, pick in (("distinct", lambda i: i), ("one", lambda i: 0)):
         engine = InferenceEngine(base, device=device, max_adapters=rows, max_batch_size=rows, batch_window_ms=50)
         refs = [AdapterRef(f"ad-{pick(i):03d}", adapters[pick(i)]) for i in range(rows)]
         for ref in set(refs):
             engine.preload(ref)
-
-        def busy(tokens: int) -> float:
-            before = engine.stats()["tokens"]["busy_s"]
-            handles = [engine.submit(texts[i % len(texts)], adapter=refs[i], max_tokens=tokens, temperature=0)
-                       for i in range(rows)]
-            for h in handles:
-                h.result(600)
-            return engine.stats()["tokens"]["busy_s"] - before
-
-        busy(1 + steps)  # warm
-        out[f"decode_step_{label}_ms"] = round(1000 * (busy(1 + steps) - busy(1)) / steps, 2)
+        busy(engine, refs, 1 + steps)  # warm
+        step_s = (busy(engine, refs, 1 + steps) - busy(engine, refs, 1)) / steps
+        out[f"decode_step_{label}_ms"] = round(1000 * step_s, 2)
         engine.close()
     return out
 

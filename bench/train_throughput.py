@@ -82,7 +82,8 @@ def machine() -> dict[str, Any]:
         pass
     from bench.machine import describe
 
-    gpu_memory = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None
+    gpu_memory = (round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+                  if torch.cuda.is_available() else None)
     return describe(gpu_memory_gib=gpu_memory,
                     cpu_bf16=bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()))
 
@@ -281,7 +282,8 @@ def run_arm(arm: str, model_dir: Path, data: Path, steps: int, tmp: Path) -> dic
     result["process_s"] = time.perf_counter() - started
     result["tokens_per_s"] = result["tokens"] / result["wall_s"]
     # On GPU the memory that matters is the device's; on CPU the process's resident set.
-    result["peak_bytes"] = result["gpu_peak_bytes"] if result["gpu_peak_bytes"] is not None else result["peak_rss_bytes"]
+    result["peak_bytes"] = (result["gpu_peak_bytes"] if result["gpu_peak_bytes"] is not None
+                            else result["peak_rss_bytes"])
     return result
 
 
@@ -366,7 +368,7 @@ def main() -> None:
             "wall_s": s["wall_s"] / base["wall_s"],
             "final_loss": s["final_loss"] / base["final_loss"],
         }
-        step_diffs[arm] = max(abs(x - y) for x, y in zip(base["losses"], s["losses"]))
+        step_diffs[arm] = max(abs(x - y) for x, y in zip(base["losses"], s["losses"], strict=True))
     mfu = None
     if cuda:
         peak = next((f for key, f in GPU_BF16_PEAK if key in (desc["gpu"] or "")), None)
@@ -391,7 +393,8 @@ def main() -> None:
           ", ".join(f"{arm} {s['losses'][0]:.4f}" for arm, s in summary.items()) + "; max |arm - baseline| " +
           ", ".join(f"{arm} {d:.4f}" for arm, d in step_diffs.items()))
     if a.repeats > 1:
-        own = max(abs(x - y) for r in runs["baseline"][1:] for x, y in zip(runs["baseline"][0]["losses"], r["losses"]))
+        own = max(abs(x - y) for r in runs["baseline"][1:]
+                  for x, y in zip(runs["baseline"][0]["losses"], r["losses"], strict=True))
         print(f"for scale: the baseline's own runs differ per step by up to {own:.4f} (it is not deterministic)")
     for arm, s in summary.items():
         print(f"{arm:12s} ran: " + ", ".join(f"{k} {v}" for k, v in s["setup"].items()))
