@@ -1,6 +1,7 @@
 """The `tuneforge` command.
 
-    tuneforge up                      API + one worker + inference per base model (embedded default: SQLite, filesystem broker)
+    tuneforge up                      API + one worker + inference per base model
+                                      (embedded default: SQLite, filesystem broker)
     tuneforge serve [--port 8000]     the API process alone
     tuneforge worker                  one Celery worker (training + evaluation queues)
     tuneforge inference --model NAME  serve a registered base model and its adapters (one per base per GPU)

@@ -156,7 +156,7 @@ def _follow(client: httpx.Client, job_id: str, procs: list[subprocess.Popen], lo
     seen: set[str] = set()
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        for proc, name in zip(procs, ("api", "worker")):
+        for proc, name in zip(procs, ("api", "worker"), strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"the {name} process exited with code {proc.returncode}; "
                                    f"see {logs / (name + '.log')}")

@@ -150,4 +150,5 @@ def collator_for(plan: BatchPlan, tokenizer: PreTrainedTokenizerBase) -> CausalL
 
 def as_dataset(examples: TokenizedExamples) -> list[dict[str, list[int]]]:
     """A map-style dataset for the Trainer (a list of dicts); the collator pads or packs per batch."""
-    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples.input_ids, examples.labels, strict=True)]
+    return [{"input_ids": ids, "labels": labels}
+            for ids, labels in zip(examples.input_ids, examples.labels, strict=True)]

@@ -102,12 +102,13 @@ def split_packed_batch(batch: dict[str, Any], row_tokens: int, *, pad_to_multipl
         if pad:
             fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
             for key, tensor in row.items():
-                tail = (torch.arange(pad, dtype=tensor.dtype, device=tensor.device).unsqueeze(0) if key == "position_ids"
+                tail = (torch.arange(pad, dtype=tensor.dtype, device=tensor.device).unsqueeze(0)
+                        if key == "position_ids"
                         else torch.full((1, pad), fill[key], dtype=tensor.dtype, device=tensor.device))
                 row[key] = torch.cat([tensor, tail], dim=1)
             rel = [*rel, rel[-1] + pad]
         cu = torch.tensor(rel, dtype=batch["cu_seq_lens_q"].dtype, device=batch["cu_seq_lens_q"].device)
-        longest = max(b - a for a, b in zip(rel[:-1], rel[1:]))
+        longest = max(b - a for a, b in zip(rel[:-1], rel[1:], strict=True))
         row.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out.append(row)
     return out
