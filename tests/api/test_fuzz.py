@@ -103,6 +103,21 @@ def _hides(foreign_ids: set[str], mode: GenerationMode, probed: set[str]):
     return another_teams_objects_are_hidden
 
 
+def _fuzz(operation, mode: GenerationMode, check, *, server: str, headers: dict) -> None:
+    """Run one operation's examples in one generation mode, with `check` besides schemathesis' own."""
+
+    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(mode))
+    def run(case):
+        # Schema-valid is not enough to be accepted here (a file must be valid JSONL, a model
+        # registered), so positive_data_acceptance does not apply; every other check does.
+        case.call_and_validate(base_url=server, headers=headers, additional_checks=[check],
+                               excluded_checks=[positive_data_acceptance])
+
+    run()
+
+
 def test_api_conforms_and_never_crosses_teams(server, teams):
     schema = _schema(server, teams["foreign"])
     headers = {"Authorization": f"Bearer {teams['key_a']}"}
@@ -113,18 +128,8 @@ def test_api_conforms_and_never_crosses_teams(server, teams):
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             check = _hides(set(teams["foreign"].values()), mode, probed)
-
-            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-                      phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(mode))
-            def run(case):
-                # Schema-valid is not enough to be accepted here (a file must be valid JSONL, a model
-                # registered), so positive_data_acceptance does not apply; every other check does.
-                case.call_and_validate(base_url=server, headers=headers, additional_checks=[check],
-                                       excluded_checks=[positive_data_acceptance])
-
             try:
-                run()
+                _fuzz(operation, mode, check, server=server, headers=headers)
             except Unsatisfiable:  # nothing in this operation can be made invalid (negative mode)
                 continue
             except (Exception, BaseExceptionGroup) as exc:  # report every operation's failures at the end

@@ -16,8 +16,8 @@ def test_job_defaults_are_the_papers_recipe(api, make_team, tiny_model):
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
     assert job["status"] in ("queued", "running", "succeeded")
     spec = job["spec"]
-    assert spec["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                            "bias": "none"}
+    assert spec["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05,
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none"}
     assert spec["quantization"] == {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
     t = spec["training"]
     assert (t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["learning_rate"]) == (1, 8, 4, 2e-4)

@@ -209,7 +209,8 @@ def test_an_upload_over_the_storage_quota_answers_409_and_stores_nothing(api, ma
     error = r.json()["error"]
     assert error["code"] == "storage_quota_exceeded" and error["param"] == "file"
     assert (error["limit"], error["usage"]) == (len(content) + 100, len(content))
-    assert f"limit is {len(content) + 100} bytes" in error["message"] and f"use {len(content)} bytes" in error["message"]
+    assert f"limit is {len(content) + 100} bytes" in error["message"]
+    assert f"use {len(content)} bytes" in error["message"]
     assert _file_rows(team_id) == 1
     assert len(_team_blobs(services_env, team_id)) == 1
     assert _temp_files(services_env) <= temps  # the streamed temporary file is gone too

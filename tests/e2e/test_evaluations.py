@@ -42,7 +42,8 @@ def test_job_with_eval_file_reports_base_and_tuned_from_real_executions(api, mak
         assert r["sandbox_mode"] in ("strong", "weak") and 0.0 <= r["pass_at_k"]["1"] <= 1.0
         assert r["passed"] == round(r["pass_at_k"]["1"] * 6)
         assert math.isfinite(r["heldout_loss"]) and r["generation_seconds"] > 0 and r["execution_seconds"] > 0
-    assert report["pass_at_k_delta"]["1"] == pytest.approx(report["tuned"]["pass_at_k"]["1"] - report["base"]["pass_at_k"]["1"])
+    assert report["pass_at_k_delta"]["1"] == pytest.approx(
+        report["tuned"]["pass_at_k"]["1"] - report["base"]["pass_at_k"]["1"])
     assert report["forgetting"]["increase"] == pytest.approx(
         report["tuned"]["heldout_loss"] - report["base"]["heldout_loss"])
     evals = [e for e in client.get("/evaluations").json()["data"] if e["job_id"] == job["id"]]

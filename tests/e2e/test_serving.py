@@ -24,6 +24,7 @@ BASE = "tiny-llama"
 PROMPT = "def fibonacci(n):"
 MESSAGES = [{"role": "system", "content": "You write Python."},
             {"role": "user", "content": "Write a function to add two numbers."}]
+MESSAGE_ITEMS = tuple(tuple(m.items()) for m in MESSAGES)  # hashable, for Reference's cache key
 MAX_TOKENS = 16
 TIMEOUT = 120.0
 # Adapter b's tokenizer carries its own chat template, so the chat endpoint must use the adapter's.
@@ -124,7 +125,7 @@ class Reference:
     def completion(self, adapter: str | None, prompt: str = PROMPT) -> tuple[list[int], str]:
         return self._run(adapter, ("prompt", prompt))
 
-    def chat(self, adapter: str | None, messages=tuple(tuple(m.items()) for m in MESSAGES)) -> tuple[list[int], str]:
+    def chat(self, adapter: str | None, messages: tuple = MESSAGE_ITEMS) -> tuple[list[int], str]:
         return self._run(adapter, ("chat", messages))
 
     def _run(self, adapter: str | None, what: tuple) -> tuple[list[int], str]:

@@ -115,7 +115,7 @@ def test_chunked_loss_gives_the_stock_loss_and_gradients_without_keeping_logits(
         model.zero_grad(set_to_none=True)
         saved: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
             saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             return t
 
