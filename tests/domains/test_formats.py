@@ -36,9 +36,13 @@ def test_a_format_outside_the_allowed_ones_is_refused() -> None:
         formats.require({"text": "hello"}, formats.TASK_FORMATS)
 
 
+MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: Add two numbers. Your code should pass "
+               "these tests:\n\nassert add(1, 2) == 3\n")
+
+
 def test_a_task_prompt_is_the_prompt_of_its_training_example() -> None:
-    assert formats.task_prompt(MBPP, RecordFormat.MBPP) == "Add two numbers.\n"
-    assert formats.prompt_and_completion(MBPP, RecordFormat.MBPP) == ("Add two numbers.\n", MBPP["code"])
+    assert formats.task_prompt(MBPP, RecordFormat.MBPP) == MBPP_PROMPT
+    assert formats.prompt_and_completion(MBPP, RecordFormat.MBPP) == (MBPP_PROMPT, MBPP["code"])
     assert formats.task_prompt(HUMANEVAL, RecordFormat.HUMANEVAL) == HUMANEVAL["prompt"]
 
 

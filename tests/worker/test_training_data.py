@@ -36,7 +36,8 @@ def ignored_text(tokenizer, ids: list[int], labels: list[int]) -> str:
         ({"prompt": "def g():\n", "canonical_solution": "    return 1\n", "test": "assert g() == 1",
           "entry_point": "g"}, "def g():\n", "    return 1\n" + EOS),
         ({"text": "Return one.", "code": "def h():\n    return 1", "test_list": ["assert h() == 1"]},
-         "Return one.\n", "def h():\n    return 1" + EOS),
+         "You are an expert Python programmer, and here is your task: Return one. Your code should pass these "
+         "tests:\n\nassert h() == 1\n", "def h():\n    return 1" + EOS),
     ],
     ids=["prompt_completion", "humaneval", "mbpp"],
 )

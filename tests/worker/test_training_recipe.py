@@ -89,6 +89,9 @@ def spec_for(**training: Any) -> TrainingSpec:
 
 # ---- data formats ----------------------------------------------------------
 
+WRITE_F = ("You are an expert Python programmer, and here is your task: Write f. Your code should pass these "
+           "tests:\n\nassert f() == 1\n")
+
 
 @pytest.mark.parametrize(
     ("record", "expected"),
@@ -97,7 +100,7 @@ def spec_for(**training: Any) -> TrainingSpec:
         ({"text": "import os\n"}, "import os\n" + EOS),
         (
             {"text": "Write f.", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"]},
-            "Write f.\ndef f():\n    return 1" + EOS,
+            WRITE_F + "def f():\n    return 1" + EOS,
         ),
         (
             {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
@@ -117,7 +120,7 @@ def test_each_record_format_becomes_its_training_text(tokenizer, record, expecte
 def test_a_record_trains_as_the_format_the_upload_validator_gave_it(tokenizer):
     mbpp = {"text": "Write f.", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"],
             "prompt": "not this", "completion": "nor this"}
-    assert format_record(mbpp, tokenizer) == "Write f.\ndef f():\n    return 1" + EOS
+    assert format_record(mbpp, tokenizer) == WRITE_F + "def f():\n    return 1" + EOS
     incomplete_humaneval = {"prompt": "def f():\n", "completion": "    return 1\n", "test": "assert f() == 1"}
     with pytest.raises(DataFormatError, match='"canonical_solution" is missing'):
         format_record(incomplete_humaneval, tokenizer)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.domains.files.formats import PromptStyle
+
 
 class SamplingSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -16,6 +18,14 @@ class SamplingSpec(BaseModel):
     stop: tuple[str, ...] | None = Field(None, max_length=8, description="Stop sequences; None: per task format.")
     limit: int | None = Field(None, ge=1, le=100_000, description="Evaluate only the first N tasks.")
     timeout_seconds: float = Field(10.0, ge=0.5, le=120.0, description="Wall-clock limit per program.")
+    prompt_style: PromptStyle = Field(
+        PromptStyle.AUTO, description="How tasks are put to the model. chat: the task as a user message rendered "
+                                      "with the tokenizer's chat template, the answer ending at the model's end of "
+                                      "turn, and the first fenced code block of the answer run; completion: a plain "
+                                      "prompt the model continues, cut at the task format's stop sequences (for base "
+                                      "models). auto: chat when the tokenizer has a chat template, else completion. "
+                                      "The result records what auto became.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "SamplingSpec":

@@ -17,6 +17,13 @@ Prompt layouts: how a record becomes a prompt and the completion a model learns 
 (prompt_and_completion), the prompt an evaluation gives a model for a code task (task_prompt), and
 the plain chat layout used wherever a tokenizer has no chat template (plain_chat, plain_chat_prompt,
 plain_chat_template).
+
+Code tasks are laid out in one of two prompt styles (PromptStyle): "completion", a plain text the
+model continues with the solution (for base models: task_prompt, prompt_and_completion), or "chat",
+the task as a user message (task_messages) answered by the reference code in a ```python fence
+(task_answer), rendered through the tokenizer's chat template. "auto" is chat when the tokenizer has
+a chat template (resolve_prompt_style). An MBPP task is shown with its tests in both styles, as the
+MBPP paper prompts it, so the model knows the function's name and signature.
 """
 
 from __future__ import annotations
@@ -274,10 +281,36 @@ _CHECKS = {
 # --- prompt layouts -----------------------------------------------------------------------------
 
 
+class PromptStyle(StrEnum):
+    """How a code task is put to a model; AUTO resolves to one of the others (resolve_prompt_style)."""
+
+    AUTO = "auto"
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+def resolve_prompt_style(requested: str, *, has_chat_template: bool) -> PromptStyle:
+    """What a requested prompt style is for a tokenizer: auto is chat when the tokenizer has a chat
+    template and completion when it has none; chat and completion stay as they are (chat without a
+    template uses the plain chat layout). Raises ValueError for another value."""
+    style = PromptStyle(requested)
+    if style == PromptStyle.AUTO:
+        return PromptStyle.CHAT if has_chat_template else PromptStyle.COMPLETION
+    return style
+
+
+def mbpp_prompt(record: Mapping[str, Any]) -> str:
+    """An MBPP task as the MBPP paper prompts it: the description, then the tests its code must pass
+    (which name the function and show its signature)."""
+    tests = "\n".join(record["test_list"])
+    return (f"You are an expert Python programmer, and here is your task: {record['text']} "
+            f"Your code should pass these tests:\n\n{tests}\n")
+
+
 def prompt_and_completion(record: Mapping[str, Any], fmt: RecordFormat) -> tuple[str, str]:
     """(prompt, completion) of a valid record of any trainable format but chat: the text a model reads
-    and the text it learns to write after it. Plain text is all completion (an empty prompt); an mbpp
-    task's prompt is its description and a newline, its completion the reference code."""
+    and the text it learns to write after it, in the completion style. Plain text is all completion
+    (an empty prompt); an mbpp task's prompt is mbpp_prompt, its completion the reference code."""
     if fmt == RecordFormat.TEXT:
         return "", record["text"]
     if fmt == RecordFormat.HUMANEVAL:
@@ -285,16 +318,47 @@ def prompt_and_completion(record: Mapping[str, Any], fmt: RecordFormat) -> tuple
     if fmt == RecordFormat.PROMPT_COMPLETION:
         return record["prompt"], record["completion"]
     if fmt == RecordFormat.MBPP:
-        return f"{record['text']}\n", record["code"]
+        return mbpp_prompt(record), record["code"]
     raise ValueError(f"a {fmt} record has no prompt/completion layout")
 
 
 def task_prompt(record: Mapping[str, Any], fmt: RecordFormat) -> str:
-    """The prompt an evaluation gives a model for a code task (mbpp or humaneval): the prompt of the
-    task's training example, so a model is evaluated on what it was trained to continue."""
+    """The completion-style prompt an evaluation gives a model for a code task (mbpp or humaneval): the
+    prompt of the task's training example, so a model is evaluated on what it was trained to continue."""
+    _require_task(fmt)
+    return prompt_and_completion(record, fmt)[0]
+
+
+def task_messages(record: Mapping[str, Any], fmt: RecordFormat) -> list[dict[str, str]]:
+    """The chat-style prompt of a code task: one user message. An mbpp task is mbpp_prompt; a humaneval
+    task asks for a self-contained script completing its prompt (the signature and docstring), in a
+    fenced block, as evalplus asks an instruct model."""
+    _require_task(fmt)
+    if fmt == RecordFormat.MBPP:
+        content = mbpp_prompt(record)
+    else:
+        content = ("Please provide a self-contained Python script that solves the following problem in a "
+                   f"markdown code block:\n```python\n{record['prompt'].strip()}\n```\n")
+    return [{"role": "user", "content": content}]
+
+
+def task_answer(record: Mapping[str, Any], fmt: RecordFormat) -> str:
+    """The chat-style answer a model learns for a code task: its reference solution, whole (a humaneval
+    task's prompt and canonical solution together), in a ```python fence."""
+    _require_task(fmt)
+    code = record["code"] if fmt == RecordFormat.MBPP else record["prompt"] + record["canonical_solution"]
+    code = code.strip("\n").rstrip()
+    return f"```python\n{code}\n```"
+
+
+def task_conversation(record: Mapping[str, Any], fmt: RecordFormat) -> list[dict[str, str]]:
+    """A code task as the chat a model trains on: task_messages, then task_answer as the assistant's turn."""
+    return [*task_messages(record, fmt), {"role": "assistant", "content": task_answer(record, fmt)}]
+
+
+def _require_task(fmt: RecordFormat) -> None:
     if fmt not in TASK_FORMATS:
         raise ValueError(f"a {fmt} record is no code task; tasks are one of {', '.join(TASK_FORMATS)}")
-    return prompt_and_completion(record, fmt)[0]
 
 
 # The plain chat layout, for tokenizers without a chat template: each turn is a role tag on a line

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.domains.evaluations.spec import JobEvalSpec
+from app.domains.files.formats import PromptStyle
 
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
@@ -87,6 +88,13 @@ class TrainingSettings(_Frozen):
     keep_checkpoints: int = Field(3, ge=1, le=20, description="Stored checkpoints kept per job; older ones are "
                                                               "deleted as new ones are written.")
     logging_steps: int = Field(1, ge=1, le=100_000)
+    prompt_style: PromptStyle = Field(
+        PromptStyle.AUTO, description="How MBPP and HumanEval records are laid out. chat: the task as a user turn "
+                                      "and its reference code in a fenced block as the assistant's, through the "
+                                      "tokenizer's chat template; completion: a plain prompt continued by the code. "
+                                      "auto: chat when the tokenizer has a chat template, else completion. Other "
+                                      "formats are laid out as they are either way.",
+    )
     completion_only_loss: bool = Field(
         True, description="Compute the loss only on what the model should write: completions (prompt/completion), "
                           "assistant turns (chat), solutions (HumanEval, MBPP); prompt tokens get label -100. "

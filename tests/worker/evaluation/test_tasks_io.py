@@ -28,7 +28,9 @@ def test_an_mbpp_task_with_an_entry_point_key_is_read_as_mbpp(tmp_path):
     assert validate_bytes_iter([path.read_bytes()]).format == "mbpp"
     problems, prompts = from_jsonl(path)
     assert problems == {"1": MbppProblem(task_id="1", test_list=tuple(MBPP["test_list"]), reference_code=MBPP["code"])}
-    assert [(p.text, p.format) for p in prompts] == [("Add two numbers.\n", "mbpp")]
+    assert [(p.text, p.format) for p in prompts] == [(
+        "You are an expert Python programmer, and here is your task: Add two numbers. Your code should pass these "
+        "tests:\n\nassert add(1, 2) == 3\n", "mbpp")]
 
 
 def test_humaneval_tasks_are_numbered_by_line_without_a_task_id(tmp_path):
