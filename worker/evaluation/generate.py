@@ -1,16 +1,26 @@
 """Generating completions for code tasks with a base model, optionally with a LoRA adapter, and
-measuring its loss on a general held-out text (the forgetting check)."""
+measuring its loss on a general held-out text (the forgetting check).
+
+A task is put to the model in the evaluation's prompt style (formats.PromptStyle): chat renders the
+task's messages with the tokenizer's chat template (or the plain chat layout where it has none) and
+lets the answer run to the model's end of turn; completion gives the plain prompt and cuts the
+continuation at the task format's stop sequences."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.domains.evaluations.spec import SamplingSpec
+from app.domains.files import formats
+from app.domains.files.formats import PromptStyle
 from worker.evaluation.harness import Sample
 
-# Where a completion ends when the task format gives no stop sequences (HumanEval's usual ones).
+# Where a completion-style continuation ends when the settings give no stop sequences (HumanEval's
+# usual ones). A chat answer ends at the model's end of turn instead: it may hold prose, several
+# functions and examples, and the harness takes its code out (app/domains/evaluations/extract.py).
 STOPS = {
     "humaneval": ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"),
     "mbpp": ("\nassert", "\nif __name__", "\nprint(", "\n\n\n"),
@@ -19,9 +29,12 @@ STOPS = {
 
 @dataclass(frozen=True)
 class Prompt:
+    """A code task as each prompt style gives it: `text` (completion) and `messages` (chat)."""
+
     task_id: str
     text: str
     format: str  # "humaneval" | "mbpp"
+    messages: tuple[Mapping[str, str], ...] = ()
 
 
 def _device_and_dtype():
@@ -55,28 +68,64 @@ def truncate(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
+def prompt_style(tokenizer, settings: SamplingSpec) -> PromptStyle:
+    """The prompt style the settings ask for with this tokenizer (auto: chat when it has a chat
+    template): what an evaluation's result records."""
+    return formats.resolve_prompt_style(settings.prompt_style, has_chat_template=tokenizer.chat_template is not None)
+
+
+def render(tokenizer, prompt: Prompt, style: PromptStyle) -> str:
+    """The text the model reads for a task: the plain prompt (completion), or the task's messages with
+    the assistant's turn opened, through the chat template, or the plain chat layout where the
+    tokenizer has none, as training and serving render a chat (chat)."""
+    if style == PromptStyle.COMPLETION:
+        return prompt.text
+    messages = [dict(m) for m in prompt.messages] or [{"role": "user", "content": prompt.text}]
+    if tokenizer.chat_template is None:
+        return formats.plain_chat_prompt(messages)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _end_of_turn_ids(model, tokenizer) -> list[int]:
+    """The token ids that end an answer: the model's generation eos (one id or several) and the
+    tokenizer's eos."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
+
+
 def generate(model, tokenizer, prompts: list[Prompt], settings: SamplingSpec, *, batch_size: int = 16,
              seed: int = 0) -> tuple[list[Sample], float]:
-    """settings.n completions per prompt, cut at the stop sequences. Returns (samples, seconds)."""
+    """settings.n completions per prompt, in the settings' prompt style (prompt_style): chat answers
+    end at the model's end of turn, completion-style continuations are cut at the task format's stop
+    sequences; settings.stop, when given, cuts both. Returns (samples, seconds)."""
     import torch
 
     torch.manual_seed(seed)
     start = time.monotonic()
     samples: list[Sample] = []
     sampling = settings.temperature > 0
+    style = prompt_style(tokenizer, settings)
+    # A chat template writes the bos token itself: tokenizing with special tokens would double it.
+    special = style == PromptStyle.COMPLETION or tokenizer.chat_template is None
+    eos = _end_of_turn_ids(model, tokenizer)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
-        enc = tokenizer([p.text for p in batch], return_tensors="pt", padding=True).to(model.device)
+        texts = [render(tokenizer, p, style) for p in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=settings.max_tokens, do_sample=sampling,
                 temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-                num_return_sequences=settings.n, pad_token_id=tokenizer.pad_token_id)
+                num_return_sequences=settings.n, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
         new_tokens = out[:, enc["input_ids"].shape[1]:]  # (batch * n, <= max_tokens)
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for j, text in enumerate(texts):
+        answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for j, text in enumerate(answers):
             prompt = batch[j // settings.n]
-            stops = settings.stop or STOPS[prompt.format]
+            if settings.stop:
+                stops = settings.stop
+            else:
+                stops = () if style == PromptStyle.CHAT else STOPS[prompt.format]
             samples.append(Sample(task_id=prompt.task_id, completion=truncate(text, stops),
                                   completion_id=j % settings.n))
     return samples, time.monotonic() - start

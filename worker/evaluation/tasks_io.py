@@ -1,5 +1,5 @@
 """Code tasks from a JSONL file (MBPP- or HumanEval-style) or the built-in HumanEval set, as the
-harness's problems plus the prompt a model continues."""
+harness's problems plus the prompt a model is given."""
 
 from __future__ import annotations
 
@@ -14,15 +14,21 @@ from worker.evaluation.harness import HumanEvalProblem, MbppProblem, Problem, lo
 
 def builtin_humaneval() -> tuple[dict[str, Problem], list[Prompt]]:
     problems = load_humaneval()
-    prompts = [Prompt(task_id=p.task_id, text=p.prompt, format=RecordFormat.HUMANEVAL.value) for p in problems.values()]
+    prompts = [_prompt(p.task_id, {"prompt": p.prompt}, RecordFormat.HUMANEVAL) for p in problems.values()]
     return dict(problems), prompts
+
+
+def _prompt(task_id: str, record: dict, fmt: RecordFormat) -> Prompt:
+    """A task's prompt in both styles: formats.task_prompt (completion) and formats.task_messages (chat)."""
+    return Prompt(task_id=task_id, text=formats.task_prompt(record, fmt), format=fmt.value,
+                  messages=tuple(formats.task_messages(record, fmt)))
 
 
 def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
     """Problems and prompts of an uploaded task file (validated at upload, with the same format rule
     as here: app/domains/files/formats.py). Tasks without a task_id are numbered by line; the prompt
-    is the task's training prompt (formats.task_prompt). Raises RecordInvalid naming the line of a
-    record that is not a valid mbpp or humaneval task."""
+    is the task's training prompt in each style (formats.task_prompt and formats.task_messages).
+    Raises RecordInvalid naming the line of a record that is not a valid mbpp or humaneval task."""
     problems: dict[str, Problem] = {}
     prompts: list[Prompt] = []
     with open(path, encoding="utf-8-sig") as f:
@@ -44,5 +50,5 @@ def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
                 problems[task_id] = MbppProblem(task_id=task_id, test_list=tuple(rec["test_list"]),
                                                 test_setup_code=rec.get("test_setup_code", ""),
                                                 reference_code=rec["code"])
-            prompts.append(Prompt(task_id=task_id, text=formats.task_prompt(rec, fmt), format=fmt.value))
+            prompts.append(_prompt(task_id, rec, fmt))
     return problems, prompts
