@@ -22,7 +22,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 from app.domains.files import formats
-from app.domains.files.formats import RecordFormat
+from app.domains.files.formats import PromptStyle, RecordFormat
 
 IGNORE_INDEX = -100  # label of a position that is not a training target (torch cross_entropy's ignore_index)
 
@@ -98,27 +98,45 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
-def format_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
-    """The training text of one record, ending in the eos token.
+def format_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                  prompt_style: str = PromptStyle.COMPLETION) -> str:
+    """The training text of one record, ending in the eos token (or the template's end of turn).
 
     Raises DataFormatError for an unknown format or malformed chat messages.
     """
-    return _text_and_targets(record, tokenizer)[0]
+    return _layout(record, tokenizer, prompt_style)[0]
 
 
-def _text_and_targets(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
-    """(training text, character spans [start, end) of what the model should write).
+def _layout(
+    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, prompt_style: str
+) -> tuple[str, list[tuple[int, int]], bool]:
+    """(training text, character spans [start, end) of what the model should write, whether the text
+    is a chat-template rendering).
 
     The spans are the completion of each format (everything for plain text);
     each includes the eos or end-of-turn text that follows it, so the model
-    learns to stop. Raises DataFormatError like format_record.
+    learns to stop. A code task (mbpp, humaneval) in the chat prompt style
+    (formats.resolve_prompt_style) is the chat formats.task_conversation gives:
+    the task as the user's turn, its fenced reference code as the assistant's.
+    Raises DataFormatError like format_record.
     """
     kind = trainable_format(record)
     if kind == RecordFormat.CHAT:
-        return chat_text_and_targets(record["messages"], tokenizer)
-    prompt, completion = formats.prompt_and_completion(record, kind)
-    text = f"{prompt}{completion}{tokenizer.eos_token}"
-    return text, [(len(prompt), len(text))]
+        messages = record["messages"]
+    elif kind in formats.TASK_FORMATS and prompt_style_for(tokenizer, prompt_style) == PromptStyle.CHAT:
+        messages = formats.task_conversation(record, kind)
+    else:
+        prompt, completion = formats.prompt_and_completion(record, kind)
+        text = f"{prompt}{completion}{tokenizer.eos_token}"
+        return text, [(len(prompt), len(text))], False
+    text, spans = chat_text_and_targets(messages, tokenizer)
+    return text, spans, tokenizer.chat_template is not None
+
+
+def prompt_style_for(tokenizer: PreTrainedTokenizerBase, requested: str) -> PromptStyle:
+    """The prompt style code-task records are laid out in for this tokenizer (auto: chat when it has a
+    chat template); what a training run records as its prompt style."""
+    return formats.resolve_prompt_style(requested, has_chat_template=tokenizer.chat_template is not None)
 
 
 def chat_text_and_targets(
@@ -174,29 +192,30 @@ def _assistant_spans(messages: list[dict[str, str]], text: str, tokenizer: PreTr
     return spans
 
 
-def encode_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def encode_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                  prompt_style: str = PromptStyle.COMPLETION) -> list[int]:
     """Untruncated token ids of one record's training text.
 
     Chat-template output is tokenized without special tokens: templates
     already write the bos token as text, and adding it again would double it.
     Raises DataFormatError from format_record.
     """
-    return encode_record_with_labels(record, tokenizer, completion_only=False)[0]
+    return encode_record_with_labels(record, tokenizer, completion_only=False, prompt_style=prompt_style)[0]
 
 
 def encode_record_with_labels(
-    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, completion_only: bool
+    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, completion_only: bool,
+    prompt_style: str = PromptStyle.COMPLETION,
 ) -> tuple[list[int], list[int]]:
-    """(token ids, labels) of one record, untruncated.
+    """(token ids, labels) of one record, untruncated, code tasks laid out in `prompt_style`.
 
     With completion_only, a token is a target when its characters overlap the
-    record's completion (see _text_and_targets); a token straddling the
+    record's completion (see _layout); a token straddling the
     prompt/completion boundary counts as completion. Otherwise every token is.
     Raises DataFormatError for a bad record, ValueError for completion_only
     with a tokenizer that has no character offsets (not a fast tokenizer).
     """
-    text, spans = _text_and_targets(record, tokenizer)
-    templated = formats.detect(record) == RecordFormat.CHAT and tokenizer.chat_template is not None
+    text, spans, templated = _layout(record, tokenizer, prompt_style)
     if not completion_only:
         ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
         return ids, list(ids)
@@ -248,18 +267,21 @@ def collect_examples(
 
 def tokenize_records(
     records: Iterable[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-    *, completion_only: bool = False,
+    *, completion_only: bool = False, prompt_style: str = PromptStyle.COMPLETION,
 ) -> TokenizedExamples:
     """encode_record_with_labels + collect_examples. Raises DataFormatError for a bad record."""
     return collect_examples(
-        (encode_record_with_labels(r, tokenizer, completion_only=completion_only) for r in records), max_seq_length
+        (encode_record_with_labels(r, tokenizer, completion_only=completion_only, prompt_style=prompt_style)
+         for r in records), max_seq_length
     )
 
 
 def load_examples(
-    path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, *, completion_only: bool = False
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, *, completion_only: bool = False,
+    prompt_style: str = PromptStyle.AUTO,
 ) -> TokenizedExamples:
-    """tokenize_records for one JSONL file.
+    """tokenize_records for one JSONL file, code tasks laid out in `prompt_style` (training.prompt_style,
+    whose default this is; prompt_style_for tells what it resolves to).
 
     Raises DataFormatError naming the file and line of the first bad record,
     ValueError when no record is usable, and OSError when the file cannot be read.
@@ -268,7 +290,8 @@ def load_examples(
     def encoded() -> Iterator[tuple[list[int], list[int]]]:
         for line_no, record in read_records(path):
             try:
-                yield encode_record_with_labels(record, tokenizer, completion_only=completion_only)
+                yield encode_record_with_labels(record, tokenizer, completion_only=completion_only,
+                                                prompt_style=prompt_style)
             except DataFormatError as e:
                 raise DataFormatError(f"{path.name} line {line_no}: {e}") from e
 
