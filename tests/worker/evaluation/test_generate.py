@@ -1,0 +1,52 @@
+"""Prompts in each style, and generation through the chat template, on the tiny local model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.domains.evaluations.spec import SamplingSpec
+from app.domains.files import formats
+from app.domains.files.formats import RecordFormat
+from worker.evaluation.generate import Prompt, generate, load, prompt_style, render
+
+MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
+
+
+def _prompt(task_id: str = "1") -> Prompt:
+    return Prompt(task_id=task_id, text=formats.task_prompt(MBPP, RecordFormat.MBPP), format="mbpp",
+                  messages=tuple(formats.task_messages(MBPP, RecordFormat.MBPP)))
+
+
+def test_auto_is_chat_for_a_tokenizer_with_a_chat_template_and_completion_without(tokenizer):
+    assert tokenizer.chat_template is not None  # the tiny model ships one
+    assert prompt_style(tokenizer, SamplingSpec()) == "chat"
+    assert prompt_style(tokenizer, SamplingSpec(prompt_style="completion")) == "completion"
+    tokenizer.chat_template = None
+    assert prompt_style(tokenizer, SamplingSpec()) == "completion"
+
+
+def test_a_chat_prompt_is_the_tasks_messages_through_the_chat_template(tokenizer):
+    messages = formats.task_messages(MBPP, RecordFormat.MBPP)
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render(tokenizer, _prompt(), formats.PromptStyle.CHAT) == expected
+    assert render(tokenizer, _prompt(), formats.PromptStyle.COMPLETION) == formats.task_prompt(MBPP, RecordFormat.MBPP)
+    tokenizer.chat_template = None  # chat asked for without a template: the plain chat layout
+    assert render(tokenizer, _prompt(), formats.PromptStyle.CHAT) == formats.plain_chat_prompt(messages)
+
+
+@pytest.mark.parametrize("style", ["chat", "completion"])
+def test_generation_continues_the_rendered_prompt_greedily(base_path, style):
+    model, tokenizer = load(base_path, None)
+    settings = SamplingSpec(max_tokens=12, prompt_style=style)
+    [sample], seconds = generate(model, tokenizer, [_prompt()], settings)
+    text = render(tokenizer, _prompt(), formats.PromptStyle(style))
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=style == "completion")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    written = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert seconds > 0 and sample.task_id == "1"
+    if style == "chat":
+        assert sample.completion == written  # to the end of turn: no completion-style stop sequences
+    else:
+        assert written.startswith(sample.completion)
