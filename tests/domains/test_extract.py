@@ -44,9 +44,11 @@ def test_example_calls_and_a_main_block_after_the_function_are_dropped() -> None
 
 
 def test_helpers_and_constants_the_function_needs_are_kept_with_their_imports() -> None:
-    code = ("import re\nfrom math import sqrt\n\nLIMIT = 10\nUNUSED = 3\n\n\ndef _clean(s):\n    return re.sub('x', '', s)"
-            "\n\n\n@staticmethod\ndef other():\n    return 1\n\n\ndef solve(s):\n    return _clean(s)[:LIMIT] + str(sqrt(4))"
-            "\n\n\nprint(solve('axb'))\n")
+    code = ("import re\nfrom math import sqrt\n\nLIMIT = 10\nUNUSED = 3\n\n\n"
+            "def _clean(s):\n    return re.sub('x', '', s)\n\n\n"
+            "@staticmethod\ndef other():\n    return 1\n\n\n"
+            "def solve(s):\n    return _clean(s)[:LIMIT] + str(sqrt(4))\n\n\n"
+            "print(solve('axb'))\n")
     kept = extract.sanitize(code, ["solve"])
     defined = [getattr(n, "name", None) or ast.unparse(n) for n in ast.parse(kept).body]
     assert defined == ["import re", "from math import sqrt", "LIMIT = 10", "_clean", "solve"]
@@ -62,8 +64,9 @@ def test_a_humaneval_body_without_the_signature_continues_the_prompt_as_human_ev
 
 
 def test_a_humaneval_answer_with_the_whole_function_replaces_the_prompts_stub() -> None:
-    answer = ("Here is a solution:\n```python\nimport itertools\n\n\ndef helper(xs):\n    return list(itertools.chain(xs))"
-              "\n\n\ndef total(xs):\n    return sum(helper(xs))\n\n\nprint(total([1, 2]))\n```\n")
+    answer = ("Here is a solution:\n```python\nimport itertools\n\n\n"
+              "def helper(xs):\n    return list(itertools.chain(xs))\n\n\n"
+              "def total(xs):\n    return sum(helper(xs))\n\n\nprint(total([1, 2]))\n```\n")
     solution = extract.humaneval_solution(answer, prompt=PROMPT, entry_point="total")
     assert solution.startswith(PROMPT) and "print(" not in solution
     namespace: dict = {}
