@@ -38,8 +38,8 @@ def get_evaluation(evaluation_id: str, session: SessionDep, principal: Principal
 @router.get("/{evaluation_id}/results", response_class=StreamingResponse,
             responses={200: {"content": {"application/jsonl": {}}}})
 def evaluation_results(evaluation_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
-    """Per-sample results as JSONL: task_id, completion_id, completion, passed, outcome
-    (passed | failed | timeout | sandbox_error), mode (strong | weak), detail."""
+    """Per-sample results as JSONL: task_id, completion_id, completion (as the model wrote it), program
+    (what ran), passed, outcome (passed | failed | timeout | sandbox_error), mode (strong | weak), detail."""
     row = evaluations.get(session, team_id=principal.team_id, evaluation_id=evaluation_id)
     if row.results_key is None:
         raise Conflict(f"Evaluation {evaluation_id} is {row.status}; results exist once it has succeeded.",
