@@ -314,19 +314,20 @@ def prompt_and_completion(record: Mapping[str, Any], fmt: RecordFormat) -> tuple
     if fmt == RecordFormat.TEXT:
         return "", record["text"]
     if fmt == RecordFormat.HUMANEVAL:
-        return record["prompt"], record["canonical_solution"]
+        return task_prompt(record, fmt), record["canonical_solution"]
     if fmt == RecordFormat.PROMPT_COMPLETION:
         return record["prompt"], record["completion"]
     if fmt == RecordFormat.MBPP:
-        return mbpp_prompt(record), record["code"]
+        return task_prompt(record, fmt), record["code"]
     raise ValueError(f"a {fmt} record has no prompt/completion layout")
 
 
 def task_prompt(record: Mapping[str, Any], fmt: RecordFormat) -> str:
     """The completion-style prompt an evaluation gives a model for a code task (mbpp or humaneval): the
-    prompt of the task's training example, so a model is evaluated on what it was trained to continue."""
+    prompt of the task's training example, so a model is evaluated on what it was trained to continue.
+    Reads only what the prompt shows (not the reference solution)."""
     _require_task(fmt)
-    return prompt_and_completion(record, fmt)[0]
+    return mbpp_prompt(record) if fmt == RecordFormat.MBPP else record["prompt"]
 
 
 def task_messages(record: Mapping[str, Any], fmt: RecordFormat) -> list[dict[str, str]]:

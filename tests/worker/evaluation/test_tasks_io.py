@@ -10,7 +10,7 @@ import pytest
 from app.domains.files.formats import RecordInvalid
 from app.domains.files.validation import validate_bytes_iter
 from worker.evaluation.harness import HumanEvalProblem, MbppProblem
-from worker.evaluation.tasks_io import from_jsonl
+from worker.evaluation.tasks_io import builtin_humaneval, from_jsonl
 
 MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
 HUMANEVAL = {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
@@ -44,3 +44,12 @@ def test_humaneval_tasks_are_numbered_by_line_without_a_task_id(tmp_path):
 def test_a_record_that_is_no_code_task_is_refused_with_its_line(tmp_path):
     with pytest.raises(RecordInvalid, match=r"tasks\.jsonl line 2: this record is text"):
         from_jsonl(write(tmp_path / "tasks.jsonl", MBPP, {"text": "not a task"}))
+
+
+def test_the_builtin_humaneval_prompts_are_the_problems_prompts_in_both_styles():
+    problems, prompts = builtin_humaneval()
+    assert len(prompts) == 164
+    first = prompts[0]
+    assert first.text == problems[first.task_id].prompt and first.format == "humaneval"
+    [message] = first.messages
+    assert message["role"] == "user" and problems[first.task_id].prompt.strip() in message["content"]
