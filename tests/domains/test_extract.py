@@ -28,6 +28,12 @@ def test_an_unclosed_fence_runs_to_the_end_of_the_answer() -> None:
     assert extract.code_of("Sure:\n```python\n" + ADD) == ADD
 
 
+def test_a_block_cut_off_mid_statement_keeps_the_code_before_the_cut() -> None:
+    answer = "```python\n" + ADD + "\n\ndef add_many(xs):\n    return sum(add(x, 1) for x in [\n        1, 2,"
+    assert extract.code_of(answer).strip() == ADD.strip()
+    assert extract.mbpp_solution(answer, TESTS).strip() == ADD.strip()
+
+
 def test_without_a_fence_the_longest_parsable_run_of_lines_is_the_code() -> None:
     answer = f"Sure! Here's the code:\n\n{ADD}\nThis function adds two numbers. It's short."
     assert extract.code_of(answer).strip() == ADD.strip()

@@ -4,8 +4,8 @@ An instruct model answers in prose around a fenced code block; a base model cont
 with code. Either way the code is found the way evalplus and bigcode-evaluation-harness find it:
 
 - code_of: the first fenced Python block (```python, ```py or a bare fence; an unclosed one runs to
-  the end, as when generation hit max_tokens), else the longest run of lines that parses, else the
-  answer as it is.
+  the end, as when generation hit max_tokens), else the whole answer; of either, the longest run of
+  lines that parses when all of it does not; else the text as it is.
 - sanitize: of that code, the definitions the tests call and what they need (every import, and
   the functions, classes and assignments they reference), as evalplus's sanitizer keeps them;
   example calls, prints, asserts and `if __name__ == "__main__":` blocks are left out. When the
@@ -94,14 +94,14 @@ def _non_blank(lines: Sequence[str]) -> int:
 
 
 def code_of(answer: str) -> str:
-    """The code of a model's answer: its first Python fenced block, else all of it when it parses,
-    else its longest parsable run of lines, else the answer unchanged (it fails as written)."""
+    """The code of a model's answer: its first Python fenced block, else all of it; of either, when it
+    does not parse (an answer cut off by max_tokens mid-statement), its longest parsable run of lines;
+    when nothing parses, the text unchanged (it fails as written)."""
     block = python_block(answer)
-    if block is not None:
-        return block
-    if parses(answer):
-        return answer
-    return longest_parsable(answer) or answer
+    code = answer if block is None else block
+    if parses(code):
+        return code
+    return longest_parsable(code) or code
 
 
 def defines(code: str, name: str) -> bool:
@@ -217,9 +217,7 @@ def humaneval_solution(answer: str, *, prompt: str, entry_point: str) -> str:
             body = _body_prefix(prompt, answer)
             if body is not None:
                 return prompt + body
-        code = code_of(answer)
-    else:
-        code = block
+    code = code_of(answer)
     if not defines(code, entry_point):
         return prompt + code
     solution = sanitize(code, [entry_point])
