@@ -25,11 +25,11 @@ from worker.training.tiny import EOS
 def trained_text(tokenizer, ids: list[int], labels: list[int]) -> str:
     """The text of the tokens that carry a label."""
     assert len(ids) == len(labels)
-    return tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
 
 
 def ignored_text(tokenizer, ids: list[int], labels: list[int]) -> str:
-    return tokenizer.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX])
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,8 @@ def test_chat_labels_cover_each_assistant_turn_with_its_end_of_turn(tokenizer):
     ]}
     ids, labels = encode_record_with_labels(record, tokenizer, completion_only=True)
     assert trained_text(tokenizer, ids, labels) == f"x + 1{EOS}\nx + 2{EOS}\n"
-    assert "Add one." in ignored_text(tokenizer, ids, labels) and "<|assistant|>" in ignored_text(tokenizer, ids, labels)
+    ignored = ignored_text(tokenizer, ids, labels)
+    assert "Add one." in ignored and "<|assistant|>" in ignored
 
 
 def test_chat_labels_without_a_template_cover_assistant_content_and_final_eos(tokenizer):
@@ -125,7 +126,8 @@ def test_padding_collator_keeps_given_labels_and_ignores_padding(tokenizer):
 
 
 def test_packing_collator_restarts_positions_and_blocks_the_first_label_of_each_example():
-    batch = PackedCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    batch = PackedCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                              {"input_ids": [8, 9], "labels": [8, 9]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
@@ -143,7 +145,8 @@ def test_loss_of_a_packed_batch_equals_the_token_weighted_loss_of_its_examples(b
     records = [{"prompt": "def f(x):\n", "completion": "    return x * 3\n"},
                {"text": "import os\nprint(os.sep)\n"},
                {"prompt": "class A:\n", "completion": "    pass\n"}]
-    examples = [dict(zip(("input_ids", "labels"), encode_record_with_labels(r, tokenizer, completion_only=True)))
+    examples = [dict(zip(("input_ids", "labels"), encode_record_with_labels(r, tokenizer, completion_only=True),
+                         strict=True))
                 for r in records]
     # Stock attention finds the boundaries in the position ids (it ignores cu_seq_lens); the
     # per-example SDPA reads cu_seq_lens.

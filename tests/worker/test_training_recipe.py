@@ -299,3 +299,20 @@ def test_cuda_trains_lora_on_a_4bit_nf4_base(base_path, tmp_path):
     assert result.quantization == "nf4-double-quant"
     assert result.steps == 4 and math.isfinite(result.final_loss)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("requested", "resolved"), [("auto", "chat"), ("completion", "completion")])
+def test_code_tasks_train_in_the_requested_prompt_style_and_the_result_says_which(base_path, tmp_path, requested,
+                                                                                  resolved):
+    tasks = [{"text": f"Write add_{k}.", "code": f"def add_{k}(x):\n    return x + {k}",
+              "test_list": [f"assert add_{k}(1) == {1 + k}"]} for k in range(4)]
+    events = RecordingHooks()
+    recipe = LoraRecipe(spec=spec_for(epochs=1, max_steps=1, prompt_style=requested), base_model_path=base_path,
+                        train_file=write_jsonl(tmp_path / "tasks.jsonl", tasks), validation_file=None,
+                        work_dir=tmp_path / "work", hooks=events)
+    recipe.setup()
+    try:
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    assert result.prompt_style == resolved  # the tiny model's tokenizer has a chat template

@@ -89,6 +89,7 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
     else:
         adapter_dir = stage_tree(plan.adapter_prefix) if plan.adapter_prefix else None
         model, tokenizer = generate.load(plan.base_path, adapter_dir)
+        summary["prompt_style"] = generate.prompt_style(tokenizer, plan.settings)
         samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings)
         summary["heldout_loss"] = generate.heldout_loss(model, tokenizer, generate.heldout_texts())
         del model

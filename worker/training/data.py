@@ -67,7 +67,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path.name} line {line_no}: not valid JSON ({e.msg})") from e
             if not isinstance(record, dict):
-                raise DataFormatError(f"{path.name} line {line_no}: expected a JSON object, got {type(record).__name__}")
+                raise DataFormatError(f"{path.name} line {line_no}: expected a JSON object, "
+                                      f"got {type(record).__name__}")
             yield line_no, record
 
 
@@ -93,7 +94,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     if tokenizer.pad_token is not None:
         return False
     if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; add one to the base model's tokenizer")
+        raise ValueError("the tokenizer has neither a pad token nor an eos token; "
+                         "add one to the base model's tokenizer")
     tokenizer.pad_token = tokenizer.eos_token
     return True
 
@@ -161,7 +163,8 @@ def chat_text_and_targets(
     return text, _assistant_spans(messages, text, tokenizer)
 
 
-def _assistant_spans(messages: list[dict[str, str]], text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
+def _assistant_spans(messages: list[dict[str, str]], text: str,
+                     tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
     """Character spans of the assistant turns in a chat-template rendering, each with its end-of-turn text.
 
     A turn runs from the end of the template's rendering of the messages before

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase, PrinterCallback, set_seed
 from app.domains.jobs.spec import TrainingSpec
 from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, plan_batches
 from worker.training.callbacks import ProgressEvents, StopAndCheckpoint, last_logged
-from worker.training.data import TokenizedExamples, load_examples
+from worker.training.data import TokenizedExamples, load_examples, prompt_style_for
 from worker.training.hooks import StopReason, TrainingHooks
 from worker.training.memory import PeakMemory
 from worker.training.model import Device, Precision, load_base_model, select_device
@@ -51,7 +51,8 @@ class TrainResult:
     the process started. The other fields say how the job ran: quantization
     loaded, precision (autocast dtype), attention kernel, packing, micro-batch
     and accumulation (their product is the effective batch), optimizer,
-    whether gradient checkpointing was on, and row_tokens: when set, each
+    whether gradient checkpointing was on, the prompt style code tasks were
+    laid out in (training.prompt_style resolved), and row_tokens: when set, each
     packed micro-batch ran as forward/backward passes over rows of at most
     that many tokens (whole examples), the gradients summed. stopped is why
     hooks.should_stop() ended training early (None: the schedule ran out;
@@ -78,6 +79,7 @@ class TrainResult:
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
     row_tokens: int | None = None
+    prompt_style: str = "completion"
     stopped: StopReason | None = None
     resumed_from_step: int | None = None
 
@@ -93,6 +95,7 @@ class _Setup:
     gradient_checkpointing: bool
     optimizer: str
     batches: BatchPlan
+    prompt_style: str
 
 
 class LoraRecipe:
@@ -169,12 +172,14 @@ class LoraRecipe:
         self._announce_model(loaded)
 
         max_len = t.max_seq_length
-        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss)
+        style = prompt_style_for(self._tokenizer, t.prompt_style)
+        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss,
+                              prompt_style=style)
         self._announce_data("Training", train, max_len)
         valid = None
         if self.validation_file is not None:
             valid = load_examples(self.validation_file, self._tokenizer, max_len,
-                                  completion_only=t.completion_only_loss)
+                                  completion_only=t.completion_only_loss, prompt_style=style)
             self._announce_data("Validation", valid, max_len)
 
         precision: Precision = loaded["precision"]
@@ -188,7 +193,7 @@ class LoraRecipe:
         self._setup = _Setup(device=loaded["device"], precision=precision, attention=loaded["attention"],
                              quantization=loaded["quantization"],
                              gradient_checkpointing=loaded["gradient_checkpointing"], optimizer=optimizer,
-                             batches=plan)
+                             batches=plan, prompt_style=style)
 
         self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps)
         self._trainer = RowTrainer(
@@ -338,6 +343,7 @@ class LoraRecipe:
             optimizer=setup.optimizer,
             gradient_checkpointing=setup.gradient_checkpointing,
             row_tokens=setup.batches.row_tokens,
+            prompt_style=setup.prompt_style,
             stopped=self._stopper.reason,
             resumed_from_step=self._resumed_from_step,
         )

@@ -28,7 +28,7 @@ class SamplingSpec(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SamplingSpec":
+    def _consistent(self) -> SamplingSpec:
         for k in self.k:
             if not 1 <= k <= self.n:
                 raise ValueError(f"every k must be between 1 and n ({self.n}); got {k}")
