@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test up bench clean
+.PHONY: install demo test lint up bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,14 @@ demo: install
 up: install
 	$(BIN)/tuneforge up
 
-test: install
+# The structure as contracts: style, types of app/, the import layering and no cycles.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/code_map.py > /dev/null || $(BIN)/python scripts/code_map.py
+
+test: install lint
 	bash scripts/system-deps.sh
 	bash scripts/services.sh
 	$(BIN)/pytest
