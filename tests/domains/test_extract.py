@@ -88,3 +88,13 @@ def test_a_humaneval_answer_that_is_only_prose_runs_after_the_prompt_and_fails()
 def test_the_names_the_tests_call_are_found_in_order() -> None:
     assert extract.called_names(["assert set(common((1, 2), (2,))) == {2}", "assert common([], []) == []",
                                  "not python ("]) == ["set", "common"]
+
+
+def test_python_block_closed_only_once_the_first_python_block_has_its_fence():
+    from app.domains.evaluations.extract import python_block_closed
+
+    assert python_block_closed("Here:\n```python\ndef f():\n    pass\n```\nand more")
+    assert not python_block_closed("Here:\n```python\ndef f():\n    pass\n")
+    assert not python_block_closed("no code at all")
+    assert not python_block_closed("```text\nout\n```\n```py\ny = 1\n")
+    assert python_block_closed("```\nx = 1\n```")

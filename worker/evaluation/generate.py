@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.domains.evaluations import extract
 from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import formats
 from app.domains.files.formats import PromptStyle
@@ -94,12 +95,30 @@ def _end_of_turn_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
 
 
+def _stop_at_closed_block(tokenizer, prompt_tokens: int):
+    """A stopping criterion for chat answers: a row is done once its first Python block is closed
+    (extract.python_block_closed). What an instruct model writes after its code (explanations,
+    examples, repetition) is never run, and on a small model it is most of the tokens."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class _ClosedBlock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # input_ids: (rows, prompt + new tokens)
+            answers = tokenizer.batch_decode(input_ids[:, prompt_tokens:], skip_special_tokens=True)
+            return torch.tensor([extract.python_block_closed(a) for a in answers], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return _ClosedBlock()
+
+
 def generate(model, tokenizer, prompts: list[Prompt], settings: SamplingSpec, *, batch_size: int = 16,
              seed: int = 0) -> tuple[list[Sample], float]:
     """settings.n completions per prompt, in the settings' prompt style (prompt_style): chat answers
-    end at the model's end of turn, completion-style continuations are cut at the task format's stop
-    sequences; settings.stop, when given, cuts both. Returns (samples, seconds)."""
+    end at the model's end of turn or once their first Python block is closed, completion-style
+    continuations are cut at the task format's stop sequences; settings.stop, when given, cuts both.
+    Returns (samples, seconds)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     torch.manual_seed(seed)
     start = time.monotonic()
@@ -113,12 +132,16 @@ def generate(model, tokenizer, prompts: list[Prompt], settings: SamplingSpec, *,
         batch = prompts[i:i + batch_size]
         texts = [render(tokenizer, p, style) for p in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
+        prompt_tokens = enc["input_ids"].shape[1]
+        stopping = StoppingCriteriaList(
+            [_stop_at_closed_block(tokenizer, prompt_tokens)] if style == PromptStyle.CHAT else [])
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=settings.max_tokens, do_sample=sampling,
                 temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-                num_return_sequences=settings.n, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]  # (batch * n, <= max_tokens)
+                num_return_sequences=settings.n, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                stopping_criteria=stopping)
+        new_tokens = out[:, prompt_tokens:]  # (batch * n, <= max_tokens)
         answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for j, text in enumerate(answers):
             prompt = batch[j // settings.n]

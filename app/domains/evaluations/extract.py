@@ -24,10 +24,10 @@ from collections.abc import Iterable, Sequence
 _PYTHON_FENCES = frozenset({"", "python", "py", "python3", "py3"})
 
 
-def fenced_blocks(answer: str) -> list[tuple[str, str]]:
-    """(language, code) of each fenced block in order; the language is the fence's info word,
+def _blocks(answer: str) -> list[tuple[str, str, bool]]:
+    """(language, code, closed) of each fenced block in order; the language is the fence's info word,
     lowercased ("" for a bare fence). A block left open runs to the end of the answer."""
-    blocks: list[tuple[str, str]] = []
+    blocks: list[tuple[str, str, bool]] = []
     lang: str | None = None
     body: list[str] = []
     for line in answer.splitlines():
@@ -37,18 +37,31 @@ def fenced_blocks(answer: str) -> list[tuple[str, str]]:
                 info = stripped[3:].strip().split()
                 lang, body = (info[0].lower() if info else ""), []
         elif stripped.startswith("```"):
-            blocks.append((lang, "\n".join(body) + "\n"))
+            blocks.append((lang, "\n".join(body) + "\n", True))
             lang = None
         else:
             body.append(line)
     if lang is not None and body:
-        blocks.append((lang, "\n".join(body) + "\n"))
+        blocks.append((lang, "\n".join(body) + "\n", False))
     return blocks
+
+
+def fenced_blocks(answer: str) -> list[tuple[str, str]]:
+    """(language, code) of each fenced block in order; the language is the fence's info word,
+    lowercased ("" for a bare fence). A block left open runs to the end of the answer."""
+    return [(lang, code) for lang, code, _ in _blocks(answer)]
 
 
 def python_block(answer: str) -> str | None:
     """The code of the answer's first Python (or bare) fenced block; None when it has none."""
     return next((code for lang, code in fenced_blocks(answer) if lang in _PYTHON_FENCES), None)
+
+
+def python_block_closed(answer: str) -> bool:
+    """Whether the answer's first Python (or bare) fenced block has its closing fence: from there on
+    nothing the answer adds changes the program that runs, so generation may stop (evalplus stops
+    instruct models at the closing fence too)."""
+    return next((closed for lang, _, closed in _blocks(answer) if lang in _PYTHON_FENCES), False)
 
 
 def parses(source: str) -> bool:

@@ -50,3 +50,17 @@ def test_generation_continues_the_rendered_prompt_greedily(base_path, style):
         assert sample.completion == written  # to the end of turn: no completion-style stop sequences
     else:
         assert written.startswith(sample.completion)
+
+
+def test_a_chat_answer_stops_once_its_first_python_block_is_closed(tokenizer):
+    from worker.evaluation.generate import _stop_at_closed_block
+
+    prompt = tokenizer("Write f.\n", return_tensors="pt")["input_ids"]
+    answers = ["Sure:\n```python\ndef f():\n    return 1\n```\nThis function", "Sure:\n```python\ndef f():\n",
+               "Output:\n```text\n1\n```\n"]
+    rows = [torch.cat([prompt[0], tokenizer(a, return_tensors="pt", add_special_tokens=False)["input_ids"][0]])
+            for a in answers]
+    width = max(len(r) for r in rows)
+    batch = torch.stack([torch.cat([r, r.new_full((width - len(r),), tokenizer.pad_token_id)]) for r in rows])
+    done = _stop_at_closed_block(tokenizer, prompt.shape[1])(batch, None)
+    assert done.tolist() == [True, False, False]  # closed; still open; a closed block that is no Python
