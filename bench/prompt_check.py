@@ -1,9 +1,9 @@
 """Greedy pass@1 of a model on code tasks through Tuneforge's own evaluation path: the tasks read as
 an evaluation reads them (tasks_io), prompts in a prompt style (generate), answers run in the
 sandbox (harness, Sandbox(mode="auto")). Prints the pass count, the times, and a few raw answers
-with the programs that ran; writes bench/results/prompt_check-<model>-<style>.json with every row.
+with the programs that ran; writes bench/results/prompt_check-<model>-<tasks>-<style>.json with every row.
 
-    .venv/bin/python bench/prompt_check.py --model /path/to/model [--tasks tuneforge/data/code_tasks_heldout.jsonl]
+    .venv/bin/python bench/prompt_check.py --model /path/to/model [--adapter DIR] [--tasks FILE.jsonl | humaneval]
         [--style auto|chat|completion] [--max-tokens 256] [--batch-size 16] [--limit N] [--examples 3]
 """
 
@@ -27,7 +27,9 @@ from worker.evaluation.sandbox import Sandbox  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--tasks", type=Path, default=ROOT / "tuneforge" / "data" / "code_tasks_heldout.jsonl")
+    parser.add_argument("--tasks", default=str(ROOT / "tuneforge" / "data" / "code_tasks_heldout.jsonl"),
+                        help='a JSONL file of mbpp/humaneval tasks, or "humaneval" for the built-in 164')
+    parser.add_argument("--adapter", type=Path, default=None, help="a peft adapter directory to load on the model")
     parser.add_argument("--style", default="chat", choices=["auto", "chat", "completion"])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -36,13 +38,14 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style=args.style, limit=args.limit)
-    problems, prompts = tasks_io.from_jsonl(args.tasks)
+    problems, prompts = (tasks_io.builtin_humaneval() if args.tasks == "humaneval"
+                         else tasks_io.from_jsonl(Path(args.tasks)))
     prompts = prompts[:settings.limit] if settings.limit else prompts
     problems = {p.task_id: problems[p.task_id] for p in prompts}
     sandbox = Sandbox(mode="auto")
 
     start = time.monotonic()
-    model, tokenizer = generate.load(args.model, None)
+    model, tokenizer = generate.load(args.model, args.adapter)
     load_s = time.monotonic() - start
     style = generate.prompt_style(tokenizer, settings)
     samples, generation_s = generate.generate(model, tokenizer, prompts, settings, batch_size=args.batch_size)
@@ -51,7 +54,9 @@ def main() -> None:
     execution_s = time.monotonic() - exec_start
     passed = sum(r.passed for r in score.results)
 
-    print(f"{args.model.name} on {args.tasks.name}: prompt_style {args.style} -> {style}, "
+    tasks_name = Path(args.tasks).stem
+    model_name = args.model.name + (f"+{args.adapter.name}" if args.adapter else "")
+    print(f"{model_name} on {tasks_name}: prompt_style {args.style} -> {style}, "
           f"max_tokens {args.max_tokens}, batch {args.batch_size}, sandbox {score.mode}")
     print(f"passed {passed} of {score.tasks} (pass@1 {score.pass_at_k[1]:.3f})")
     print(f"load {load_s:.1f} s, generation {generation_s:.1f} s, execution {execution_s:.1f} s, "
@@ -63,12 +68,13 @@ def main() -> None:
         if not r.passed:
             print(f"[detail]\n{r.detail[-400:]}")
 
-    report = describe(model=str(args.model), tasks=str(args.tasks), prompt_style=args.style, resolved_style=style,
+    report = describe(model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
+                      tasks=str(args.tasks), prompt_style=args.style, resolved_style=style,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, sandbox_mode=score.mode,
                       tasks_count=score.tasks, passed=passed, pass_at_1=score.pass_at_k[1], load_seconds=load_s,
                       generation_seconds=generation_s, execution_seconds=execution_s,
                       results=[asdict(r) for r in score.results])
-    path = write_report(f"prompt_check-{args.model.name}-{args.style}", report)
+    path = write_report(f"prompt_check-{model_name}-{tasks_name}-{args.style}", report)
     print(f"\nwrote {path}")
 
 
