@@ -105,3 +105,18 @@ def test_prompt_style_is_validated_on_evaluations_and_training() -> None:
     for spec in (SamplingSpec, TrainingSettings):
         with pytest.raises(ValidationError, match="'auto', 'chat' or 'completion'"):
             spec(prompt_style="instruct")
+
+
+def test_text_is_compared_without_case_or_layout() -> None:
+    assert formats.normalize_text("  Write a FUNCTION\n\tto add  two numbers. ") == "write a function to add two numbers."
+    assert formats.normalize_text("Add two numbers.") != formats.normalize_text("Add three numbers.")
+
+
+def test_code_is_compared_without_layout_comments_or_docstrings_but_with_its_names() -> None:
+    original = 'def add(a, b):\n    """Sum of a and b."""\n    return a + b\n'
+    reformatted = "def add(a,b):  # sum\n\n    return (a+b)"
+    assert formats.normalize_code(original) == formats.normalize_code(reformatted) == "def add(a, b):\n    return a + b"
+    assert formats.normalize_code("def plus(a, b):\n    return a + b") != formats.normalize_code(original)
+    assert formats.normalize_code('class C:\n    """Doc."""\n') == "class C:\n    pass"
+    assert formats.normalize_code("    return x\n") == "return x"  # an indented body alone
+    assert formats.normalize_code("def f(:") is None and formats.normalize_code("# only a comment") is None

@@ -46,9 +46,15 @@ def _device_and_dtype():
     return "cpu", torch.float32
 
 
-def load(base_path: Path, adapter_dir: Path | None):
+def load(base_path: Path, adapter_dir: Path | None, *, quantized: bool = False):
     """(model, tokenizer) in eval mode: the base, with the adapter attached when given. The adapter's
-    own tokenizer files are used when present (the chat template training used travels with it)."""
+    own tokenizer files are used when present (the chat template training used travels with it).
+
+    quantized loads the base 4-bit as QLoRA training loads it: bitsandbytes NF4 with double
+    quantization and bf16 compute (worker.training.model.quantization_config of the paper's
+    defaults), the layers left unquantized in the dtype a 16-bit evaluation uses, with the CPU
+    weight repacking of bitsandbytes turned off on every Linear4bit before the first forward
+    (worker.training.model.disable_cpu_weight_repacking says why)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,10 +64,33 @@ def load(base_path: Path, adapter_dir: Path | None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues the prompt's last token
-    model = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=dtype).to(device)
+    if quantized:
+        import torch
+
+        from app.domains.jobs.spec import QuantizationSpec
+        from worker.training.model import disable_cpu_weight_repacking, quantization_config
+
+        # A 4-bit model is placed by device_map when it loads; it cannot be moved with .to() after.
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, local_files_only=True, dtype=dtype, quantization_config=quantization_config(QuantizationSpec()),
+            device_map={"": torch.cuda.current_device()} if device == "cuda" else None)
+        disable_cpu_weight_repacking(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=dtype).to(device)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     return model.eval(), tokenizer
+
+
+def base_weights(model) -> dict:
+    """How the model's base weights are held, for an evaluation's result: the dtype of its
+    unquantized weights and how many of its linear layers are bitsandbytes 4-bit."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer can exist
+    four_bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) if bnb is not None else 0
+    return {"quantized": four_bit > 0, "linear4bit_layers": four_bit,
+            "dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
 
 
 def truncate(text: str, stops: tuple[str, ...]) -> str:

@@ -1,6 +1,8 @@
 """The evaluation pipeline: read what an evaluation needs, generate completions (or take the
 team's), run them in the sandbox, score pass@k, store the per-sample results, and record each
-outcome under the claim's lease."""
+outcome under the claim's lease. An evaluation of a job's adapter also checks its tasks against
+the job's training and validation files (app/domains/evaluations/overlap.py): its result's
+`overlap` section says whether the score is measured on tasks the model was trained on."""
 
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from app.core.db import session_scope
 from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
 from app.domains.adapters.models import Adapter
+from app.domains.evaluations import overlap, roles
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.models import Evaluation
 from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import service as files
+from app.domains.files.errors import FileNotFound
+from app.domains.jobs.models import FineTuningJob
 from app.domains.base_models import service as base_models
 from worker.lease import Lease
 from worker.staging import stage_file, stage_tree
@@ -41,6 +46,10 @@ class Plan:
     completions_key: str | None
     base_path: Path | None
     adapter_prefix: str | None  # the adapter's peft directory in storage
+    quantized: bool = False  # the base loaded 4-bit (roles.Loading)
+    # (file id, storage key or None when the file was deleted) of the data the evaluated adapter was
+    # trained on; empty: no overlap check (the base, a standalone evaluation)
+    training_files: tuple[tuple[str, str | None], ...] = ()
 
 
 @lru_cache
@@ -52,7 +61,7 @@ def _sandbox():
 
 
 def plan(session, row: Evaluation) -> Plan:
-    """Raises when the evaluation's model, adapter or files are gone."""
+    """Raises when the evaluation's model, adapter or task files are gone."""
     def file_key(file_id: str) -> str:
         return files.get(session, team_id=row.team_id, file_id=file_id).storage_key
 
@@ -64,7 +73,48 @@ def plan(session, row: Evaluation) -> Plan:
         completions_key=file_key(row.completions_file) if row.completions_file else None,
         base_path=Path(base.path) if base else None,
         adapter_prefix=adapters.files_prefix(adapter.storage_prefix) if adapter else None,
+        quantized=roles.loading(row.role).quantized, training_files=_training_files(session, row),
     )
+
+
+def _training_files(session, row: Evaluation) -> tuple[tuple[str, str | None], ...]:
+    """The job's training and validation files, for an evaluation of the job's adapter."""
+    if row.job_id is None or not roles.loading(row.role).adapter:
+        return ()
+    job = session.get(FineTuningJob, row.job_id)
+    found: list[tuple[str, str | None]] = []
+    for file_id in (job.training_file, job.validation_file) if job else ():
+        if file_id:
+            try:
+                found.append((file_id, files.get(session, team_id=row.team_id, file_id=file_id).storage_key))
+            except FileNotFound:  # deleted since training: what is left is still checked
+                found.append((file_id, None))
+    return tuple(found)
+
+
+def _records(paths: list[Path]):
+    """Every JSON object of these JSONL files, streamed."""
+    for path in paths:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # validated at upload; a line that is not JSON holds no task
+                        continue
+                    if isinstance(record, dict):
+                        yield record
+
+
+def check_overlap(tasks, training_files: tuple[tuple[str, str | None], ...]) -> dict:
+    """The overlap section of an evaluation's result: which of the evaluated tasks (tasks_io.Task)
+    are in the training files, staged from storage; `files` lists those checked and `missing`
+    those deleted since."""
+    checked = [(file_id, key) for file_id, key in training_files if key is not None]
+    found = overlap.find(((t.task_id, t.record, t.format) for t in tasks),
+                         _records([stage_file(key) for _, key in checked]))
+    return {**found.summary(files=[file_id for file_id, _ in checked]),
+            "missing": [file_id for file_id, key in training_files if key is None]}
 
 
 def _cpu_seconds() -> float:
@@ -77,18 +127,21 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
     from worker.evaluation import generate, harness, tasks_io
 
     start, cpu0 = time.monotonic(), _cpu_seconds()
-    problems, prompts = (tasks_io.builtin_humaneval() if plan.tasks_key is None
-                         else tasks_io.from_jsonl(stage_file(plan.tasks_key)))
+    tasks = (tasks_io.builtin_humaneval_tasks() if plan.tasks_key is None
+             else tasks_io.read_tasks(stage_file(plan.tasks_key)))
     if plan.settings.limit:
-        prompts = prompts[:plan.settings.limit]
-        problems = {p.task_id: problems[p.task_id] for p in prompts}
+        tasks = tasks[:plan.settings.limit]
+    problems, prompts = tasks_io.problems_and_prompts(tasks)
     summary: dict = {}
+    if plan.training_files:
+        summary["overlap"] = check_overlap(tasks, plan.training_files)
     if plan.completions_key is not None:
         with open(stage_file(plan.completions_key), encoding="utf-8") as f:
             samples = [s for s in harness.read_samples(f, problems=None) if s.task_id in problems]
     else:
         adapter_dir = stage_tree(plan.adapter_prefix) if plan.adapter_prefix else None
-        model, tokenizer = generate.load(plan.base_path, adapter_dir)
+        model, tokenizer = generate.load(plan.base_path, adapter_dir, quantized=plan.quantized)
+        summary["base_weights"] = generate.base_weights(model)
         summary["prompt_style"] = generate.prompt_style(tokenizer, plan.settings)
         samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings)
         summary["heldout_loss"] = generate.heldout_loss(model, tokenizer, generate.heldout_texts())

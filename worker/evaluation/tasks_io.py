@@ -1,10 +1,13 @@
-"""Code tasks from a JSONL file (MBPP- or HumanEval-style) or the built-in HumanEval set, as the
-harness's problems plus the prompt a model is given."""
+"""Code tasks from a JSONL file (MBPP- or HumanEval-style) or the built-in HumanEval set: the task
+records themselves (what the overlap check compares with training data), and the harness's
+problems plus the prompt a model is given."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.domains.files import formats
 from app.domains.files.formats import RecordFormat
@@ -12,25 +15,27 @@ from worker.evaluation.generate import Prompt
 from worker.evaluation.harness import HumanEvalProblem, MbppProblem, Problem, load_humaneval
 
 
-def builtin_humaneval() -> tuple[dict[str, Problem], list[Prompt]]:
-    problems = load_humaneval()
-    prompts = [_prompt(p.task_id, {"prompt": p.prompt}, RecordFormat.HUMANEVAL) for p in problems.values()]
-    return dict(problems), prompts
+@dataclass(frozen=True)
+class Task:
+    """One valid code task: its id (the record's task_id, else numbered by line), record and format."""
+
+    task_id: str
+    record: dict[str, Any]
+    format: RecordFormat
 
 
-def _prompt(task_id: str, record: dict, fmt: RecordFormat) -> Prompt:
-    """A task's prompt in both styles: formats.task_prompt (completion) and formats.task_messages (chat)."""
-    return Prompt(task_id=task_id, text=formats.task_prompt(record, fmt), format=fmt.value,
-                  messages=tuple(formats.task_messages(record, fmt)))
+def builtin_humaneval_tasks() -> list[Task]:
+    return [Task(p.task_id, {"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical_solution,
+                             "test": p.test, "entry_point": p.entry_point}, RecordFormat.HUMANEVAL)
+            for p in load_humaneval().values()]
 
 
-def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
-    """Problems and prompts of an uploaded task file (validated at upload, with the same format rule
-    as here: app/domains/files/formats.py). Tasks without a task_id are numbered by line; the prompt
-    is the task's training prompt in each style (formats.task_prompt and formats.task_messages).
-    Raises RecordInvalid naming the line of a record that is not a valid mbpp or humaneval task."""
-    problems: dict[str, Problem] = {}
-    prompts: list[Prompt] = []
+def read_tasks(path: Path) -> list[Task]:
+    """The tasks of an uploaded task file (validated at upload, with the same format rule as here:
+    app/domains/files/formats.py), in file order. Tasks without a task_id are numbered by line
+    (humaneval ones as task/<line>). Raises RecordInvalid naming the line of a record that is not a
+    valid mbpp or humaneval task."""
+    tasks: list[Task] = []
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -40,15 +45,35 @@ def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
                 fmt = formats.require(rec, formats.TASK_FORMATS)
             except formats.RecordInvalid as e:
                 raise formats.RecordInvalid([f"{path.name} line {line_no}: {p}" for p in e.problems]) from None
-            if fmt == RecordFormat.HUMANEVAL:
-                task_id = str(rec.get("task_id", f"task/{line_no}"))
-                problems[task_id] = HumanEvalProblem(task_id=task_id, prompt=rec["prompt"], test=rec["test"],
-                                                     entry_point=rec["entry_point"],
-                                                     canonical_solution=rec["canonical_solution"])
-            else:
-                task_id = str(rec.get("task_id", line_no))
-                problems[task_id] = MbppProblem(task_id=task_id, test_list=tuple(rec["test_list"]),
-                                                test_setup_code=rec.get("test_setup_code", ""),
-                                                reference_code=rec["code"])
-            prompts.append(_prompt(task_id, rec, fmt))
+            default_id = f"task/{line_no}" if fmt == RecordFormat.HUMANEVAL else line_no
+            tasks.append(Task(str(rec.get("task_id", default_id)), rec, fmt))
+    return tasks
+
+
+def problems_and_prompts(tasks: list[Task]) -> tuple[dict[str, Problem], list[Prompt]]:
+    """The harness's problems by task id, and each task's prompt in both styles (formats.task_prompt
+    for completion, formats.task_messages for chat), in task order."""
+    problems: dict[str, Problem] = {}
+    prompts: list[Prompt] = []
+    for t in tasks:
+        rec = t.record
+        if t.format == RecordFormat.HUMANEVAL:
+            problems[t.task_id] = HumanEvalProblem(task_id=t.task_id, prompt=rec["prompt"], test=rec["test"],
+                                                   entry_point=rec["entry_point"],
+                                                   canonical_solution=rec["canonical_solution"])
+        else:
+            problems[t.task_id] = MbppProblem(task_id=t.task_id, test_list=tuple(rec["test_list"]),
+                                              test_setup_code=rec.get("test_setup_code", ""),
+                                              reference_code=rec["code"])
+        prompts.append(Prompt(task_id=t.task_id, text=formats.task_prompt(rec, t.format), format=t.format.value,
+                              messages=tuple(formats.task_messages(rec, t.format))))
     return problems, prompts
+
+
+def builtin_humaneval() -> tuple[dict[str, Problem], list[Prompt]]:
+    return problems_and_prompts(builtin_humaneval_tasks())
+
+
+def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
+    """Problems and prompts of an uploaded task file (read_tasks, problems_and_prompts)."""
+    return problems_and_prompts(read_tasks(path))

@@ -3,8 +3,9 @@
 
 Both consume the evaluation queue (CPU workers), so model-written code never runs beside training.
 Claims are conditional updates: a redelivered message scores nothing twice. A job's evaluation
-scores the base and then the tuned model on the same tasks and settings, and moves the job from
-evaluating to succeeded with the comparison (or on to its next auto_iterate round).
+scores each of its roles (base, tuned and, when asked, the tuned adapter on the 4-bit base) on the
+same tasks and settings, warns on the job when its tasks overlap its training data, and moves the
+job from evaluating to succeeded with the comparison (or on to its next auto_iterate round).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import traceback
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK
+from app.domains.evaluations import roles
 from app.domains.evaluations import service as evaluations
 from app.domains.evaluations.models import Evaluation
 from app.domains.evaluations.states import EvaluationStatus
 from app.domains.jobs import lease as job_lease
 from app.domains.jobs import rounds
+from app.domains.jobs.states import add_event
 from worker.celery_app import app
 from worker.evaluation import runner
 from worker.lease import Lease
@@ -52,6 +55,16 @@ def _fail_job(job_id: str, exc: Exception) -> str:
     return str(EvaluationStatus.FAILED)
 
 
+def _warn_of_overlap(session, job_id: str, report: dict) -> None:
+    """A warning event on the job when its evaluation tasks were in its training data."""
+    found = report.get("overlap") or {}
+    if found.get("contaminated"):
+        shown = ", ".join(found["task_ids"]) + (", ..." if found["count"] > len(found["task_ids"]) else "")
+        add_event(session, job_id, f"{found['count']} of the {found['tasks']} evaluation tasks are in the job's "
+                                   f"training data ({shown}): their scores measure recall, not skill",
+                  level="warn", data={"overlap": found})
+
+
 @app.task(name=EVALUATE_TASK)
 def run(evaluation_id: str) -> str:
     """Score one standalone evaluation. Returns 'not-claimed', 'succeeded', 'failed' or 'lost'
@@ -75,7 +88,7 @@ def run(evaluation_id: str) -> str:
 
 @app.task(name=EVALUATE_JOB_TASK)
 def run_job(job_id: str) -> str:
-    """Score a job's base and tuned evaluations, then end the job with the comparison. Scores
+    """Score a job's evaluations (one per role), then end the job with the comparison. Scores
     only the queued ones: after a worker died mid-way, the one it finished is not run again."""
     with session_scope() as session:
         queued = evaluations.queued_for_job(session, job_id)
@@ -87,7 +100,8 @@ def run_job(job_id: str) -> str:
     try:
         with session_scope() as session:
             rows = evaluations.for_job(session, job_id)
-            plans = [runner.plan(session, r) for r in sorted(rows, key=lambda r: r.role != "base") if r.id in won]
+            plans = [runner.plan(session, r) for r in sorted(rows, key=lambda r: roles.run_order(r.role))
+                     if r.id in won]
     except Exception as exc:
         _cannot_start(won, token, exc)
         return _fail_job(job_id, exc)
@@ -102,5 +116,6 @@ def run_job(job_id: str) -> str:
         report = evaluations.job_report(session, job_id)
         if report is None:
             return "lost"
+        _warn_of_overlap(session, job_id, report)
         rounds.after_evaluation(session, job_id=job_id, evaluation=report)
     return str(EvaluationStatus.SUCCEEDED)

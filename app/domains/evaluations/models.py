@@ -12,7 +12,7 @@ from app.core.leases import LeaseColumns
 
 class Evaluation(LeaseColumns, Base):
     """pass@k of one model (a base, or a base + adapter) on code tasks, or of completions a team brought.
-    A job's evaluations carry its id and a role: 'base' or 'tuned'. Status is an EvaluationStatus;
+    A job's evaluations carry its id and a role (roles.EvaluationRole). Status is an EvaluationStatus;
     workers hold a running evaluation under a lease, as they hold jobs (LeaseColumns): the reaper
     requeues or fails a running evaluation whose lease expired, and queued evaluations whose message
     may be lost are re-sent, at most once per redispatch interval."""

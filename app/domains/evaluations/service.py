@@ -5,7 +5,7 @@ conditional updates under a lease (app.core.leases), so a redelivered message sc
 twice. reap() requeues (or, after max_attempts claims, fails) running evaluations whose lease
 expired, and redispatch_stale() re-sends queued ones whose message may have been lost. Every
 evaluation that is created or queued again is sent to the evaluation queue after commit: a
-standalone one as itself, a job's two as one job evaluation."""
+standalone one as itself, a job's (one per role: roles.py) as one job evaluation."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
+from app.domains.evaluations import roles
 from app.domains.evaluations.errors import EvaluationInvalid, EvaluationNotFound
 from app.domains.evaluations.models import Evaluation
 from app.domains.evaluations.report import compare
 from app.domains.evaluations.schemas import EvaluationCreate, EvaluationList, EvaluationRead
-from app.domains.evaluations.spec import SamplingSpec
+from app.domains.evaluations.spec import JobEvalSpec, SamplingSpec
 from app.domains.evaluations.states import EvaluationStatus
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
@@ -84,13 +85,18 @@ def create(session: Session, *, team_id: str, body: EvaluationCreate) -> Evaluat
 
 
 def create_for_job(session: Session, *, team_id: str, job_id: str, base_model: str, adapter_id: str,
-                   fine_tuned_model: str, tasks: str, settings: SamplingSpec) -> list[Evaluation]:
-    """The base and the tuned evaluation of a job, on the same tasks and settings; the job's
-    evaluation is enqueued after commit."""
-    rows = [Evaluation(id=new_id("eval"), team_id=team_id, job_id=job_id, role=role, status=EvaluationStatus.QUEUED,
-                       model=model, base_model=base_model, adapter_id=adapter, tasks=tasks,
-                       settings=settings.model_dump(mode="json"))
-            for role, model, adapter in (("base", base_model, None), ("tuned", fine_tuned_model, adapter_id))]
+                   fine_tuned_model: str, spec: JobEvalSpec) -> list[Evaluation]:
+    """A job's evaluations, one per role its eval spec asks for (roles.job_roles: base and tuned,
+    and tuned_4bit with compare_quantization), on the same tasks and settings; the job's evaluation
+    is enqueued after commit."""
+    settings = spec.sampling().model_dump(mode="json")
+    rows = []
+    for role in roles.job_roles(compare_quantization=spec.compare_quantization):
+        tuned = roles.LOADING[role].adapter
+        rows.append(Evaluation(id=new_id("eval"), team_id=team_id, job_id=job_id, role=role,
+                               status=EvaluationStatus.QUEUED, model=fine_tuned_model if tuned else base_model,
+                               base_model=base_model, adapter_id=adapter_id if tuned else None, tasks=spec.tasks,
+                               settings=settings))
     session.add_all(rows)
     session.flush()
     _send_after_commit(session, [(row.id, job_id) for row in rows])
@@ -120,12 +126,12 @@ def queued_for_job(session: Session, job_id: str) -> list[str]:
 
 
 def job_report(session: Session, job_id: str) -> dict | None:
-    """The job's evaluation report (report.compare) once both its base and tuned evaluations
-    succeeded, else None."""
-    # A job's evaluations all have a role, and a succeeded one has its result.
-    by_role = {r.role: r.result for r in for_job(session, job_id)
-               if r.status == EvaluationStatus.SUCCEEDED and r.role is not None and r.result is not None}
-    return compare(by_role) if set(by_role) == {"base", "tuned"} else None
+    """The job's evaluation report (report.compare) once every one of its evaluations succeeded,
+    else None."""
+    rows = for_job(session, job_id)
+    if not rows or any(r.status != EvaluationStatus.SUCCEEDED or r.role is None or r.result is None for r in rows):
+        return None
+    return compare({r.role: r.result for r in rows if r.role is not None and r.result is not None})
 
 
 # -- what workers record ----------------------------------------------------------------

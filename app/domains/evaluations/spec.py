@@ -40,7 +40,17 @@ class SamplingSpec(BaseModel):
 
 
 class JobEvalSpec(SamplingSpec):
-    """A job's evaluation: after training, base and tuned model on the same tasks and settings."""
+    """A job's evaluation: after training, base and tuned model on the same tasks and settings
+    (and the tuned adapter on the 4-bit base, with compare_quantization)."""
 
     tasks: str = Field("humaneval", min_length=1, max_length=64,
                        description='"humaneval" (built in) or the id of an uploaded mbpp/humaneval file.')
+    compare_quantization: bool = Field(
+        False, description="Also evaluate the tuned adapter on the base loaded 4-bit (NF4, double quantization, "
+                           "bf16 compute, as QLoRA training loads it); the report's quantization section gives "
+                           "both pass@k, the loss and whether it is within the paper's 4% bound.",
+    )
+
+    def sampling(self) -> SamplingSpec:
+        """The sampling settings alone, as each of the job's evaluations records them."""
+        return SamplingSpec.model_validate(self.model_dump(include=set(SamplingSpec.model_fields)))

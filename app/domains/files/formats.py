@@ -24,11 +24,17 @@ the task as a user message (task_messages) answered by the reference code in a `
 (task_answer), rendered through the tokenizer's chat template. "auto" is chat when the tokenizer has
 a chat template (resolve_prompt_style). An MBPP task is shown with its tests in both styles, as the
 MBPP paper prompts it, so the model knows the function's name and signature.
+
+Normal forms, for telling whether two records hold the same task however they are written
+(normalize_text: without case and layout; normalize_code: the parsed code without layout, comments
+and docstrings, names kept).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -276,6 +282,40 @@ _CHECKS = {
     RecordFormat.HUMANEVAL: _check_humaneval,
     RecordFormat.COMPLETIONS: _check_completions,
 }
+
+
+# --- normal forms -------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+    """Text as compared for sameness: casefolded, every run of whitespace one space, ends trimmed."""
+    return " ".join(text.casefold().split())
+
+
+def normalize_code(code: str) -> str | None:
+    """Python code as compared for sameness: parsed and unparsed (ast.unparse), so layout, quoting,
+    redundant parentheses and comments do not count, with the docstring of the module and of every
+    class and function left out; names are kept. None when the code does not parse (an indented
+    body alone is dedented first) or holds no statement."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        try:
+            tree = ast.parse(textwrap.dedent(code))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or ([] if isinstance(node, ast.Module) else [ast.Pass()])
+    if not tree.body:
+        return None
+    try:
+        return ast.unparse(tree)
+    except (RecursionError, ValueError):
+        return None
 
 
 # --- prompt layouts -----------------------------------------------------------------------------

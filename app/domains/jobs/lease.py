@@ -23,7 +23,6 @@ from app.core import leases, queue
 from app.core.db import utcnow
 from app.domains.adapters import service as adapters
 from app.domains.evaluations import service as evaluations
-from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import service as files
 from app.domains.jobs.models import FineTuningJob
 from app.domains.jobs.rounds import end_round
@@ -222,10 +221,11 @@ class StoredAdapter:
 def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: str, adapter: StoredAdapter,
                     trained_tokens: int, usage: dict) -> JobStatus | None:
     """Record a trained job, by its lease holder, in one transaction: succeeded (or evaluating, when
-    its spec asks for an evaluation: the base and tuned evaluations are created and enqueued after
-    commit) with its adapter row. When a cancel arrived after the last step (it wins) the job ends
-    cancelled, and when the lease was lost nothing is recorded; either way the adapter's files are
-    deleted after commit. Returns the new status, or None when the lease was lost."""
+    its spec asks for an evaluation: the evaluations of the roles its eval spec asks for, base and
+    tuned, and tuned_4bit with compare_quantization, are created and enqueued after commit) with its
+    adapter row. When a cancel arrived after the last step (it wins) the job ends cancelled, and
+    when the lease was lost nothing is recorded; either way the adapter's files are deleted after
+    commit. Returns the new status, or None when the lease was lost."""
     spec, job_id = inputs.spec, inputs.job_id
     evaluation = spec.evaluation
     done = start_evaluating if evaluation is not None else succeed
@@ -240,9 +240,7 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
     if evaluation is None:
         return JobStatus.SUCCEEDED
     evaluations.create_for_job(session, team_id=inputs.team_id, job_id=job_id, base_model=inputs.base_model,
-                               adapter_id=adapter.id, fine_tuned_model=inputs.fine_tuned_model,
-                               tasks=evaluation.tasks,
-                               settings=SamplingSpec.model_validate(evaluation.model_dump(exclude={"tasks"})))
+                               adapter_id=adapter.id, fine_tuned_model=inputs.fine_tuned_model, spec=evaluation)
     return JobStatus.EVALUATING
 
 
