@@ -108,7 +108,8 @@ def test_prompt_style_is_validated_on_evaluations_and_training() -> None:
 
 
 def test_text_is_compared_without_case_or_layout() -> None:
-    assert formats.normalize_text("  Write a FUNCTION\n\tto add  two numbers. ") == "write a function to add two numbers."
+    normal = formats.normalize_text("  Write a FUNCTION\n\tto add  two numbers. ")
+    assert normal == "write a function to add two numbers."
     assert formats.normalize_text("Add two numbers.") != formats.normalize_text("Add three numbers.")
 
 

@@ -46,6 +46,12 @@ def test_job_with_eval_file_reports_base_and_tuned_from_real_executions(api, mak
         report["tuned"]["pass_at_k"]["1"] - report["base"]["pass_at_k"]["1"])
     assert report["forgetting"]["increase"] == pytest.approx(
         report["tuned"]["heldout_loss"] - report["base"]["heldout_loss"])
+    # Evaluated on the tasks it trained on: the report and an event say so.
+    assert report["overlap"]["contaminated"] is True and report["overlap"]["count"] == 6
+    assert report["overlap"]["task_ids"] == [str(i) for i in range(1, 7)] and report["overlap"]["files"] == [tasks]
+    warnings = [e for e in all_events(client, job["id"]) if e["level"] == "warn"]
+    assert any("6 of the 6 evaluation tasks are in the job's training data" in e["message"] for e in warnings)
+    assert "quantization" not in report
     evals = [e for e in client.get("/evaluations").json()["data"] if e["job_id"] == job["id"]]
     assert sorted(e["role"] for e in evals) == ["base", "tuned"]
     for e in evals:
@@ -54,6 +60,43 @@ def test_job_with_eval_file_reports_base_and_tuned_from_real_executions(api, mak
         # Each row is an execution: an outcome, an exit code or a timeout, and the time it took.
         assert all(r["outcome"] in ("passed", "failed", "timeout") and r["wall_s"] > 0 for r in rows)
         assert sum(r["passed"] for r in rows) == e["result"]["passed"]
+
+
+def test_a_job_compares_its_adapter_on_the_16bit_and_the_4bit_base(api, make_team, worker):
+    from importlib import resources
+
+    _, key = make_team()
+    client = api(key)
+    train = uploaded_file_id(client)  # the demo tasks
+    heldout = uploaded_file_id(client, resources.files("tuneforge.data").joinpath("code_tasks_heldout.jsonl")
+                               .read_bytes())
+    job = create_job(client, train, hyperparameters={"n_epochs": 1},
+                     eval={"tasks": heldout, "limit": 4, "max_tokens": 32, "timeout_seconds": 5,
+                           "compare_quantization": True})
+    assert job["spec"]["evaluation"]["compare_quantization"] is True
+    done = wait_for_job(client, job["id"], timeout=600)
+    assert done["status"] == "succeeded", done
+    report = done["usage"]["evaluation"]
+    evals = {e["role"]: e for e in client.get("/evaluations").json()["data"] if e["job_id"] == job["id"]}
+    assert sorted(evals) == ["base", "tuned", "tuned_4bit"] and all(e["status"] == "succeeded" for e in evals.values())
+    assert evals["tuned_4bit"]["adapter_id"] == evals["tuned"]["adapter_id"] == done["adapter_id"] is not None
+    # The 4-bit side really ran on a bitsandbytes 4-bit base; the others on the 16-bit one.
+    assert report["tuned_4bit"]["base_weights"]["quantized"] is True
+    assert report["tuned_4bit"]["base_weights"]["linear4bit_layers"] > 0
+    assert not report["tuned"]["base_weights"]["quantized"] and not report["base"]["base_weights"]["quantized"]
+    q = report["quantization"]
+    assert q["tuned_16bit"] == report["tuned"]["pass_at_k"] and q["tuned_4bit"] == report["tuned_4bit"]["pass_at_k"]
+    p16, p4 = q["tuned_16bit"]["1"], q["tuned_4bit"]["1"]
+    assert report["tuned_4bit"]["samples"] == 4 and report["tuned_4bit"]["passed"] == round(p4 * 4)
+    assert q["delta"]["1"] == pytest.approx(p4 - p16)
+    assert q["relative_loss"]["1"] == (pytest.approx((p16 - p4) / p16) if p16 > 0 else None)
+    assert q["within_paper_bound"] is (p16 == 0 or (p16 - p4) / p16 <= q["bound"] + 1e-12) and q["bound"] == 0.04
+    assert q["heldout_loss_increase"] == pytest.approx(
+        report["tuned_4bit"]["heldout_loss"] - report["tuned"]["heldout_loss"])
+    # Held-out tasks: disjoint from the training file, and no warning.
+    assert report["overlap"]["contaminated"] is False and report["overlap"]["count"] == 0
+    assert report["overlap"]["tasks"] == 4 and report["overlap"]["files"] == [train]
+    assert not any(e["level"] == "warn" for e in all_events(client, job["id"]))
 
 
 def test_brought_completions_are_scored_on_humaneval(api, make_team, worker):

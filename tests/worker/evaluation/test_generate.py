@@ -1,14 +1,18 @@
-"""Prompts in each style, and generation through the chat template, on the tiny local model."""
+"""Prompts in each style, generation through the chat template, and the 4-bit load, on the tiny local model."""
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from app.domains.evaluations.spec import SamplingSpec
 from app.domains.files import formats
 from app.domains.files.formats import RecordFormat
-from worker.evaluation.generate import Prompt, generate, load, prompt_style, render
+from app.domains.jobs.spec import QuantizationSpec
+from worker.evaluation.generate import Prompt, _device_and_dtype, base_weights, generate, load, prompt_style, render
 
 MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
 
@@ -64,3 +68,25 @@ def test_a_chat_answer_stops_once_its_first_python_block_is_closed(tokenizer):
     batch = torch.stack([torch.cat([r, r.new_full((width - len(r),), tokenizer.pad_token_id)]) for r in rows])
     done = _stop_at_closed_block(tokenizer, prompt.shape[1])(batch, None)
     assert done.tolist() == [True, False, False]  # closed; still open; a closed block that is no Python
+
+
+def test_the_quantized_load_is_the_4bit_nf4_base_with_the_adapter_attached(base_path, tmp_path):
+    adapter_dir = tmp_path / "adapter"
+    fresh = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True)
+    get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")) \
+        .save_pretrained(adapter_dir)
+    model, tokenizer = load(base_path, adapter_dir, quantized=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert isinstance(model, PeftModel) and layers
+    spec = QuantizationSpec()  # what QLoRA training loads: NF4, double quantization, bf16 compute
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert state.quant_type == spec.type == "nf4" and state.nested is spec.double_quant is True
+        assert layer.compute_dtype == torch.bfloat16
+        assert layer.support_avx512bf16_for_cpu is False  # repacking off before the first forward
+    dtype = str(_device_and_dtype()[1]).removeprefix("torch.")  # the unquantized layers', as a 16-bit evaluation's
+    assert base_weights(model) == {"quantized": True, "linear4bit_layers": len(layers), "dtype": dtype}
+    samples, _ = generate(model, tokenizer, [_prompt()], SamplingSpec(max_tokens=6))
+    assert len(samples) == 1
+    plain, _ = load(base_path, adapter_dir)
+    assert base_weights(plain) == {"quantized": False, "linear4bit_layers": 0, "dtype": dtype}
