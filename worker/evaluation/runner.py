@@ -12,8 +12,10 @@ import resource
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.core.config import get_settings
 from app.core.db import session_scope
@@ -30,6 +32,9 @@ from app.domains.jobs.models import FineTuningJob
 from app.domains.base_models import service as base_models
 from worker.lease import Lease
 from worker.staging import stage_file, stage_tree
+
+if TYPE_CHECKING:
+    from worker.evaluation.tasks_io import Task
 
 log = logging.getLogger("tuneforge.evaluation")
 
@@ -92,7 +97,7 @@ def _training_files(session, row: Evaluation) -> tuple[tuple[str, str | None], .
     return tuple(found)
 
 
-def _records(paths: list[Path]):
+def _records(paths: list[Path]) -> Iterator[dict]:
     """Every JSON object of these JSONL files, streamed."""
     for path in paths:
         with open(path, encoding="utf-8-sig") as f:
@@ -106,10 +111,10 @@ def _records(paths: list[Path]):
                         yield record
 
 
-def check_overlap(tasks, training_files: tuple[tuple[str, str | None], ...]) -> dict:
-    """The overlap section of an evaluation's result: which of the evaluated tasks (tasks_io.Task)
-    are in the training files, staged from storage; `files` lists those checked and `missing`
-    those deleted since."""
+def check_overlap(tasks: list[Task], training_files: tuple[tuple[str, str | None], ...]) -> dict:
+    """The overlap section of an evaluation's result: which of the evaluated tasks are in the
+    training files, staged from storage; `files` lists those checked and `missing` those deleted
+    since training."""
     checked = [(file_id, key) for file_id, key in training_files if key is not None]
     found = overlap.find(((t.task_id, t.record, t.format) for t in tasks),
                          _records([stage_file(key) for _, key in checked]))
