@@ -1,19 +1,24 @@
 """The Trainer callbacks that connect a training run to TrainingHooks.
 
-ProgressEvents turns the Trainer's logs into metrics events. StopAndCheckpoint polls
-hooks.should_stop() after every optimizer step and decides which steps write a checkpoint and
+ProgressEvents turns the Trainer's logs into metrics events. BestValidation follows the
+validation loss: the best evaluation and its adapter weights, and early stopping. StopAndCheckpoint
+polls hooks.should_stop() after every optimizer step and decides which steps write a checkpoint and
 which checkpoints are handed to hooks.on_checkpoint; the two are one callback because a pause
-is both (it stops, and it checkpoints first). Both run after the Trainer's DefaultFlowCallback,
+is both (it stops, and it checkpoints first). All run after the Trainer's DefaultFlowCallback,
 so their control flags win.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -57,6 +62,11 @@ class ProgressEvents(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self._epoch_ended_at = time.perf_counter()
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._epoch_ended_at is None:
+            # An evaluation between steps (training.eval_every_steps): leave it out of the token rate too.
+            self._last_time += (metrics or {}).get("eval_runtime", 0.0)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
@@ -83,6 +93,115 @@ class ProgressEvents(TrainerCallback):
         }
         self._last_time, self._last_tokens = now, tokens
         return data
+
+
+class BestValidation(TrainerCallback):
+    """Follows the validation loss over a run's evaluations: the best one, and early stopping.
+
+    best_step and best_loss are the evaluation with the lowest finite validation loss so far; with
+    keep_weights, the adapter's trainable tensors at that step are copied to CPU memory (the LoRA
+    weights: a few MB) and restore_best() puts them back into the model. With patience, training
+    stops after that many evaluations in a row that do not lower the best loss by at least
+    min_delta (a non-finite loss never does); stopped_at_step is then the step it stopped at. The
+    Trainer evaluates before it saves at the same step, so a checkpoint written there sees this
+    evaluation; each checkpoint gets the tracker's state (STATE_FILE, WEIGHTS_FILE), and load()
+    reads it back from the checkpoint a run resumes from, so the best is that of the whole run.
+    Must come before StopAndCheckpoint among the callbacks: that one hands the checkpoint over
+    (and deletes it) in its own on_save.
+    """
+
+    STATE_FILE = "best_validation.json"
+    WEIGHTS_FILE = "best_adapter.safetensors"
+
+    def __init__(self, hooks: TrainingHooks, model: torch.nn.Module, *, patience: int | None, min_delta: float,
+                 keep_weights: bool):
+        self.hooks, self.model = hooks, model
+        self.patience, self.min_delta, self.keep_weights = patience, min_delta, keep_weights
+        self.best_step: int | None = None
+        self.best_loss: float | None = None
+        self.evaluations_without_improvement = 0
+        self.stopped_at_step: int | None = None
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.stopped_at_step is not None:
+            # Resumed from the checkpoint of the step an early stop ended the run at: nothing more to train.
+            control.should_training_stop = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        finite = math.isfinite(loss)
+        improved = finite and (self.best_loss is None or loss < self.best_loss - self.min_delta)
+        if finite and (self.best_loss is None or loss < self.best_loss):
+            self.best_step, self.best_loss = state.global_step, float(loss)
+            if self.keep_weights:
+                self._weights = {name: p.detach().to("cpu", copy=True)
+                                 for name, p in self.model.named_parameters() if p.requires_grad}
+        self.evaluations_without_improvement = 0 if improved else self.evaluations_without_improvement + 1
+        if self.patience is None or self.evaluations_without_improvement < self.patience:
+            return
+        control.should_training_stop = True
+        # At the schedule's last step there is nothing left to stop. A pause or shutdown at this very
+        # step still records the stop, so the resumed run ends at once, as this one would have.
+        if self.stopped_at_step is None and state.global_step < state.max_steps:
+            self.stopped_at_step = state.global_step
+            best = f"{self.best_loss:.4f} at step {self.best_step}" if self.best_step is not None else "none yet"
+            self.hooks.on_event(
+                "message",
+                f"Early stopping at step {state.global_step}: {self.evaluations_without_improvement} evaluation(s) "
+                f"in a row did not lower the best validation loss ({best}) by at least {self.min_delta} "
+                f"(training.early_stopping_patience {self.patience})",
+                {"step": state.global_step, "valid_loss": loss, "best_step": self.best_step,
+                 "best_valid_loss": self.best_loss, "patience": self.patience, "min_delta": self.min_delta})
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at_step is not None:
+            # The step that stopped was just evaluated (and checkpointed when due); the epoch's end adds nothing.
+            control.should_evaluate = False
+            control.should_save = False
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not path.is_dir():
+            return
+        (path / self.STATE_FILE).write_text(json.dumps({
+            "best_step": self.best_step, "best_valid_loss": self.best_loss,
+            "evaluations_without_improvement": self.evaluations_without_improvement,
+            "stopped_at_step": self.stopped_at_step,
+        }))
+        if self._weights is not None:
+            save_file(self._weights, str(path / self.WEIGHTS_FILE))
+
+    def load(self, checkpoint: Path) -> None:
+        """Take over the state saved with a checkpoint; a checkpoint without one leaves a fresh tracker.
+
+        Where the best weights should have been kept and were not saved, the best step is not
+        taken over (its weights are unknown), only the count toward early stopping.
+        """
+        state_file = Path(checkpoint) / self.STATE_FILE
+        if not state_file.is_file():
+            return
+        saved = json.loads(state_file.read_text())
+        self.evaluations_without_improvement = int(saved.get("evaluations_without_improvement") or 0)
+        self.stopped_at_step = saved.get("stopped_at_step")
+        weights_file = Path(checkpoint) / self.WEIGHTS_FILE
+        if self.keep_weights and not weights_file.is_file():
+            return
+        self.best_step, self.best_loss = saved.get("best_step"), saved.get("best_valid_loss")
+        if self.keep_weights:
+            self._weights = load_file(str(weights_file))
+
+    def restore_best(self) -> bool:
+        """Copy the best evaluation's weights back into the model; False when none were kept."""
+        if self._weights is None:
+            return False
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self._weights.items():
+                params[name].copy_(tensor.to(params[name].device))
+        return True
 
 
 class StopAndCheckpoint(TrainerCallback):

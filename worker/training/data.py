@@ -13,7 +13,9 @@ completion-only loss, padding, and the first token of each packed example).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+import random
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,19 +281,59 @@ def tokenize_records(
     )
 
 
+def record_lines(path: Path) -> list[int]:
+    """The line numbers of a JSONL file's records (its non-blank lines), without parsing them.
+    Raises OSError when the file cannot be read."""
+    with path.open(encoding="utf-8") as f:
+        return [line_no for line_no, line in enumerate(f, start=1) if line.strip()]
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which records of a training file are held out for validation (training.validation_split).
+
+    valid_lines are the held-out records' line numbers, train_lines the others'; both sorted.
+    """
+
+    train_lines: tuple[int, ...]
+    valid_lines: tuple[int, ...]
+
+
+def split_lines(lines: list[int], fraction: float, seed: int, *, name: str = "the training file") -> ValidationSplit:
+    """Hold out ceil(len(lines) * fraction) of the record line numbers for validation, drawn by seed.
+
+    The same lines, fraction and seed always give the same split (Python's random.Random is stable
+    across versions for an int seed), so a retried or resumed job validates on the same records.
+    Rounded up, as scikit-learn's train_test_split rounds a test fraction. Raises ValueError when
+    either side would be empty.
+    """
+    n_valid = math.ceil(len(lines) * fraction)
+    if n_valid < 1 or len(lines) - n_valid < 1:
+        raise ValueError(
+            f"training.validation_split {fraction} of {name}'s {len(lines)} record(s) leaves "
+            f"{len(lines) - n_valid} for training and {n_valid} for validation; each side needs at least one: "
+            f"upload more records, or give a validation_file instead")
+    held = set(random.Random(seed).sample(lines, n_valid))
+    return ValidationSplit(train_lines=tuple(n for n in lines if n not in held), valid_lines=tuple(sorted(held)))
+
+
 def load_examples(
     path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, *, completion_only: bool = False,
-    prompt_style: str = PromptStyle.AUTO,
+    prompt_style: str = PromptStyle.AUTO, lines: Collection[int] | None = None,
 ) -> TokenizedExamples:
     """tokenize_records for one JSONL file, code tasks laid out in `prompt_style` (training.prompt_style,
-    whose default this is; prompt_style_for tells what it resolves to).
+    whose default this is; prompt_style_for tells what it resolves to). With `lines`, only the records
+    on those line numbers (one side of a ValidationSplit).
 
     Raises DataFormatError naming the file and line of the first bad record,
     ValueError when no record is usable, and OSError when the file cannot be read.
     """
+    wanted = frozenset(lines) if lines is not None else None
 
     def encoded() -> Iterator[tuple[list[int], list[int]]]:
         for line_no, record in read_records(path):
+            if wanted is not None and line_no not in wanted:
+                continue
             try:
                 yield encode_record_with_labels(record, tokenizer, completion_only=completion_only,
                                                 prompt_style=prompt_style)
@@ -300,8 +342,9 @@ def load_examples(
 
     examples = collect_examples(encoded(), max_seq_length)
     if not examples.input_ids:
+        part = " (of the records training.validation_split gave this side)" if wanted is not None else ""
         raise ValueError(
-            f"{path.name} has no usable records (each needs at least 2 tokens, and with completion_only_loss "
+            f"{path.name}{part} has no usable records (each needs at least 2 tokens, and with completion_only_loss "
             f"a completion within the first {max_seq_length} tokens)"
         )
     return examples

@@ -25,10 +25,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, PrinterCallback, set_seed
 
-from app.domains.jobs.spec import TrainingSpec
+from app.domains.jobs.spec import TrainingSpec, validation_conflict
 from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, plan_batches
-from worker.training.callbacks import ProgressEvents, StopAndCheckpoint, last_logged
-from worker.training.data import TokenizedExamples, load_examples, prompt_style_for
+from worker.training.callbacks import BestValidation, ProgressEvents, StopAndCheckpoint, last_logged
+from worker.training.data import TokenizedExamples, load_examples, prompt_style_for, record_lines, split_lines
 from worker.training.hooks import StopReason, TrainingHooks
 from worker.training.memory import PeakMemory
 from worker.training.model import Device, Precision, load_base_model, select_device
@@ -59,6 +59,16 @@ class TrainResult:
     a plain True counts as "cancel"), resumed_from_step the checkpoint's step
     when training continued from one (steps and total_steps count the whole
     job, not this call).
+
+    Validation: validation_source is "file" (validation_file), "split"
+    (training.validation_split of the training file) or None; validation_records
+    the records of the validation set (held out by the split, or in the file).
+    best_step and best_valid_loss are the evaluation with the lowest validation
+    loss over the whole run (resumes included); early_stopped_at_step the step
+    training.early_stopping_patience ended training at (a normal end: stopped
+    stays None). select_best is training.select_best resolved, adapter_step
+    the step whose weights the model holds after train(), and save() writes:
+    best_step under "valid_loss", the last step under "last".
     """
 
     steps: int
@@ -82,6 +92,13 @@ class TrainResult:
     prompt_style: str = "completion"
     stopped: StopReason | None = None
     resumed_from_step: int | None = None
+    validation_source: str | None = None
+    validation_records: int | None = None
+    best_step: int | None = None
+    best_valid_loss: float | None = None
+    early_stopped_at_step: int | None = None
+    select_best: str = "last"
+    adapter_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,9 @@ class _Setup:
     optimizer: str
     batches: BatchPlan
     prompt_style: str
+    validation_source: str | None
+    validation_records: int | None
+    select_best: str  # training.select_best resolved: "last" or "valid_loss"
 
 
 class LoraRecipe:
@@ -112,7 +132,12 @@ class LoraRecipe:
     stops; "cancel" stops without one. With resume_from (such a checkpoint
     directory) training continues at its step with the same total steps, the
     same batches and the same random draws as a run that was never stopped.
-    The caller owns work_dir and deletes it. The instance is not thread-safe
+    With a validation set (validation_file, or training.validation_split of the
+    training file) the validation loss is computed at each epoch end or every
+    training.eval_every_steps; training.early_stopping_patience ends training
+    when it stops improving, and under training.select_best "valid_loss" (the
+    default with a validation set) the model ends train() holding the weights
+    of the best evaluation, which save() then writes. The caller owns work_dir and deletes it. The instance is not thread-safe
     and not reusable after cleanup().
     """
 
@@ -147,7 +172,9 @@ class LoraRecipe:
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._trainer: RowTrainer | None = None
         self._stopper: StopAndCheckpoint | None = None
+        self._best: BestValidation | None = None
         self._setup: _Setup | None = None
+        self._adapter_step: int | None = None
         self._resumed_from_step: int | None = None
 
     @property
@@ -159,28 +186,50 @@ class LoraRecipe:
         """Seed, load base model + tokenizer, attach LoRA, tokenize the data, plan batches, build the Trainer.
 
         Emits message events (device, quantization, batches, optimizer, data
-        sizes). Peak memory is measured from here. Raises DataFormatError for a
-        bad record (with file and line), ValueError for a file with no usable
-        record, a LoRA target module the model lacks, or a precision/attention
-        setting the device cannot run; MemoryError when not even a micro-batch
-        of 1 fits on the GPU; OSError for a missing file or model folder.
+        sizes, the validation split). Peak memory is measured from here. Raises
+        DataFormatError for a bad record (with file and line), ValueError for a
+        file with no usable record, a validation split that leaves either side
+        empty, validation settings without a validation set (see
+        spec.validation_conflict), a LoRA target module the model lacks, or a
+        precision/attention setting the device cannot run; MemoryError when not
+        even a micro-batch of 1 fits on the GPU; OSError for a missing file or
+        model folder.
         """
+        t = self.spec.training
+        conflict = validation_conflict(t, has_validation_file=self.validation_file is not None)
+        if conflict is not None:
+            raise ValueError(conflict[0])
         self._memory.reset()
         set_seed(self.spec.seed)
-        t = self.spec.training
         self._model, self._tokenizer, loaded = load_base_model(self.base_model_path, self.spec, self._device)
         self._announce_model(loaded)
 
         max_len = t.max_seq_length
         style = prompt_style_for(self._tokenizer, t.prompt_style)
+        train_lines = valid_lines = None
+        if t.validation_split is not None:
+            lines = record_lines(self.train_file)
+            split = split_lines(lines, t.validation_split, self.spec.seed, name=self.train_file.name)
+            train_lines, valid_lines = split.train_lines, split.valid_lines
+            self.hooks.on_event(
+                "message",
+                f"Validation split: {len(valid_lines)} of the training file's {len(lines)} records held out for "
+                f"validation (training.validation_split {t.validation_split}, seed {self.spec.seed}); "
+                f"{len(train_lines)} train",
+                {"validation_split": t.validation_split, "validation_records": len(valid_lines),
+                 "training_records": len(train_lines), "seed": self.spec.seed})
         train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss,
-                              prompt_style=style)
+                              prompt_style=style, lines=train_lines)
         self._announce_data("Training", train, max_len)
-        valid = None
-        if self.validation_file is not None:
-            valid = load_examples(self.validation_file, self._tokenizer, max_len,
-                                  completion_only=t.completion_only_loss, prompt_style=style)
+        valid, source, valid_records = None, None, None
+        if self.validation_file is not None or valid_lines is not None:
+            source = "file" if self.validation_file is not None else "split"
+            valid_path = self.validation_file if self.validation_file is not None else self.train_file
+            valid = load_examples(valid_path, self._tokenizer, max_len, completion_only=t.completion_only_loss,
+                                  prompt_style=style, lines=valid_lines)
+            valid_records = len(valid_lines) if valid_lines is not None else len(record_lines(valid_path))
             self._announce_data("Validation", valid, max_len)
+        select_best = t.select_best if t.select_best != "auto" else ("valid_loss" if valid is not None else "last")
 
         precision: Precision = loaded["precision"]
         model = self._model
@@ -193,9 +242,18 @@ class LoraRecipe:
         self._setup = _Setup(device=loaded["device"], precision=precision, attention=loaded["attention"],
                              quantization=loaded["quantization"],
                              gradient_checkpointing=loaded["gradient_checkpointing"], optimizer=optimizer,
-                             batches=plan, prompt_style=style)
+                             batches=plan, prompt_style=style, validation_source=source,
+                             validation_records=valid_records, select_best=select_best)
 
         self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps)
+        callbacks: list[Any] = [ProgressEvents(self.hooks)]
+        if valid is not None:
+            # Before the stopper: it hands each checkpoint over in its on_save, this one adds its state first.
+            self._best = BestValidation(self.hooks, self._model, patience=t.early_stopping_patience,
+                                        min_delta=t.early_stopping_min_delta,
+                                        keep_weights=select_best == "valid_loss")
+            callbacks.append(self._best)
+        callbacks.append(self._stopper)
         self._trainer = RowTrainer(
             model=self._model,
             args=training_arguments(self.spec, plan=plan, optimizer=optimizer, precision=precision,
@@ -205,7 +263,7 @@ class LoraRecipe:
             train_dataset=as_dataset(train),
             eval_dataset=as_dataset(valid) if valid is not None else None,
             processing_class=self._tokenizer,
-            callbacks=[ProgressEvents(self.hooks), self._stopper],
+            callbacks=callbacks,
             row_tokens=plan.row_tokens,
             row_multiple=t.row_length_multiple,
             pad_token_id=self._tokenizer.pad_token_id or 0,
@@ -217,10 +275,11 @@ class LoraRecipe:
         """Run training to the end of the schedule, or until hooks.should_stop().
 
         Continues from resume_from when given. Emits metrics events at every
-        logging step and epoch-end validation, and a message per checkpoint.
-        Raises RuntimeError when setup() has not run, ValueError when
-        resume_from is not a checkpoint this recipe wrote; exceptions from the
-        model or the hooks propagate (the job fails).
+        logging step and validation, a message per checkpoint, one for an
+        early stop, and at the end one naming the step whose weights the
+        adapter holds. Raises RuntimeError when setup() has not run, ValueError
+        when resume_from is not a checkpoint this recipe wrote; exceptions from
+        the model or the hooks propagate (the job fails).
         """
         if self._trainer is None or self._stopper is None or self._setup is None:
             raise RuntimeError("call setup() before train()")
@@ -229,15 +288,40 @@ class LoraRecipe:
             self.hooks.on_event("message", f"Resuming from the checkpoint at step {self._resumed_from_step}",
                                 {"step": self._resumed_from_step})
             self._fit_optimizer_state(self.resume_from)
+            if self._best is not None:
+                self._best.load(self.resume_from)
         self.hooks.on_event("message", "Training started", None)
         start = time.perf_counter()
         self._trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
         wall = time.perf_counter() - start
+        self._adapter_step = self._trainer.state.global_step
+        if self._stopper.reason is None:
+            self._select_adapter()
         result = self._result(wall)
         verb = {None: "finished", "cancel": "stopped early", "pause": "paused",
                 "shutdown": "stopped for the worker's shutdown"}[result.stopped]
+        if result.stopped is None and result.early_stopped_at_step is not None:
+            verb = "stopped early by early_stopping_patience"
         self.hooks.on_event("message", f"Training {verb} at step {result.steps} after {wall:.1f} s", None)
         return result
+
+    def _select_adapter(self) -> None:
+        """Under select_best "valid_loss", put the best evaluation's weights back into the model; say
+        which step's weights the adapter holds."""
+        best, last = self._best, self._trainer.state.global_step
+        if best is None or best.best_step is None:
+            return
+        data = {"select_best": self._setup.select_best, "best_step": best.best_step,
+                "best_valid_loss": best.best_loss, "last_step": last}
+        if self._setup.select_best == "valid_loss" and best.best_step != last and best.restore_best():
+            self._adapter_step = best.best_step
+            line = (f"The adapter holds the weights of step {best.best_step}, the lowest validation loss "
+                    f"({best.best_loss:.4f}); the last step was {last} (training.select_best valid_loss)")
+        else:
+            line = (f"The adapter holds the weights of the last step, {last}; the lowest validation loss was "
+                    f"{best.best_loss:.4f} at step {best.best_step} (training.select_best "
+                    f"{self._setup.select_best})")
+        self.hooks.on_event("message", line, {**data, "adapter_step": self._adapter_step})
 
     def save(self, out_dir: Path) -> None:
         """Write the adapter (adapter_config.json, adapter_model.safetensors) and the
@@ -257,7 +341,7 @@ class LoraRecipe:
 
         Files (checkpoints in work_dir, saved adapters) are left in place.
         """
-        self._trainer = self._model = self._tokenizer = self._stopper = None
+        self._trainer = self._model = self._tokenizer = self._stopper = self._best = None
         gc.collect()
         if self._device == "cuda":
             torch.cuda.empty_cache()
@@ -322,7 +406,7 @@ class LoraRecipe:
         )
 
     def _result(self, wall_seconds: float) -> TrainResult:
-        state, setup = self._trainer.state, self._setup
+        state, setup, best = self._trainer.state, self._setup, self._best
         tokens = state.num_input_tokens_seen
         return TrainResult(
             steps=state.global_step,
@@ -346,6 +430,13 @@ class LoraRecipe:
             prompt_style=setup.prompt_style,
             stopped=self._stopper.reason,
             resumed_from_step=self._resumed_from_step,
+            validation_source=setup.validation_source,
+            validation_records=setup.validation_records,
+            best_step=best.best_step if best is not None else None,
+            best_valid_loss=best.best_loss if best is not None else None,
+            early_stopped_at_step=best.stopped_at_step if best is not None else None,
+            select_best=setup.select_best,
+            adapter_step=self._adapter_step,
         )
 
 

@@ -54,7 +54,7 @@ def training_arguments(spec: TrainingSpec, *, plan: BatchPlan, optimizer: str, p
         logging_steps=t.logging_steps,
         **saving,
         save_total_limit=t.save_total_limit,
-        eval_strategy="epoch" if has_validation else "no",
+        **_evaluation(t.eval_every_steps, has_validation),
         # Evaluation needs only the loss; otherwise the Trainer keeps every
         # batch's logits (batch x length x vocab floats) in memory.
         prediction_loss_only=True,
@@ -70,6 +70,15 @@ def training_arguments(spec: TrainingSpec, *, plan: BatchPlan, optimizer: str, p
         report_to="none",
         disable_tqdm=True,
     )
+
+
+def _evaluation(every_steps: int | None, has_validation: bool) -> dict[str, object]:
+    """Validation every N optimizer steps (and at the last, the Trainer's own rule), else at each epoch end."""
+    if not has_validation:
+        return {"eval_strategy": "no"}
+    if every_steps is None:
+        return {"eval_strategy": "epoch"}
+    return {"eval_strategy": "steps", "eval_steps": every_steps}
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -120,7 +129,9 @@ class RowTrainer(Trainer):
         # limit is only checked after a step (DefaultFlowCallback.on_step_end), and no callback
         # runs between the skipped batches and that step; the recipe needs the Trainer's own
         # resume (adapter, state) even when nothing is left to train. transformers 5.24.0.
-        if self.state.global_step >= self.state.max_steps > 0:
+        # The same holds for a checkpoint of the step an early stop ended the run at (BestValidation
+        # asks to stop in on_train_begin): the Trainer would otherwise train its next step.
+        if self.state.global_step >= self.state.max_steps > 0 or self.control.should_training_stop:
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)

@@ -27,7 +27,7 @@ from app.domains.jobs.errors import IllegalTransition, JobInvalid, JobNotFound, 
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
-from app.domains.jobs.spec import TrainingSettings, TrainingSpec
+from app.domains.jobs.spec import TrainingSettings, TrainingSpec, validation_conflict
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, RUNNING, UNHELD, WAITING, JobStatus, StopRequest, add_event,
                                      transition)
 from app.domains.base_models import service as base_models
@@ -63,6 +63,9 @@ def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
     if changes:
         training = training.model_copy(update=changes)
         training = TrainingSettings.model_validate(training.model_dump())
+    conflict = validation_conflict(training, has_validation_file=bool(body.validation_file))
+    if conflict is not None:
+        raise JobInvalid(conflict[0], param=conflict[1])
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
                         training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed)

@@ -143,11 +143,55 @@ class TrainingSettings(_Frozen):
                                         "a few lengths ran at 0.88x the peak memory and the same tokens/s on a 30M "
                                         "model. null: rows as cut. GPU micro-batches are not padded.",
     )
+    validation_split: float | None = Field(
+        None, gt=0.0, le=0.5, description="Hold out this fraction of the training file's records (rounded up) as "
+                                          "the validation set, drawn by the job's seed; the job's events and usage "
+                                          "say how many. null: no split. Not with a validation_file.",
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Compute the validation loss every this many optimizer steps and at "
+                                               "the last step; null: at each epoch end. Needs a validation set.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=10_000, description="Stop training after this many evaluations in a row that do not lower "
+                                           "the best validation loss by at least early_stopping_min_delta; a normal "
+                                           "end of training. null: train the whole schedule. Needs a validation set.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="The least decrease of the best validation loss that counts as an improvement "
+                                 "for early_stopping_patience.",
+    )
+    select_best: Literal["auto", "last", "valid_loss"] = Field(
+        "auto", description="Which weights the job delivers as its adapter. valid_loss: those of the evaluation "
+                            "with the lowest validation loss; last: those of the last step. auto: valid_loss when "
+                            "there is a validation set, else last.",
+    )
     dataloader_workers: int = Field(
         0, ge=0, le=32, description="Processes preparing batches. Data is tokenized up front, so 0 (batches "
                                     "built in the training process) is fastest where cores are few: 1 worker ran "
                                     "at 0.8x the tokens/s of 0 on a 2-core CPU.",
     )
+
+
+def validation_conflict(training: TrainingSettings, *, has_validation_file: bool) -> tuple[str, str] | None:
+    """(message, param) when the training settings contradict the job's validation set, else None.
+
+    Checked where both are known: at job creation (an answer of 400) and when the recipe is set up.
+    """
+    t = training
+    if t.validation_split is not None and has_validation_file:
+        return ("Give either validation_file or training.validation_split, not both: the split holds out part of "
+                "the training file as the validation set.", "training.validation_split")
+    if has_validation_file or t.validation_split is not None:
+        return None
+    needs = {"training.eval_every_steps": t.eval_every_steps is not None,
+             "training.early_stopping_patience": t.early_stopping_patience is not None,
+             "training.select_best": t.select_best == "valid_loss"}
+    for param, asked in needs.items():
+        if asked:
+            return (f"{param} needs a validation set: give a validation_file, or hold out part of the training file "
+                    f"with training.validation_split (e.g. 0.1).", param)
+    return None
 
 
 class IterateTarget(_Frozen):
