@@ -129,3 +129,58 @@ def test_cancel_twice_is_idempotent_and_file_in_use_is_protected(api, make_team,
         assert client.post(f"/fine_tuning/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
     else:  # it already finished: cancelling an ended job is a conflict
         assert first.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("with_validation_file", "training", "param"),
+    [
+        (True, {"validation_split": 0.1}, "training.validation_split"),
+        (False, {"eval_every_steps": 10}, "training.eval_every_steps"),
+        (False, {"early_stopping_patience": 2}, "training.early_stopping_patience"),
+        (False, {"select_best": "valid_loss"}, "training.select_best"),
+    ],
+)
+def test_validation_settings_that_contradict_the_validation_set_answer_400(api, make_team, tiny_model,
+                                                                          with_validation_file, training, param):
+    _, key = make_team()
+    client = api(key)
+    fid = uploaded_file_id(client)
+    body = {"model": "tiny-llama", "training_file": fid, "training": training,
+            **({"validation_file": uploaded_file_id(client)} if with_validation_file else {})}
+    r = client.post("/fine_tuning/jobs", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert "validation" in err["message"]
+    assert client.get("/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("training", "param"),
+    [
+        ({"validation_split": 0.6}, "training.validation_split"),
+        ({"validation_split": 0}, "training.validation_split"),
+        ({"eval_every_steps": 0}, "training.eval_every_steps"),
+        ({"early_stopping_patience": 0}, "training.early_stopping_patience"),
+        ({"early_stopping_min_delta": -0.1}, "training.early_stopping_min_delta"),
+        ({"select_best": "pass_at_k"}, "training.select_best"),
+    ],
+)
+def test_out_of_range_validation_settings_are_refused_naming_the_field(api, make_team, tiny_model, training, param):
+    _, key = make_team()
+    client = api(key)
+    r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
+                                                "training": training})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_split_with_early_stopping_is_accepted_and_best_selection_defaults_to_auto(api, make_team, tiny_model):
+    _, key = make_team()
+    client = api(key)
+    job = create_job(client, uploaded_file_id(client),
+                     training={"validation_split": 0.2, "eval_every_steps": 5, "early_stopping_patience": 3})
+    client.post(f"/fine_tuning/jobs/{job['id']}/cancel")
+    t = job["spec"]["training"]
+    assert (t["validation_split"], t["eval_every_steps"], t["early_stopping_patience"]) == (0.2, 5, 3)
+    assert (t["early_stopping_min_delta"], t["select_best"]) == (0.0, "auto")

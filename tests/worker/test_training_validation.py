@@ -141,9 +141,9 @@ def test_validation_loss_is_computed_every_n_steps_and_at_the_last(base_path, tr
     losses = r.valid_losses()
     assert sorted(losses) == [2, 4, 5] and all(math.isfinite(x) for x in losses.values())
     assert r.result.valid_loss == losses[5]
-    # Every checkpoint is written after its step's evaluation and carries it.
-    assert [(s, m.get("valid_loss")) for s, _, m in hooks.checkpoints] == [(2, losses[2]), (4, losses[4]),
-                                                                             (5, losses[5])]
+    # Each checkpoint is written after its step's evaluation and carries it (none at step 5: periodic
+    # checkpoints fall on multiples of checkpoint_every_steps only).
+    assert [(s, m.get("valid_loss")) for s, _, m in hooks.checkpoints] == [(2, losses[2]), (4, losses[4])]
 
 
 def test_checkpoints_carry_the_validation_loss_of_their_step(diverged):
@@ -210,6 +210,15 @@ def test_early_stopping_ends_training_when_the_validation_loss_stops_improving(b
     assert res.best_step == data["best_step"] == min(r.valid_losses(), key=r.valid_losses().get)
     assert _equal(r.adapter, r.checkpoint_adapter(res.best_step))
     assert any("stopped early by early_stopping_patience" in m for m, _ in r.messages())
+
+    # A worker that died after the stop's checkpoint, before storing the adapter: the resumed run
+    # trains nothing more and delivers the same adapter.
+    stop_checkpoint = next(p for s, p, _ in r.hooks.checkpoints if s == first_worse)
+    again = run(diverging_spec(early_stopping_patience=1), base_path, train_file, tmp_path / "again",
+                CheckpointHooks(tmp_path / "kept-again"), resume_from=stop_checkpoint)
+    assert (again.result.steps, again.result.early_stopped_at_step, again.result.best_step) == (
+        first_worse, first_worse, res.best_step)
+    assert again.valid_losses() == {} and _equal(again.adapter, r.adapter)
 
 
 class _Quiet:

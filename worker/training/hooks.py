@@ -47,6 +47,7 @@ class TrainingHooks(Protocol):
 
         The callee uploads it (worker.training.checkpoint_store.upload); the recipe may
         delete the directory once this returns. metrics: {step, train_loss,
-        valid_loss?} as known at that step. Only called when the spec asks for
+        valid_loss?} as known at that step (the step's own validation loss when it
+        was evaluated there: evaluation runs before the checkpoint is written). Only called when the spec asks for
         checkpoints (training.checkpoint_every_steps) or on a pause/shutdown stop.
         """

@@ -137,8 +137,9 @@ class LoraRecipe:
     training.eval_every_steps; training.early_stopping_patience ends training
     when it stops improving, and under training.select_best "valid_loss" (the
     default with a validation set) the model ends train() holding the weights
-    of the best evaluation, which save() then writes. The caller owns work_dir and deletes it. The instance is not thread-safe
-    and not reusable after cleanup().
+    of the best evaluation, which save() then writes. The caller owns work_dir
+    and deletes it. The instance is not thread-safe and not reusable after
+    cleanup().
     """
 
     def __init__(

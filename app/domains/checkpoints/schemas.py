@@ -6,7 +6,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class CheckpointMetrics(BaseModel):
-    """OpenAI's checkpoint metrics; Tuneforge fills step, train_loss and (with a validation file) valid_loss."""
+    """OpenAI's checkpoint metrics. Tuneforge fills step, train_loss and, once the job has a validation loss (a
+    validation_file or training.validation_split), valid_loss: that of the checkpoint's own step when it was
+    evaluated there (a checkpoint is written after the same step's evaluation), else the latest before it."""
 
     model_config = ConfigDict(extra="allow")
 
