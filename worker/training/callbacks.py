@@ -38,7 +38,7 @@ class ProgressEvents(TrainerCallback):
     Token counts come from the Trainer's own non-padding counter
     (state.num_input_tokens_seen, the sum of attention masks), which is also
     saved in checkpoints and so survives a resume. The token rate covers
-    training steps only: epoch-end evaluation and checkpointing are left out.
+    training steps only: evaluations and epoch-end checkpointing are left out.
     """
 
     def __init__(self, hooks: TrainingHooks):

@@ -41,9 +41,9 @@ class TrainResult:
     """What one train() call did.
 
     final_loss is the last logged training loss (None when no step was logged);
-    valid_loss the last validation loss (None without a validation file or
-    when no epoch ended). tokens_per_second counts real (non-pad) tokens over
-    wall_seconds, which include epoch-end evaluation and checkpoint writes
+    valid_loss the last validation loss (None without a validation set or
+    before the first evaluation). tokens_per_second counts real (non-pad) tokens over
+    wall_seconds, which include evaluations and checkpoint writes
     (the metrics events' rate covers training steps only). peak_memory_bytes
     covers this job from setup() to the end of train(): CUDA's max allocated
     memory on GPU; on CPU the process's peak resident set size, reset at
