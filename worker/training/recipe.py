@@ -205,31 +205,8 @@ class LoraRecipe:
         self._model, self._tokenizer, loaded = load_base_model(self.base_model_path, self.spec, self._device)
         self._announce_model(loaded)
 
-        max_len = t.max_seq_length
         style = prompt_style_for(self._tokenizer, t.prompt_style)
-        train_lines = valid_lines = None
-        if t.validation_split is not None:
-            lines = record_lines(self.train_file)
-            split = split_lines(lines, t.validation_split, self.spec.seed, name=self.train_file.name)
-            train_lines, valid_lines = split.train_lines, split.valid_lines
-            self.hooks.on_event(
-                "message",
-                f"Validation split: {len(valid_lines)} of the training file's {len(lines)} records held out for "
-                f"validation (training.validation_split {t.validation_split}, seed {self.spec.seed}); "
-                f"{len(train_lines)} train",
-                {"validation_split": t.validation_split, "validation_records": len(valid_lines),
-                 "training_records": len(train_lines), "seed": self.spec.seed})
-        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss,
-                              prompt_style=style, lines=train_lines)
-        self._announce_data("Training", train, max_len)
-        valid, source, valid_records = None, None, None
-        if self.validation_file is not None or valid_lines is not None:
-            source = "file" if self.validation_file is not None else "split"
-            valid_path = self.validation_file if self.validation_file is not None else self.train_file
-            valid = load_examples(valid_path, self._tokenizer, max_len, completion_only=t.completion_only_loss,
-                                  prompt_style=style, lines=valid_lines)
-            valid_records = len(valid_lines) if valid_lines is not None else len(record_lines(valid_path))
-            self._announce_data("Validation", valid, max_len)
+        train, valid, source, valid_records = self._load_data(style)
         select_best = t.select_best if t.select_best != "auto" else ("valid_loss" if valid is not None else "last")
 
         precision: Precision = loaded["precision"]
@@ -246,6 +223,14 @@ class LoraRecipe:
                              batches=plan, prompt_style=style, validation_source=source,
                              validation_records=valid_records, select_best=select_best)
 
+        self._trainer = self._build_trainer(train, valid, plan=plan, optimizer=optimizer, precision=precision,
+                                            select_best=select_best)
+
+    def _build_trainer(self, train: TokenizedExamples, valid: TokenizedExamples | None, *, plan: BatchPlan,
+                       optimizer: str, precision: Precision, select_best: str) -> RowTrainer:
+        """The Trainer with the hooks' callbacks: progress events, the best validation loss (with a
+        validation set), stop requests and checkpoints."""
+        t = self.spec.training
         self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps)
         callbacks: list[Any] = [ProgressEvents(self.hooks)]
         if valid is not None:
@@ -255,7 +240,7 @@ class LoraRecipe:
                                         keep_weights=select_best == "valid_loss")
             callbacks.append(self._best)
         callbacks.append(self._stopper)
-        self._trainer = RowTrainer(
+        trainer = RowTrainer(
             model=self._model,
             args=training_arguments(self.spec, plan=plan, optimizer=optimizer, precision=precision,
                                     device=self._device, output_dir=self.work_dir / "checkpoints",
@@ -270,7 +255,39 @@ class LoraRecipe:
             pad_token_id=self._tokenizer.pad_token_id or 0,
         )
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
-        self._trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def _load_data(self, style: str) -> tuple[TokenizedExamples, TokenizedExamples | None, str | None, int | None]:
+        """(training examples, validation examples or None, where the validation set came from: "file",
+        "split" or None, how many records it holds). A validation_split holds out records of the
+        training file, drawn by the job's seed, and says so in an event."""
+        t = self.spec.training
+        max_len = t.max_seq_length
+        train_lines = valid_lines = None
+        if t.validation_split is not None:
+            lines = record_lines(self.train_file)
+            split = split_lines(lines, t.validation_split, self.spec.seed, name=self.train_file.name)
+            train_lines, valid_lines = split.train_lines, split.valid_lines
+            self.hooks.on_event(
+                "message",
+                f"Validation split: {len(valid_lines)} of the training file's {len(lines)} records held out for "
+                f"validation (training.validation_split {t.validation_split}, seed {self.spec.seed}); "
+                f"{len(train_lines)} train",
+                {"validation_split": t.validation_split, "validation_records": len(valid_lines),
+                 "training_records": len(train_lines), "seed": self.spec.seed})
+        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss,
+                              prompt_style=style, lines=train_lines)
+        self._announce_data("Training", train, max_len)
+        if self.validation_file is None and valid_lines is None:
+            return train, None, None, None
+        source = "file" if self.validation_file is not None else "split"
+        valid_path = self.validation_file if self.validation_file is not None else self.train_file
+        valid = load_examples(valid_path, self._tokenizer, max_len, completion_only=t.completion_only_loss,
+                              prompt_style=style, lines=valid_lines)
+        valid_records = len(valid_lines) if valid_lines is not None else len(record_lines(valid_path))
+        self._announce_data("Validation", valid, max_len)
+        return train, valid, source, valid_records
 
     def train(self) -> TrainResult:
         """Run training to the end of the schedule, or until hooks.should_stop().
