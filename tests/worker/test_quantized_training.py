@@ -102,7 +102,7 @@ def test_short_training_on_a_quantized_base_lowers_the_loss(tiny_path, tmp_path,
     result = recipe.train()
     recipe.cleanup()
     losses = [m["loss"] for m in hooks.train_metrics()]
-    assert result.quantization == ("nf4-double-quant" if bits == 4 else "int8")
+    assert result.quantization == ("nf4-double-quant-dequantized-bf16" if bits == 4 else "int8")
     assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 

@@ -221,7 +221,7 @@ def test_result_describes_the_run(trained):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU run uses")
 def test_on_cpu_lora_trains_on_the_4bit_nf4_base_with_fused_adamw(trained):
     r = trained.result
-    assert (r.device, r.quantization, r.attention) == ("cpu", "nf4-double-quant", "sdpa")
+    assert (r.device, r.quantization, r.attention) == ("cpu", "nf4-double-quant-dequantized-bf16", "sdpa")
     assert r.precision == ("bf16" if cpu_has_bf16() else "fp32")
     assert (r.optimizer, r.gradient_checkpointing) == ("adamw_torch_fused", False)
     # batch_size 2 on CPU: the spec's micro-batch, packed into one row.

@@ -26,6 +26,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
+from worker.training.dequantized import dequantize_4bit_layers
 from worker.training.ops import apply_chunked_loss, apply_lean_ops
 from worker.training.packing import register_packed_sdpa
 
@@ -165,8 +166,9 @@ def load_base(
 
     dtype is that of the weights left unquantized (all of them for bits null).
     The same call serves training and inference, so an adapter trained on a
-    4-bit base is served on an identically loaded one. Raises OSError when the
-    folder is not a model.
+    4-bit base is served on an identically loaded one (training on CPU then
+    dequantizes the 4-bit layers once, which changes no value: see
+    load_base_model). Raises OSError when the folder is not a model.
     """
     # "sdpa" loads as transformers' SDPA plus per-example attention for packed rows (worker.training.packing).
     implementation = register_packed_sdpa() if attention == "sdpa" else attention
@@ -201,7 +203,10 @@ def load_base_model(
     Returns (peft model with only the LoRA weights trainable, tokenizer, info)
     where info has: device (label), precision, attention, dtype (of the
     unquantized base weights), quantization (label of what was loaded, e.g.
-    "nf4-double-quant", "int8" or "none"), gradient_checkpointing,
+    "nf4-double-quant", "int8" or "none"; on CPU a 4-bit base is trained
+    dequantized, e.g. "nf4-double-quant-dequantized-bf16"), dequantized_layers
+    (how many 4-bit layers that replaced), notes (messages that explain the
+    loading to the job's events), gradient_checkpointing,
     lean_modules (how many norms and MLPs run the memory-lean ops), chunked_loss (whether the
     loss runs without a logits tensor),
     pad_token_added, trainable_parameters, total_parameters. Seeds nothing:
@@ -230,6 +235,20 @@ def load_base_model(
         )
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    # On CPU bitsandbytes dequantizes a 4-bit weight at every matmul (forward and backward); the
+    # dequantized weight, kept, computes the same NF4 base at bf16 speed (worker.training.dequantized).
+    dequantized = dequantize_4bit_layers(model) if quantized and device == "cpu" and spec.quantization.bits == 4 else 0
+    label = quantization_label(spec.quantization)
+    notes = []
+    if dequantized:
+        compute = spec.quantization.compute_dtype
+        label = f"{label}-dequantized-{compute}"
+        notes.append(
+            f"The base was quantized to 4-bit {spec.quantization.type} and its {dequantized} 4-bit layers were then "
+            f"dequantized once to {compute}: on CPU bitsandbytes dequantizes every 4-bit weight at each matmul, so "
+            f"training computes with the same {spec.quantization.type}-rounded weights either way, and this way "
+            "at plain matmul speed, for more memory. GPU workers train on bitsandbytes' 4-bit layers; the adapter "
+            "serves on a 4-bit base as usual")
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
     model = get_peft_model(model, lora_config(spec.lora))
@@ -239,7 +258,9 @@ def load_base_model(
         "precision": precision,
         "attention": attention,
         "dtype": str(dtype).removeprefix("torch."),
-        "quantization": quantization_label(spec.quantization),
+        "quantization": label,
+        "dequantized_layers": dequantized,
+        "notes": notes,
         "gradient_checkpointing": t.gradient_checkpointing,
         "lean_modules": lean_modules,
         "chunked_loss": chunked_loss,

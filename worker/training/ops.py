@@ -24,6 +24,8 @@ import types
 import torch
 from torch import nn
 
+from worker.training.dequantized import DequantizedLinear4bit
+
 _RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 _SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
 
@@ -78,16 +80,20 @@ class _SiluMul(torch.autograd.Function):
 def _exact_output_dtype(layer: nn.Module) -> torch.dtype | None:
     """The narrower dtype that holds this layer's outputs exactly, if any.
 
-    A bitsandbytes Linear4bit computes in its compute dtype and casts the
-    result up to its input's dtype: an fp32 output of a bf16 compute dtype
-    holds only bf16 values, so storing it in bf16 is lossless. A layer with a
-    LoRA adapter adds an fp32 update and has no such dtype.
+    A bitsandbytes Linear4bit (and its dequantized stand-in on CPU) computes in
+    its compute dtype and casts the result up to its input's dtype: an fp32
+    output of a bf16 compute dtype holds only bf16 values, so storing it in
+    bf16 is lossless. A layer with a LoRA adapter adds an fp32 update and has
+    no such dtype.
     """
+    half = (torch.bfloat16, torch.float16)
+    if type(layer) is DequantizedLinear4bit and layer.weight.dtype in half:
+        return layer.weight.dtype
     try:
         import bitsandbytes as bnb
     except ImportError:
         return None
-    if type(layer) is bnb.nn.Linear4bit and layer.compute_dtype in (torch.bfloat16, torch.float16):
+    if type(layer) is bnb.nn.Linear4bit and layer.compute_dtype in half:
         return layer.compute_dtype
     return None
 

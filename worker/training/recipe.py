@@ -387,6 +387,8 @@ class LoraRecipe:
             f"{loaded['trainable_parameters']:,} of {loaded['total_parameters']:,} parameters trainable",
             dict(loaded),
         )
+        for note in loaded.get("notes", ()):
+            self.hooks.on_event("message", note, None)
         if loaded["pad_token_added"]:
             self.hooks.on_event("message", "The tokenizer has no pad token; using its eos token for padding", None)
 

@@ -1,0 +1,121 @@
+"""Training on CPU computes a 4-bit base through layers dequantized once (worker.training.dequantized).
+
+What must hold: the dequantized layers compute what bitsandbytes' 4-bit layers compute (the same
+NF4-rounded weights, the same dtypes in and out), so logits, loss and LoRA gradients of the model
+the recipe trains match those of the model on bitsandbytes' 4-bit layers; and a CPU job with the
+default quantization trains that way and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+
+from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings, TrainingSpec
+from tests.worker.test_training_recipe import RecordingHooks, code_task_records, write_jsonl
+from worker.training.dequantized import DequantizedLinear4bit, dequantize_4bit_layers
+from worker.training.model import load_base, load_base_model, lora_config
+from worker.training.ops import apply_chunked_loss, apply_lean_ops
+from worker.training.recipe import LoraRecipe
+from worker.training.tiny import make_tiny_model
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU training path")
+
+
+@pytest.fixture(scope="module")
+def odd_path(tmp_path_factory) -> Path:
+    # Output sizes 120 and 200 are not multiples of 32, head_dim is 30: bitsandbytes' awkward shapes.
+    return make_tiny_model(tmp_path_factory.mktemp("odd"), hidden_size=120, intermediate_size=200, num_heads=4)
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", "fp32"])
+def test_a_dequantized_layer_computes_exactly_what_its_4bit_layer_computes(odd_path, compute_dtype):
+    quantized = load_base(odd_path, QuantizationSpec(compute_dtype=compute_dtype), "cpu")
+    layers = [(name, m) for name, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    fast = load_base(odd_path, QuantizationSpec(compute_dtype=compute_dtype), "cpu")
+    assert dequantize_4bit_layers(fast) == len(layers) == 2 * 7
+    for name, layer in layers:
+        replacement = fast.get_submodule(name)
+        assert type(replacement) is DequantizedLinear4bit and not replacement.weight.requires_grad
+        x = torch.randn(3, 17, layer.in_features, generator=torch.Generator().manual_seed(len(name)))
+        outputs, grads = [], []
+        for module in (layer, replacement):
+            inp = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(inp)
+            out.backward(torch.ones_like(out))
+            outputs.append(out)
+            grads.append(inp.grad)
+        assert outputs[0].dtype == outputs[1].dtype == torch.float32
+        assert torch.equal(outputs[0], outputs[1]), name
+        assert torch.equal(grads[0], grads[1]), name
+
+
+def _bitsandbytes_reference(path: Path, spec: TrainingSpec) -> torch.nn.Module:
+    """load_base_model's model as it was before the CPU fast path: LoRA on bitsandbytes' 4-bit layers."""
+    model = load_base(path, spec.quantization, "cpu")
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    apply_lean_ops(model)
+    apply_chunked_loss(model)
+    return get_peft_model(model, lora_config(spec.lora))
+
+
+def test_lora_on_the_dequantized_base_matches_lora_on_the_4bit_base(odd_path):
+    spec = TrainingSpec(lora=LoraSpec(dropout=0.0))
+    fast, _, info = load_base_model(odd_path, spec, "cpu")
+    reference = _bitsandbytes_reference(odd_path, spec)
+    assert info["dequantized_layers"] == 2 * 7
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fast.modules())
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reference.modules()) == 2 * 7
+    # The same non-zero LoRA weights in both (peft's B = 0 would leave every A's gradient at 0).
+    torch.manual_seed(0)
+    ref_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+                ref_params[name].copy_(p)
+    fast.train(), reference.train()
+    for seed in range(3):
+        ids = torch.randint(5, 4000, (2, 40), generator=torch.Generator().manual_seed(seed))
+        results = []
+        for model in (fast, reference):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids).logits.float()
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((logits, loss.item(), grads))
+        (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
+        assert (logits - ref_logits).abs().max() <= 1e-2 * ref_logits.abs().max(), seed
+        assert math.isclose(loss, ref_loss, rel_tol=1e-3), (loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 4 * 2
+        for name, grad in grads.items():
+            error = ((grad - ref_grads[name]).norm() / ref_grads[name].norm()).item()
+            assert error < 1e-2, f"{name}: relative gradient error {error:.2e}"
+
+
+def test_a_cpu_job_with_the_default_quantization_trains_on_the_dequantized_base_and_says_so(odd_path, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", code_task_records(8, seed=3))
+    spec = TrainingSpec(seed=7, training=TrainingSettings(max_steps=3, gradient_accumulation_steps=1,
+                                                          learning_rate=3e-3, max_seq_length=128))
+    hooks = RecordingHooks()
+    recipe = LoraRecipe(spec=spec, base_model_path=odd_path, train_file=train_file, validation_file=None,
+                        work_dir=tmp_path / "work", hooks=hooks)
+    recipe.setup()
+    layers = [m for m in recipe.model.modules() if isinstance(m, DequantizedLinear4bit)]
+    result = recipe.train()
+    recipe.cleanup()
+    assert len(layers) == 2 * 7 and all(layer.weight.dtype == torch.bfloat16 for layer in layers)
+    assert result.quantization == "nf4-double-quant-dequantized-bf16"
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+    messages = hooks.messages()
+    assert any("quantization nf4-double-quant-dequantized-bf16" in m for m in messages)
+    assert any("14 4-bit layers were then dequantized once to bf16" in m for m in messages)

@@ -1,0 +1,71 @@
+"""A 4-bit base for training on CPU, dequantized once: QLoRA's NF4 weights at bf16 matmul speed.
+
+bitsandbytes 0.50 has no fused 4-bit training kernel on CPU. Every Linear4bit matmul with
+gradients, forward and backward alike, first dequantizes the whole weight into the compute dtype
+and then runs F.linear (backward: matmul) on it. The layer's numbers are therefore those of a
+plain bf16 linear layer whose weight is the dequantized NF4 weight, and nothing in training
+changes that weight. DequantizedLinear4bit keeps it dequantized from the start: the same
+NF4-rounded base, computed the same way (input cast to the compute dtype, output cast back to
+the input's dtype), without the per-matmul dequantization.
+
+The 4-bit layers are loaded by bitsandbytes as before and converted afterwards, so the weights
+are exactly the values bitsandbytes would dequantize, and an adapter trained here is served on
+an ordinary 4-bit base (worker.training.model.load_base) with the logits of training.
+
+Cost: 2 bytes per quantized weight instead of about 0.5 (bf16 compute; 4 bytes for fp32). On
+SmolLM2-135M (106M weights in its linear layers) that is about 160 MB more resident memory.
+GPU training keeps bitsandbytes' own layers: there the point of 4 bits is the memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DequantizedLinear4bit(nn.Linear):
+    """A frozen linear layer holding a bitsandbytes Linear4bit's weight, dequantized to its compute dtype.
+
+    Computes as Linear4bit does: input (..., in_features) cast to the weight's dtype, output
+    (..., out_features) cast back to the input's dtype. An nn.Linear subclass, so peft wraps it
+    with its ordinary LoRA layer.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        nn.Module.__init__(self)  # not nn.Linear's __init__, which would allocate and initialize a weight
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(self.weight.dtype) if self.bias is not None else None
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's weight (out_features, in_features) in its compute dtype, as its matmul sees it."""
+    import bitsandbytes.functional as bnb_functional
+
+    state = layer.weight.quant_state
+    dtype = layer.compute_dtype if layer.compute_dtype is not None else state.dtype
+    return bnb_functional.dequantize_4bit(layer.weight.data, state).to(dtype)
+
+
+def dequantize_4bit_layers(model: nn.Module) -> int:
+    """Replace every bitsandbytes Linear4bit in model with a DequantizedLinear4bit; returns how many.
+
+    Run it after prepare_model_for_kbit_training (which casts every bf16 parameter to fp32) and
+    before attaching LoRA. 0 when bitsandbytes is not installed or the model has no 4-bit layer.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for name, module in found:
+        parent, _, child = name.rpartition(".")
+        with torch.no_grad():
+            replacement = DequantizedLinear4bit(dequantized_weight(module), module.bias)
+        setattr(model.get_submodule(parent), child, replacement)
+    return len(found)
