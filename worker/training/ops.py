@@ -129,6 +129,7 @@ def apply_lean_ops(model: nn.Module) -> int:
 
 IGNORE_INDEX = -100
 LOSS_CHUNK_TOKENS = 1024
+HEAD_ROWS_MULTIPLE = 64
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -156,17 +157,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         if torch.is_autocast_enabled(device):
             weight = weight.to(torch.get_autocast_dtype(device))
-        labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (labelled tokens,) positions
-        for start in range(0, labelled.shape[0], chunk):
-            rows = labelled[start:start + chunk]
+        # Labelled positions first; their count rounded up to a multiple of HEAD_ROWS_MULTIPLE with
+        # ignored ones (masked below), so the head's matmuls see few shapes (see packing's row padding).
+        labelled = labels != IGNORE_INDEX
+        count = int(labelled.sum())
+        taken = min(labels.shape[0], -(-count // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE)
+        positions = torch.argsort(~labelled, stable=True)[:taken]
+        for start in range(0, taken, chunk):
+            rows = positions[start:start + chunk]
             y = labels.index_select(0, rows)
+            valid = y != IGNORE_INDEX
+            target = y.clamp(min=0)
             logits = nn.functional.linear(hidden.index_select(0, rows), weight).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                probs.div_(divisor)
+                probs[torch.arange(y.shape[0], device=y.device), target] -= 1.0
+                probs.mul_((valid.to(probs.dtype) / divisor)[:, None])
                 grad.index_copy_(0, rows, nn.functional.linear(probs, weight.t()).to(hidden.dtype))
         ctx.save_for_backward(grad)
         return total / divisor
