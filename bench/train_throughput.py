@@ -19,6 +19,7 @@ machine.
 
     .venv/bin/python bench/train_throughput.py --model 30m [--steps 16] [--repeats 3]
         [--arms baseline,tuneforge,tuneforge-gc]
+    .venv/bin/python bench/train_throughput.py --model smollm2 [--model-dir DIR] [--repeats 2]
 
 Models (random weights, a Llama shape, the tiny byte-level BPE tokenizer of worker/training/tiny.py,
 vocabulary 4096): tiny (1.5M), 30m (hidden 512, 8 layers), and on a GPU 1b (TinyLlama-1.1B shape)
@@ -27,6 +28,13 @@ and 7b (Llama-2-7B shape); 1b/7b are skipped without CUDA. Models are built once
 drawn log-uniformly from 50 to 1,000 tokens (deterministic for --seed). With random weights the
 loss starts near ln(4096) = 8.3 and LoRA moves it little in a few steps, so "final loss within 2%"
 is a weak check; the per-step loss difference between arms is the strong one.
+
+smollm2 is the real model, SmolLM2-135M-Instruct (vocabulary 49,152), from the directory
+`tuneforge models fetch smollm2-135m-instruct` converts it into (--model-dir, default
+ensure_smollm2(--data-dir), which only converts when that directory is missing). Its data is the
+bundled code tasks (tuneforge/data/code_tasks_train.jsonl) laid out through the model's chat
+template as plain text records, 127-298 tokens each (median 175): the rows a default job on the code tasks
+trains on. Both arms train on every token of them.
 """
 
 from __future__ import annotations
@@ -60,7 +68,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32},
 }
 GPU_ONLY = {"1b", "7b"}
-DEFAULT_STEPS = {"tiny": 30, "30m": 16, "1b": 30, "7b": 20}
+# Pretrained models, converted once into a directory (not built from a shape).
+REAL_MODELS = {"smollm2"}
+DEFAULT_STEPS = {"tiny": 30, "30m": 16, "1b": 30, "7b": 20, "smollm2": 8}
+CODE_TASKS = ROOT / "tuneforge" / "data" / "code_tasks_train.jsonl"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_LENGTH = 1024
 # Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity), for MFU.
@@ -110,6 +121,29 @@ def build_model(name: str, cache_dir: Path) -> Path:
     return path
 
 
+def smollm2_dir(model_dir: Path | None, data_dir: Path | None) -> Path:
+    """The converted SmolLM2-135M-Instruct directory: model_dir, or ensure_smollm2's under data_dir
+    (default: the settings' data_dir)."""
+    if model_dir is not None:
+        return model_dir
+    from worker.base_models.packaged import ensure_smollm2
+
+    if data_dir is None:
+        from app.core.config import get_settings
+
+        data_dir = get_settings().data_dir
+    return ensure_smollm2(data_dir)
+
+
+def model_shape(model_dir: Path) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size}
+
+
 def parameter_count(model_dir: Path) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -151,6 +185,28 @@ def make_data(model_dir: Path, out: Path, n: int, seed: int) -> dict[str, Any]:
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return {"examples": n, "tokens": sum(lengths), "min_tokens": min(lengths), "max_tokens": max(lengths),
             "median_tokens": int(statistics.median(lengths))}
+
+
+def make_task_data(model_dir: Path, out: Path, n: int) -> dict[str, Any]:
+    """The first n bundled code tasks as {"text": ...} records: each laid out as the recipe lays a code
+    task out for this model (its chat template), without the final eos, which both arms append."""
+    from transformers import AutoTokenizer
+
+    from worker.training.data import format_record, prompt_style_for
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    style = prompt_style_for(tokenizer, "auto")
+    tasks = [json.loads(line) for line in CODE_TASKS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n > len(tasks):
+        raise SystemExit(f"--examples {n}: there are {len(tasks)} code tasks; use fewer steps or examples")
+    records, lengths = [], []
+    for task in tasks[:n]:
+        text = format_record(task, tokenizer, style).removesuffix(tokenizer.eos_token)
+        records.append({"text": text})
+        lengths.append(len(tokenizer(text + tokenizer.eos_token)["input_ids"]))
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return {"examples": n, "tokens": sum(lengths), "min_tokens": min(lengths), "max_tokens": max(lengths),
+            "median_tokens": int(statistics.median(lengths)), "source": f"{CODE_TASKS.name} ({style} layout)"}
 
 
 # ---- the two arms (child processes) ------------------------------------------------------------
@@ -298,7 +354,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(MODELS), default="30m")
+    ap.add_argument("--model", choices=sorted([*MODELS, *REAL_MODELS]), default="30m")
     ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: per model, see DEFAULT_STEPS)")
     ap.add_argument("--examples", type=int, help="training records (default: 2 x steps x 8, so no epoch ends)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per arm, interleaved a b a b; medians reported")
@@ -307,8 +363,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "tuneforge-bench")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/train_throughput-<model>-<dev>.json)")
+    ap.add_argument("--model-dir", type=Path,
+                    help="--model smollm2: the converted model directory (default: ensure_smollm2(--data-dir))")
+    ap.add_argument("--data-dir", type=Path, help="--model smollm2: Tuneforge's data dir (default: the settings')")
     ap.add_argument("--child", choices=sorted(ARMS), help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -334,17 +392,21 @@ def main() -> None:
     n_examples = a.examples or 2 * steps * 8
     desc = machine()
     a.cache_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(a.model, a.cache_dir)
+    real = a.model in REAL_MODELS
+    model_dir = smollm2_dir(a.model_dir, a.data_dir) if real else build_model(a.model, a.cache_dir)
+    shape = model_shape(model_dir) if real else MODELS[a.model]
     n_params = parameter_count(model_dir)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "train.jsonl"
-        data_info = make_data(model_dir, data, n_examples, a.seed)
+        data_info = (make_task_data(model_dir, data, n_examples) if real
+                     else make_data(model_dir, data, n_examples, a.seed))
         device = desc["gpu"] or f"cpu ({desc['cpu']}, {desc['cpus']} cores)"
-        print(f"model {a.model}: {n_params / 1e6:.1f}M parameters, random weights; device {device}; "
-              f"torch {desc['torch']}, transformers {desc['transformers']}, peft {desc['peft']}, "
-              f"bitsandbytes {desc['bitsandbytes']}")
-        print(f"data: {data_info['examples']} stdlib-source records, {data_info['min_tokens']}-"
+        print(f"model {a.model}: {n_params / 1e6:.1f}M parameters, {'pretrained' if real else 'random weights'}; "
+              f"device {device}; torch {desc['torch']}, transformers {desc['transformers']}, peft {desc['peft']}, "
+              f"bitsandbytes {desc['bitsandbytes']}; load average {desc['load_average_1m']}")
+        kind = data_info.get("source", "stdlib-source")
+        print(f"data: {data_info['examples']} {kind} records, {data_info['min_tokens']}-"
               f"{data_info['max_tokens']} tokens (median {data_info['median_tokens']}); {steps} optimizer steps "
               f"x 8 examples per arm; {a.repeats} run(s) per arm, interleaved")
         runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
@@ -415,7 +477,8 @@ def main() -> None:
     out = write_report(f"train_throughput-{a.model}-{'cuda' if cuda else 'cpu'}", {
         "benchmark": "train_throughput", "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": desc,
-        "model": {"name": a.model, "parameters": n_params, **MODELS[a.model]}, "data": data_info,
+        "model": {"name": a.model, "parameters": n_params, **shape, **({"path": str(model_dir)} if real else {})},
+        "data": data_info, "load_average_1m_after": round(os.getloadavg()[0], 2),
         "steps": steps, "repeats": a.repeats, "memory_measure": memory_kind, "arms": summary,
         "ratios_to_baseline": ratios, "mfu": mfu, "max_step_loss_diff": step_diffs, "targets": checks,
     }, out=a.out)
