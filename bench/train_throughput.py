@@ -201,7 +201,8 @@ def make_task_data(model_dir: Path, out: Path, n: int) -> dict[str, Any]:
         raise SystemExit(f"--examples {n}: there are {len(tasks)} code tasks; use fewer steps or examples")
     records, lengths = [], []
     for task in tasks[:n]:
-        text = format_record(task, tokenizer, style).removesuffix(tokenizer.eos_token)
+        # The template ends the turn with eos and a newline; both arms append the eos themselves.
+        text = format_record(task, tokenizer, style).rstrip("\n").removesuffix(tokenizer.eos_token)
         records.append({"text": text})
         lengths.append(len(tokenizer(text + tokenizer.eos_token)["input_ids"]))
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
