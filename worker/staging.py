@@ -8,7 +8,6 @@ saved again replaces, is fetched afresh each time (worker.training.checkpoint_st
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from app.core.config import get_settings
@@ -36,13 +35,3 @@ def stage_tree(prefix: str) -> Path:
         get_storage().fetch_tree_to(prefix, target)
     return target
 
-
-def forget(prefix: str) -> None:
-    """Drop a staged copy (a deleted adapter's, say); a missing one is fine."""
-    import shutil
-
-    target = _cached(prefix)
-    if target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
-    elif target.exists():
-        os.unlink(target)
