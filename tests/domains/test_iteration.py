@@ -28,15 +28,25 @@ def test_the_loop_stops_by_rule(scores, reason):
     assert decide(_rounds(*scores), POLICY) == reason
 
 
-def test_each_round_changes_one_thing_in_the_documented_order():
+def test_each_round_changes_one_arm_in_the_documented_order():
     spec = TrainingSpec()
     r2, what2 = adjust(spec, 2)
-    assert r2.training.epochs == 2 * spec.training.epochs and r2.lora == spec.lora and "epochs" in what2
+    assert r2.lora.target_modules == ("all-linear",) and r2.lora.r == spec.lora.r
+    assert r2.training.learning_rate == pytest.approx(1e-3) and r2.training.epochs == spec.training.epochs
+    assert "all-linear" in what2 and "learning rate" in what2
     r3, what3 = adjust(r2, 3)
-    assert (r3.lora.r, r3.lora.alpha) == (16, 64) and r3.training == r2.training and "rank" in what3
+    assert r3.training.epochs == 2 * r2.training.epochs and r3.lora == r2.lora and "epochs" in what3
     r4, what4 = adjust(r3, 4)
     assert r4.training.learning_rate == r3.training.learning_rate / 2 and r4.lora == r3.lora
     assert "learning rate" in what4
+
+
+def test_a_job_that_already_adapts_every_layer_skips_to_the_epochs_arm_and_a_high_rate_is_never_raised():
+    spec = TrainingSpec(lora={"target_modules": ["all-linear"]})
+    r2, what2 = adjust(spec, 2)
+    assert r2.training.epochs == 2 * spec.training.epochs and "epochs" in what2
+    fast = TrainingSpec(training={"learning_rate": 3e-3})
+    assert adjust(fast, 2)[0].training.learning_rate == 3e-3
 
 
 def test_best_prefers_the_highest_score_then_the_earliest_round():

@@ -98,12 +98,15 @@ def _run(base_path: Path, tmp: Path, name: str, **training) -> tuple[RecordingHo
 def test_packed_rows_and_padded_batches_train_identically_and_count_real_tokens(base_path, tmp_path):
     padded_hooks, padded = _run(base_path, tmp_path, "padded", packing=False)
     packed_hooks, packed = _run(base_path, tmp_path, "packed", packing=True, auto_micro_batch=False)
-    rows_hooks, rows = _run(base_path, tmp_path, "rows", packing=True)
-    unpadded_hooks, unpadded = _run(base_path, tmp_path, "unpadded-rows", packing=True, row_length_multiple=None)
+    # Rows as long as the longest example: each 4-example step runs as several forward passes.
+    longest = max(len(ids) for ids in _tokenized(base_path, tmp_path))
+    rows_hooks, rows = _run(base_path, tmp_path, "rows", packing=True, row_tokens=longest)
+    unpadded_hooks, unpadded = _run(base_path, tmp_path, "unpadded-rows", packing=True, row_length_multiple=None,
+                                    row_tokens=longest)
     assert (padded.packing, packed.packing, rows.packing) == (False, True, True)
-    # On CPU auto_micro_batch runs each 4-example step as rows no longer than the longest example.
+    # On CPU auto_micro_batch runs each 4-example step as rows of at most row_tokens tokens.
     assert (packed.row_tokens, rows.micro_batch_size, rows.gradient_accumulation_steps) == (None, 4, 1)
-    assert rows.row_tokens == max(len(ids) for ids in _tokenized(base_path, tmp_path))
+    assert rows.row_tokens == longest
     padded_losses = [m["loss"] for m in padded_hooks.train_metrics()]
     assert len(padded_losses) == 4 and all(math.isfinite(x) for x in padded_losses)
     for hooks in (packed_hooks, rows_hooks):

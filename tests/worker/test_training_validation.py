@@ -29,7 +29,7 @@ STEPS = 6
 
 def diverging_spec(**training: Any) -> TrainingSpec:
     """Validation after every step of a learning rate that overshoots; a checkpoint after each step."""
-    settings = {"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 0.1, "max_seq_length": 128,
+    settings = {"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 0.3, "max_seq_length": 128,
                 "max_steps": STEPS, "validation_split": 0.25, "eval_every_steps": 1, "checkpoint_every_steps": 1,
                 **training}
     return TrainingSpec(training=TrainingSettings(**settings), seed=7)

@@ -27,6 +27,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
 from worker.training.dequantized import dequantize_4bit_layers
+from worker.training.dropout import use_cpu_dropout
 from worker.training.ops import apply_chunked_loss, apply_lean_ops
 from worker.training.packing import register_packed_sdpa
 
@@ -121,7 +122,8 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        # peft's own keyword: every linear layer except the output layer.
+        target_modules="all-linear" if spec.target_modules == ("all-linear",) else list(spec.target_modules),
         bias=spec.bias,
         task_type="CAUSAL_LM",
     )
@@ -252,6 +254,7 @@ def load_base_model(
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
     model = get_peft_model(model, lora_config(spec.lora))
+    cpu_dropout = use_cpu_dropout(model) if device == "cpu" else 0
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "device": device_label(device),
@@ -264,6 +267,7 @@ def load_base_model(
         "gradient_checkpointing": t.gradient_checkpointing,
         "lean_modules": lean_modules,
         "chunked_loss": chunked_loss,
+        "cpu_dropout_layers": cpu_dropout,
         "pad_token_added": pad_added,
         "trainable_parameters": trainable,
         "total_parameters": total,
