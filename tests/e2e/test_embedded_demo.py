@@ -15,8 +15,8 @@ def test_demo_runs_the_whole_path_without_postgres_or_redis(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     data_dir = tmp_path / "demo"
     out = subprocess.run([sys.executable, "-m", "tuneforge.cli", "demo", "--data-dir", str(data_dir),
-                          "--pretrain-steps", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+                          "--model", "tiny", "--pretrain-steps", "0"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "generated: 'def add(" in out.stdout and "Demo finished" in out.stdout
     db = sqlite3.connect(data_dir / "tuneforge.db")
