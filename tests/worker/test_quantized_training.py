@@ -130,7 +130,10 @@ def test_adapter_from_a_4bit_run_reloads_on_a_4bit_base_with_the_logits_of_train
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         served = reloaded(input_ids=ids).logits.float()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in reloaded.modules())
-    assert torch.allclose(served, end_of_training, atol=1e-3, rtol=0), (served - end_of_training).abs().max()
+    # Training held the residual stream in bf16 (dequantized.frozen_to_compute_dtype), serving holds it in
+    # fp32: a few bf16 ulps apart. Without the adapter the logits are far further apart than that.
+    gap = (served - end_of_training).abs().max().item()
+    assert gap < 1e-2, gap
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), reloaded.disable_adapter():
         base_only = reloaded(input_ids=ids).logits.float()
-    assert not torch.allclose(base_only, served, atol=1e-3)  # the adapter is what makes them equal
+    assert (base_only - served).abs().max().item() > 5 * gap  # the adapter is what makes them equal

@@ -94,12 +94,13 @@ def test_lora_on_the_dequantized_base_matches_lora_on_the_4bit_base(odd_path):
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             results.append((logits, loss.item(), grads))
         (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
-        assert (logits - ref_logits).abs().max() <= 1e-2 * ref_logits.abs().max(), seed
+        # The fast path holds its residual stream in bf16 (frozen_to_compute_dtype): a few bf16 ulps apart.
+        assert (logits - ref_logits).abs().max() <= 2e-2 * ref_logits.abs().max(), seed
         assert math.isclose(loss, ref_loss, rel_tol=1e-3), (loss, ref_loss)
         assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 4 * 2
         for name, grad in grads.items():
             error = ((grad - ref_grads[name]).norm() / ref_grads[name].norm()).item()
-            assert error < 1e-2, f"{name}: relative gradient error {error:.2e}"
+            assert error < 3e-2, f"{name}: relative gradient error {error:.2e}"  # bf16 residual: ~1.6e-2
 
 
 def test_a_cpu_job_with_the_default_quantization_trains_on_the_dequantized_base_and_says_so(odd_path, tmp_path):

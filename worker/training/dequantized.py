@@ -12,6 +12,14 @@ The 4-bit layers are loaded by bitsandbytes as before and converted afterwards, 
 are exactly the values bitsandbytes would dequantize, and an adapter trained here is served on
 an ordinary 4-bit base (worker.training.model.load_base) with the logits of training.
 
+prepare_model_for_kbit_training keeps the layers bitsandbytes leaves unquantized (embeddings,
+norms) in fp32, so the residual stream between the layers is fp32 and every linear layer casts its
+input to bf16 and its output back: on SmolLM2-135M (2-core Xeon, rows of 1,400 tokens) those casts
+were 15% of a step. With a bf16 compute dtype, frozen_to_compute_dtype puts those frozen weights in
+bf16 too, as a model loaded in bf16 has them: the residual stream is bf16 (RMSNorm still computes
+in fp32 inside), and the step ran at 1.2x the tokens/s with the same loss to 4 digits. The LoRA
+weights are created after it and stay fp32.
+
 Cost: 2 bytes per quantized weight instead of about 0.5 (bf16 compute; 4 bytes for fp32). On
 SmolLM2-135M (106M weights in its linear layers) that is about 160 MB more resident memory.
 GPU training keeps bitsandbytes' own layers: there the point of 4 bits is the memory.
@@ -69,3 +77,16 @@ def dequantize_4bit_layers(model: nn.Module) -> int:
             replacement = DequantizedLinear4bit(dequantized_weight(module), module.bias)
         setattr(model.get_submodule(parent), child, replacement)
     return len(found)
+
+
+def frozen_to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen fp32 parameter of model to dtype; returns how many.
+
+    Run it after dequantize_4bit_layers and before attaching LoRA (whose weights then stay fp32).
+    """
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast

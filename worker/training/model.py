@@ -26,7 +26,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
-from worker.training.dequantized import dequantize_4bit_layers
+from worker.training.dequantized import dequantize_4bit_layers, frozen_to_compute_dtype
 from worker.training.dropout import use_cpu_dropout
 from worker.training.ops import apply_chunked_loss, apply_lean_ops
 from worker.training.packing import register_packed_sdpa
@@ -242,6 +242,9 @@ def load_base_model(
     dequantized = dequantize_4bit_layers(model) if quantized and device == "cpu" and spec.quantization.bits == 4 else 0
     label = quantization_label(spec.quantization)
     notes = []
+    frozen_bf16 = dequantized and precision == "bf16" and spec.quantization.compute_dtype == "bf16"
+    if frozen_bf16:
+        frozen_to_compute_dtype(model, torch.bfloat16)
     if dequantized:
         compute = spec.quantization.compute_dtype
         label = f"{label}-dequantized-{compute}"
@@ -250,7 +253,9 @@ def load_base_model(
             f"dequantized once to {compute}: on CPU bitsandbytes dequantizes every 4-bit weight at each matmul, so "
             f"training computes with the same {spec.quantization.type}-rounded weights either way, and this way "
             "at plain matmul speed, for more memory. GPU workers train on bitsandbytes' 4-bit layers; the adapter "
-            "serves on a 4-bit base as usual")
+            "serves on a 4-bit base as usual"
+            + ("; the unquantized embeddings and norms are held in bf16 too, so no layer casts its input and output"
+               if frozen_bf16 else ""))
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
     model = get_peft_model(model, lora_config(spec.lora))
