@@ -17,13 +17,17 @@ harness, the sandbox), greedy pass@1, chat prompts with the first fenced block r
 Prints a table and writes bench/results/quality-<model>.json with every number and setting.
 
     .venv/bin/python bench/quality.py [--model-dir DIR] [--rounds 3] [--target 0.317]
-        [--no-humaneval] [--heldout-limit N] [--max-tokens 256]
+        [--no-humaneval] [--heldout-limit N] [--max-tokens 256] [--out DIR] [--resume]
+
+The report is saved after every stage (an evaluation, a round); --resume picks a run up where it
+stopped, so the whole run can be spread over several invocations.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -127,11 +131,13 @@ def main() -> None:
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="keep the adapters here (default: a temp dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the stages the last run's report holds (same model and settings, adapters "
+                             "still on disk); the report is written after every stage")
     args = parser.parse_args()
 
     from worker.base_models.packaged import ensure_smollm2
 
-    wall0 = time.monotonic()
     if args.model_dir is None:
         data_dir = args.data_dir
         if data_dir is None:
@@ -141,59 +147,101 @@ def main() -> None:
     settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat", limit=args.heldout_limit)
     he_settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="quality-adapters-"))
-    report: dict[str, Any] = {"model_dir": str(args.model_dir), "max_tokens": args.max_tokens, "rounds": []}
+    identity = {"model_dir": str(args.model_dir), "max_tokens": args.max_tokens, "heldout_limit": args.heldout_limit}
+    report: dict[str, Any] = {**identity, "rounds": [], "stage_seconds": {}}
+    if args.resume and RESULT.is_file():
+        previous = json.loads(RESULT.read_text()).get("report") or {}
+        if all(previous.get(k) == v for k, v in identity.items()):
+            report = previous
+            report["rounds"] = [r for r in report["rounds"] if Path(r["adapter"]).is_dir()]
+            print(f"resuming: {', '.join(report['stage_seconds'])}", flush=True)
 
-    print("base model: held-out tasks", flush=True)
-    base = evaluate(args.model_dir, None, str(HELDOUT), settings, general_loss=True)
-    print(f"  held-out pass@1 {base['pass_at_1']:.3f} ({base['passed']}/{base['tasks']}), "
-          f"general loss {base['general_loss']:.4f}", flush=True)
-    report["base"] = {"heldout": base}
-    if not args.no_humaneval:
+    def stage(name: str, run):
+        """run() once per report: its result is kept, with its wall time, and the report saved."""
+        if name in report["stage_seconds"]:
+            return
+        t0 = time.monotonic()
+        run()
+        report["stage_seconds"][name] = time.monotonic() - t0
+        save(report)
+
+    def base_heldout() -> None:
+        print("base model: held-out tasks", flush=True)
+        base = evaluate(args.model_dir, None, str(HELDOUT), settings, general_loss=True)
+        print(f"  held-out pass@1 {base['pass_at_1']:.3f} ({base['passed']}/{base['tasks']}), "
+              f"general loss {base['general_loss']:.4f}", flush=True)
+        report["base"] = {"heldout": base}
+
+    def base_humaneval() -> None:
         print("base model: HumanEval", flush=True)
         report["base"]["humaneval"] = evaluate(args.model_dir, None, "humaneval", he_settings)
         print(f"  HumanEval pass@1 {report['base']['humaneval']['pass_at_1']:.3f}", flush=True)
 
-    target = args.target if args.target is not None else round(base["pass_at_1"] + 0.25, 3)
+    stage("base heldout", base_heldout)
+    if not args.no_humaneval:
+        stage("base humaneval", base_humaneval)
+
+    target = args.target if args.target is not None else round(report["base"]["heldout"]["pass_at_1"] + 0.25, 3)
     policy = AutoIterateSpec(target={"metric": "pass@1", "min": target}, max_rounds=args.rounds)
     spec, change = TrainingSpec(), "the paper's recipe (Tuneforge's defaults)"
     history: list[iteration.RoundResult] = []
     while True:
         n = len(history) + 1
-        adapter = out_dir / f"round-{n}"
-        print(f"round {n}: {change}: {describe_spec(spec)}", flush=True)
-        trained = train(args.model_dir, spec, adapter, f"round {n}")
-        print(f"  trained {trained['steps']} steps, {trained['trained_tokens']:,} tokens in "
-              f"{trained['wall_seconds']:.0f} s ({trained['tokens_per_second']:.0f} tokens/s), "
-              f"final loss {trained['final_loss']:.3f}", flush=True)
-        held = evaluate(args.model_dir, adapter, str(HELDOUT), settings, general_loss=True)
-        print(f"  held-out pass@1 {held['pass_at_1']:.3f} ({held['passed']}/{held['tasks']}), "
-              f"general loss {held['general_loss']:.4f}", flush=True)
-        report["rounds"].append({"round": n, "change": change, "spec": describe_spec(spec), "training": trained,
-                                 "heldout": held, "adapter": str(adapter)})
-        history.append(iteration.RoundResult(round=n, job_id=str(n), score=held["pass_at_1"]))
+
+        def train_round(n=n, spec=spec, change=change) -> None:
+            adapter = out_dir / f"round-{n}"
+            print(f"round {n}: {change}: {describe_spec(spec)}", flush=True)
+            trained = train(args.model_dir, spec, adapter, f"round {n}")
+            print(f"  trained {trained['steps']} steps, {trained['trained_tokens']:,} tokens in "
+                  f"{trained['wall_seconds']:.0f} s ({trained['tokens_per_second']:.0f} tokens/s), "
+                  f"final loss {trained['final_loss']:.3f}", flush=True)
+            held = evaluate(args.model_dir, adapter, str(HELDOUT), settings, general_loss=True)
+            print(f"  held-out pass@1 {held['pass_at_1']:.3f} ({held['passed']}/{held['tasks']}), "
+                  f"general loss {held['general_loss']:.4f}", flush=True)
+            report["rounds"].append({"round": n, "change": change, "spec": describe_spec(spec),
+                                     "training": trained, "heldout": held, "adapter": str(adapter)})
+
+        if len(report["rounds"]) < n:
+            report["stage_seconds"].pop(f"round {n}", None)
+        stage(f"round {n}", train_round)
+        score = report["rounds"][n - 1]["heldout"]["pass_at_1"]
+        history.append(iteration.RoundResult(round=n, job_id=str(n), score=score))
         reason = iteration.decide(history, policy)
         if reason:
             break
         spec, change = iteration.adjust(spec, n + 1)
     top = iteration.best(history)
     assert top is not None
-    best = report["rounds"][top.round - 1]
     report.update(stop_reason=reason, target=target, best_round=top.round)
     print(f"loop: {reason} after {len(history)} round(s); best round {top.round}", flush=True)
 
-    for entry in {id(r): r for r in (report["rounds"][0], best)}.values():
-        if not args.no_humaneval:
+    for n in sorted({1, top.round}):
+        entry = report["rounds"][n - 1]
+
+        def humaneval(entry=entry) -> None:
             print(f"round {entry['round']}: HumanEval", flush=True)
             entry["humaneval"] = evaluate(args.model_dir, Path(entry["adapter"]), "humaneval", he_settings)
             print(f"  HumanEval pass@1 {entry['humaneval']['pass_at_1']:.3f}", flush=True)
-        print(f"round {entry['round']}: held-out tasks on the 4-bit base", flush=True)
-        entry["heldout_4bit"] = evaluate(args.model_dir, Path(entry["adapter"]), str(HELDOUT), settings,
-                                         quantized=True)
-        print(f"  4-bit held-out pass@1 {entry['heldout_4bit']['pass_at_1']:.3f}", flush=True)
-    report["wall_seconds"] = time.monotonic() - wall0
+
+        def four_bit(entry=entry) -> None:
+            print(f"round {entry['round']}: held-out tasks on the 4-bit base", flush=True)
+            entry["heldout_4bit"] = evaluate(args.model_dir, Path(entry["adapter"]), str(HELDOUT), settings,
+                                             quantized=True)
+            print(f"  4-bit held-out pass@1 {entry['heldout_4bit']['pass_at_1']:.3f}", flush=True)
+
+        if not args.no_humaneval:
+            stage(f"round {n} humaneval", humaneval)
+        stage(f"round {n} 4-bit", four_bit)
+    report["wall_seconds"] = sum(report["stage_seconds"].values())
     print_table(report)
-    path = write_report("quality-smollm2", describe(**report))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {save(report)}")
+
+
+RESULT = ROOT / "bench" / "results" / "quality-smollm2.json"
+
+
+def save(report: dict[str, Any]) -> Path:
+    return write_report(RESULT.stem, describe(report=report))
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -231,7 +279,8 @@ def print_table(report: dict[str, Any]) -> None:
             rel = (sixteen - four) / sixteen if sixteen else 0.0
             print(f"round {r['round']} 4-bit vs 16-bit base: {100 * four:.1f}% vs {100 * sixteen:.1f}% "
                   f"({100 * rel:.1f}% relative lost; paper: at most 4%)")
-    print(f"wall time {report['wall_seconds'] / 60:.1f} min")
+    print(f"wall time {report['wall_seconds'] / 60:.1f} min (the stages' sum: "
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in report["stage_seconds"].items()) + ")")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def test_openai_hyperparameters_map_onto_the_recipe(api, make_team, tiny_model):
     [
         ({"lora": {"r": 0}}, "lora.r"),
         ({"lora": {"target_modules": ["q_proj", "../x"]}}, "lora.target_modules"),
+        ({"lora": {"target_modules": ["all-linear", "q_proj"]}}, "lora.target_modules"),
+        ({"lora": {"target_modules": ["all-linears"]}}, "lora.target_modules"),
         ({"lora": {"rank": 8}}, "lora.rank"),
         ({"quantization": {"bits": 3}}, "quantization.bits"),
         ({"training": {"learning_rate": -1}}, "training.learning_rate"),

@@ -48,3 +48,14 @@ def test_use_cpu_dropout_swaps_every_lora_dropout_and_leaves_the_adapter_state_a
     assert len(drops) == 2 and all(d.p == 0.1 for d in drops)
     assert set(model.state_dict()) == keys
     assert use_cpu_dropout(model) == 0  # already swapped
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head_and_trains_with_cpu_dropout(base_path):
+    from app.domains.jobs.spec import LoraSpec, TrainingSpec
+    from worker.training.model import load_base_model
+
+    model, _, info = load_base_model(base_path, TrainingSpec(lora=LoraSpec(target_modules=("all-linear",))), "cpu")
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    layers = model.config.num_hidden_layers
+    assert info["cpu_dropout_layers"] == 7 * layers
