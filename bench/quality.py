@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="keep the adapters here (default: a temp dir)")
+    parser.add_argument("--bits", choices=["4", "none"], default="4",
+                        help="quantization of the base in training (4: QLoRA, the default; none: 16-bit LoRA, the "
+                             "paper's comparison); the report is quality-smollm2[-16bit].json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the stages the last run's report holds (same model and settings, adapters "
                              "still on disk); the report is written after every stage")
@@ -147,10 +150,12 @@ def main() -> None:
     settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat", limit=args.heldout_limit)
     he_settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="quality-adapters-"))
-    identity = {"model_dir": str(args.model_dir), "max_tokens": args.max_tokens, "heldout_limit": args.heldout_limit}
+    identity = {"model_dir": str(args.model_dir), "max_tokens": args.max_tokens, "heldout_limit": args.heldout_limit,
+                "bits": args.bits}
     report: dict[str, Any] = {**identity, "rounds": [], "stage_seconds": {}}
-    if args.resume and RESULT.is_file():
-        previous = json.loads(RESULT.read_text()).get("report") or {}
+    result = RESULTS / ("quality-smollm2" + ("-16bit" if args.bits == "none" else "") + ".json")
+    if args.resume and result.is_file():
+        previous = json.loads(result.read_text()).get("report") or {}
         if all(previous.get(k) == v for k, v in identity.items()):
             report = previous
             report["rounds"] = [r for r in report["rounds"] if Path(r["adapter"]).is_dir()]
@@ -163,7 +168,7 @@ def main() -> None:
         t0 = time.monotonic()
         run()
         report["stage_seconds"][name] = time.monotonic() - t0
-        save(report)
+        save(report, result)
 
     def base_heldout() -> None:
         print("base model: held-out tasks", flush=True)
@@ -184,6 +189,8 @@ def main() -> None:
     target = args.target if args.target is not None else round(report["base"]["heldout"]["pass_at_1"] + 0.25, 3)
     policy = AutoIterateSpec(target={"metric": "pass@1", "min": target}, max_rounds=args.rounds)
     spec, change = TrainingSpec(), "the paper's recipe (Tuneforge's defaults)"
+    if args.bits == "none":
+        spec, change = TrainingSpec(quantization={"bits": None}), "the paper's recipe on the 16-bit base (no 4-bit)"
     history: list[iteration.RoundResult] = []
     while True:
         n = len(history) + 1
@@ -234,14 +241,14 @@ def main() -> None:
         stage(f"round {n} 4-bit", four_bit)
     report["wall_seconds"] = sum(report["stage_seconds"].values())
     print_table(report)
-    print(f"\nwrote {save(report)}")
+    print(f"\nwrote {save(report, result)}")
 
 
-RESULT = ROOT / "bench" / "results" / "quality-smollm2.json"
+RESULTS = ROOT / "bench" / "results"
 
 
-def save(report: dict[str, Any]) -> Path:
-    return write_report(RESULT.stem, describe(report=report))
+def save(report: dict[str, Any], path: Path) -> Path:
+    return write_report(path.stem, describe(report=report), path)
 
 
 def print_table(report: dict[str, Any]) -> None:
