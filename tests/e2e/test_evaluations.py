@@ -178,10 +178,14 @@ def test_auto_iterate_runs_rounds_and_stops_by_rule(api, make_team, worker):
     assert report["best"]["score"] == max(r["score"] for r in rounds)
     children = [client.get(f"/fine_tuning/jobs/{r['job_id']}").json() for r in rounds[1:]]
     assert all(c["parent_job_id"] == job["id"] and c["status"] == "succeeded" for c in children)
-    assert children[0]["spec"]["training"]["epochs"] == 2 * done["spec"]["training"]["epochs"]
+    # Round 2: LoRA on every linear layer at 5x the learning rate; round 3: twice the epochs.
+    assert children[0]["spec"]["lora"]["target_modules"] == ["all-linear"]
+    assert children[0]["spec"]["training"]["learning_rate"] == pytest.approx(
+        5 * done["spec"]["training"]["learning_rate"])
     assert children[0]["spec"]["auto_iterate"] is None
     if len(children) > 1:
-        assert children[1]["spec"]["lora"]["r"] == 2 * done["spec"]["lora"]["r"]
+        assert children[1]["spec"]["training"]["epochs"] == 2 * done["spec"]["training"]["epochs"]
+        assert children[1]["spec"]["lora"]["target_modules"] == ["all-linear"]
     best_job = client.get(f"/fine_tuning/jobs/{report['best']['job_id']}").json()
     assert report["best"]["adapter_id"] == best_job["adapter_id"] is not None
 
