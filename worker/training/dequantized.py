@@ -10,7 +10,8 @@ the input's dtype), without the per-matmul dequantization.
 
 The 4-bit layers are loaded by bitsandbytes as before and converted afterwards, so the weights
 are exactly the values bitsandbytes would dequantize, and an adapter trained here is served on
-an ordinary 4-bit base (worker.training.model.load_base) with the logits of training.
+an ordinary 4-bit base (worker.training.model.load_base) with the logits of training, to the few
+bf16 ulps of the residual stream described next.
 
 prepare_model_for_kbit_training keeps the layers bitsandbytes leaves unquantized (embeddings,
 norms) in fp32, so the residual stream between the layers is fp32 and every linear layer casts its

@@ -24,7 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSpec
+from app.domains.jobs.spec import ALL_LINEAR, LoraSpec, QuantizationSpec, TrainingSpec
 from worker.training.data import ensure_pad_token
 from worker.training.dequantized import dequantize_4bit_layers, frozen_to_compute_dtype
 from worker.training.dropout import use_cpu_dropout
@@ -122,8 +122,7 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        # peft's own keyword: every linear layer except the output layer.
-        target_modules="all-linear" if spec.target_modules == ("all-linear",) else list(spec.target_modules),
+        target_modules=ALL_LINEAR[0] if spec.target_modules == ALL_LINEAR else list(spec.target_modules),
         bias=spec.bias,
         task_type="CAUSAL_LM",
     )
@@ -169,8 +168,9 @@ def load_base(
     dtype is that of the weights left unquantized (all of them for bits null).
     The same call serves training and inference, so an adapter trained on a
     4-bit base is served on an identically loaded one (training on CPU then
-    dequantizes the 4-bit layers once, which changes no value: see
-    load_base_model). Raises OSError when the folder is not a model.
+    dequantizes the 4-bit layers once, which changes no value, and with bf16
+    compute holds the embeddings and norms in bf16: see load_base_model).
+    Raises OSError when the folder is not a model.
     """
     # "sdpa" loads as transformers' SDPA plus per-example attention for packed rows (worker.training.packing).
     implementation = register_packed_sdpa() if attention == "sdpa" else attention

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.domains.jobs.spec import AutoIterateSpec, TrainingSpec
+from app.domains.jobs.spec import ALL_LINEAR, AutoIterateSpec, TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ def decide(history: list[RoundResult], policy: AutoIterateSpec) -> str | None:
     return None
 
 
-ALL_LINEAR = ("all-linear",)
 _LORA_LR_CAP = 1e-3
 
 

@@ -21,6 +21,10 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# target_modules meaning every linear layer but the output layer (peft's own keyword).
+ALL_LINEAR = ("all-linear",)
+
+
 class LoraSpec(_Frozen):
     r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     alpha: int = Field(32, ge=1, le=4096, description="lora_alpha; the update is scaled by alpha/r.")
@@ -35,8 +39,8 @@ class LoraSpec(_Frozen):
     @field_validator("target_modules")
     @classmethod
     def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if "all-linear" in v:
-            if len(v) > 1:
+        if ALL_LINEAR[0] in v:
+            if v != ALL_LINEAR:
                 raise ValueError('"all-linear" stands alone: it already names every linear layer')
             return v
         for name in v:
