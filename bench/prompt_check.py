@@ -38,10 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style=args.style, limit=args.limit)
-    problems, prompts = (tasks_io.builtin_humaneval() if args.tasks == "humaneval"
-                         else tasks_io.from_jsonl(Path(args.tasks)))
-    prompts = prompts[:settings.limit] if settings.limit else prompts
-    problems = {p.task_id: problems[p.task_id] for p in prompts}
+    problems, prompts = tasks_io.named(args.tasks, settings.limit)
     sandbox = Sandbox(mode="auto")
 
     start = time.monotonic()

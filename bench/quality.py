@@ -54,11 +54,9 @@ class _Hooks:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.losses: list[float] = []
 
     def on_event(self, type: str, message: str, data: dict[str, Any] | None) -> None:
         if type == "metrics" and data and "loss" in data:
-            self.losses.append(data["loss"])
             step, total = data.get("step"), data.get("total_steps")
             if step and (step % 10 == 0 or step == total):
                 print(f"    [{self.label}] step {step}/{total} loss {data['loss']:.3f}", flush=True)
@@ -76,9 +74,7 @@ def evaluate(model_dir: Path, adapter: Path | None, tasks: str, settings: Sampli
     from worker.evaluation import generate, harness, tasks_io
     from worker.evaluation.sandbox import Sandbox
 
-    problems, prompts = tasks_io.builtin_humaneval() if tasks == "humaneval" else tasks_io.from_jsonl(Path(tasks))
-    prompts = prompts[:settings.limit] if settings.limit else prompts
-    problems = {p.task_id: problems[p.task_id] for p in prompts}
+    problems, prompts = tasks_io.named(tasks, settings.limit)
     start = time.monotonic()
     model, tokenizer = generate.load(model_dir, adapter, quantized=quantized)
     samples, generation_s = generate.generate(model, tokenizer, prompts, settings)

@@ -77,3 +77,9 @@ def builtin_humaneval() -> tuple[dict[str, Problem], list[Prompt]]:
 def from_jsonl(path: Path) -> tuple[dict[str, Problem], list[Prompt]]:
     """Problems and prompts of an uploaded task file (read_tasks, problems_and_prompts)."""
     return problems_and_prompts(read_tasks(path))
+
+
+def named(source: str, limit: int | None = None) -> tuple[dict[str, Problem], list[Prompt]]:
+    """Problems and prompts of "humaneval" (built in) or of a task file's path: its first `limit` tasks."""
+    tasks = builtin_humaneval_tasks() if source == "humaneval" else read_tasks(Path(source))
+    return problems_and_prompts(tasks[:limit] if limit else tasks)

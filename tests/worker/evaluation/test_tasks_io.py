@@ -10,7 +10,7 @@ import pytest
 from app.domains.files.formats import RecordInvalid
 from app.domains.files.validation import validate_bytes_iter
 from worker.evaluation.harness import HumanEvalProblem, MbppProblem
-from worker.evaluation.tasks_io import builtin_humaneval, from_jsonl
+from worker.evaluation.tasks_io import builtin_humaneval, from_jsonl, named
 
 MBPP = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
 HUMANEVAL = {"prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "def check(c): pass",
@@ -53,3 +53,13 @@ def test_the_builtin_humaneval_prompts_are_the_problems_prompts_in_both_styles()
     assert first.text == problems[first.task_id].prompt and first.format == "humaneval"
     [message] = first.messages
     assert message["role"] == "user" and problems[first.task_id].prompt.strip() in message["content"]
+
+
+def test_named_reads_humaneval_or_a_file_and_keeps_the_first_tasks(tmp_path):
+    problems, prompts = named("humaneval", 3)
+    assert [p.task_id for p in prompts] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"] and set(problems) == {
+        p.task_id for p in prompts}
+    path = write(tmp_path / "tasks.jsonl", MBPP, {**MBPP, "text": "Add them again."})
+    assert named(str(path)) == from_jsonl(path)
+    problems, prompts = named(str(path), 1)
+    assert [p.task_id for p in prompts] == ["1"] and list(problems) == ["1"]
