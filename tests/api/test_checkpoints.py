@@ -9,7 +9,7 @@ import pytest
 from app.core.db import session_scope
 from app.domains.checkpoints import service as checkpoints
 from app.domains.teams.models import Team
-from tests.factories import create_job, uploaded_file_id
+from tests.factories import create_job, post_job, uploaded_file_id
 
 
 def _job_with_checkpoints(client, team_id: str, steps: list[int]) -> str:
@@ -73,8 +73,7 @@ def test_another_teams_checkpoints_answer_404_like_a_missing_job(api, make_team,
 def test_invalid_checkpoint_settings_are_refused_naming_the_field(api, make_team, tiny_model, training, param):
     _, key = make_team()
     client = api(key)
-    r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
-                                                "training": training})
+    r = post_job(client, uploaded_file_id(client), training=training)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param
 

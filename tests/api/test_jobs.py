@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.factories import create_job, jsonl, uploaded_file_id
+from tests.factories import create_job, jsonl, post_job, uploaded_file_id
 
 QUICK = {"training": {"max_steps": 1, "gradient_accumulation_steps": 1}}
 
@@ -171,8 +171,7 @@ def test_validation_settings_that_contradict_the_validation_set_answer_400(api, 
 def test_out_of_range_validation_settings_are_refused_naming_the_field(api, make_team, tiny_model, training, param):
     _, key = make_team()
     client = api(key)
-    r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
-                                                "training": training})
+    r = post_job(client, uploaded_file_id(client), training=training)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param
 

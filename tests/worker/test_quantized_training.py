@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings, TrainingSpec
-from tests.worker.test_training_recipe import RecordingHooks, code_task_records, write_jsonl
+from tests.worker.test_training_recipe import RecordingHooks, code_task_records, same_random_lora, write_jsonl
 from worker.training.model import load_base, lora_config
 from worker.training.recipe import LoraRecipe
 from worker.training.tiny import make_tiny_model
@@ -67,14 +67,7 @@ def test_lora_gradients_on_4bit_base_match_dequantized_reference_after_generate(
     reference = _dequantized_reference(path, quantized)
     lora = lora_config(LoraSpec(dropout=0.0))
     q_model, r_model = get_peft_model(quantized, lora), get_peft_model(reference, lora)
-    # The same non-zero LoRA weights in both (peft's default B = 0 would leave A's gradient at 0).
-    torch.manual_seed(0)
-    r_params = dict(r_model.named_parameters())
-    with torch.no_grad():
-        for name, p in q_model.named_parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.05)
-                r_params[name].copy_(p)
+    same_random_lora(q_model, r_model)
 
     ids = torch.randint(5, 4000, (1, 48), generator=torch.Generator().manual_seed(1))
     q_model.eval()

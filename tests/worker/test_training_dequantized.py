@@ -17,7 +17,7 @@ import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings, TrainingSpec
-from tests.worker.test_training_recipe import RecordingHooks, code_task_records, write_jsonl
+from tests.worker.test_training_recipe import RecordingHooks, code_task_records, same_random_lora, write_jsonl
 from worker.training.dequantized import DequantizedLinear4bit, dequantize_4bit_layers
 from worker.training.model import load_base, load_base_model, lora_config
 from worker.training.ops import apply_chunked_loss, apply_lean_ops
@@ -73,14 +73,7 @@ def test_lora_on_the_dequantized_base_matches_lora_on_the_4bit_base(odd_path):
     assert info["dequantized_layers"] == 2 * 7
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fast.modules())
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reference.modules()) == 2 * 7
-    # The same non-zero LoRA weights in both (peft's B = 0 would leave every A's gradient at 0).
-    torch.manual_seed(0)
-    ref_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, p in fast.named_parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.05)
-                ref_params[name].copy_(p)
+    same_random_lora(fast, reference)
     fast.train(), reference.train()
     for seed in range(3):
         ids = torch.randint(5, 4000, (2, 40), generator=torch.Generator().manual_seed(seed))

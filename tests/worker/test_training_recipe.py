@@ -80,6 +80,18 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+def same_random_lora(model: torch.nn.Module, copy: torch.nn.Module, seed: int = 0) -> None:
+    """Give model's LoRA weights seeded normal values (std 0.05) and copy them into copy's, by name.
+    peft's B = 0 would leave every A's gradient at 0."""
+    torch.manual_seed(seed)
+    copies = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+                copies[name].copy_(p)
+
+
 def spec_for(**training: Any) -> TrainingSpec:
     """Periodic checkpoints off unless asked for: these tests see the Trainer's own epoch-end save."""
     settings = {"gradient_accumulation_steps": 1, "learning_rate": 3e-3, "max_seq_length": 128,
