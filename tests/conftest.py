@@ -83,6 +83,13 @@ def services_env(tmp_path_factory) -> dict[str, str]:
         "TUNEFORGE_TRAINING_QUEUE": f"training-test-{RUN_ID}",
         "TUNEFORGE_EVALUATION_QUEUE": f"evaluation-test-{RUN_ID}",
         "TUNEFORGE_UPLOAD_MAX_BYTES": str(TEST_UPLOAD_LIMIT),
+        # The shared server's per-key and per-address limits are out of the way of tests that send
+        # bursts from one key or address; tests of those limits start an API of their own with them.
+        "TUNEFORGE_RATE_LIMIT__PER_SECOND": "200",
+        "TUNEFORGE_RATE_LIMIT__BURST": "2000",
+        "TUNEFORGE_RATE_LIMIT__FAILED_AUTH_BURST": "100000",
+        "TUNEFORGE_CONCURRENCY__PER_KEY": "1000",
+        "TUNEFORGE_CONCURRENCY__PER_TEAM": "1000",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

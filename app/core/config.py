@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,8 +31,47 @@ class RateLimitSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    per_second: float = Field(default=200.0, gt=0)
-    burst: int = Field(default=2000, ge=1)
+    # Below what the API serves (a few hundred requests/s on two cores): one key cannot use it all.
+    per_second: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+    failed_auth_per_second: float = Field(default=1.0, gt=0, description=(
+        "Failed authentications per second per client address, after the burst; past it 429."))
+    failed_auth_burst: int = Field(default=20, ge=1)
+
+
+class ConcurrencySettings(BaseModel):
+    """Requests in flight at once, per key and per team (app/api/concurrency.py): past either, 429 at
+    once with Retry-After, so one team's flood never queues another team behind the pool. Per API
+    process."""
+
+    model_config = ConfigDict(frozen=True)
+
+    per_key: int = Field(default=8, ge=1, description="Requests of one key in flight at once.")
+    per_team: int = Field(default=16, ge=1, description="Requests of one team (all its keys) in flight at once.")
+
+
+class DatabaseSettings(BaseModel):
+    """The connection pool of each process, and the API's worker threads, sized to each other: every
+    sync route and every database call of the API runs on one of `api_threads` threads, and a
+    request's session keeps its connection from its first query until its commit, which may wait
+    for a thread; so the pool has room for every thread plus requests between route and commit,
+    and a request never waits for a connection behind a flood."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pool_size: int = Field(default=10, ge=1, description="Connections kept open.")
+    max_overflow: int = Field(default=30, ge=0, description="Connections opened beyond pool_size under load.")
+    pool_timeout_seconds: float = Field(default=10.0, gt=0, description=(
+        "Longest wait for a connection before the request answers 503."))
+    api_threads: int = Field(default=24, ge=1, description=(
+        "Worker threads of the API process (sync routes, database calls); at most pool_size + max_overflow."))
+
+    @model_validator(mode="after")
+    def _threads_fit_the_pool(self) -> DatabaseSettings:
+        if self.api_threads > self.pool_size + self.max_overflow:
+            raise ValueError(f"api_threads ({self.api_threads}) exceeds the pool (pool_size + max_overflow = "
+                             f"{self.pool_size + self.max_overflow}): threads would wait for connections")
+        return self
 
 
 class Settings(BaseSettings):
@@ -72,6 +111,8 @@ class Settings(BaseSettings):
 
     quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)  # TUNEFORGE_QUOTAS__STORAGE_BYTES, ...
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)  # TUNEFORGE_RATE_LIMIT__PER_SECOND
+    concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)  # TUNEFORGE_CONCURRENCY__PER_KEY
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # TUNEFORGE_DATABASE__POOL_SIZE
 
     @field_validator("data_dir")
     @classmethod
