@@ -16,7 +16,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import get_owned, unix, utcnow
@@ -107,7 +107,14 @@ def get_team_by_name(session: Session, name: str) -> Team | None:
 def lock_team(session: Session, team_id: str) -> None:
     """Serialise check-then-write sequences of one team (quotas, last-admin checks) until the
     transaction ends: a row lock on Postgres (NO KEY UPDATE, so inserts of rows referencing the team
-    are not blocked by it); SQLite serialises writers already."""
+    are not blocked by it). SQLite has no row locks and ignores FOR UPDATE, and its driver begins a
+    transaction only at the first write, so the counts that follow would be read before any lock:
+    a no-op UPDATE of the team takes the database's write lock first (waiting out busy_timeout),
+    and the reads after it see every committed write."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Team).where(Team.id == team_id).values(name=Team.name)
+                        .execution_options(synchronize_session=False))
+        return
     session.execute(select(Team.id).where(Team.id == team_id).with_for_update(key_share=True))
 
 
@@ -130,12 +137,14 @@ def list_keys(session: Session, *, team_id: str, after: str | None, limit: int) 
                    last_id=data[-1].id if data else None)
 
 
-def _refuse_last_admin(session: Session, row: ApiKey, now: dt.datetime) -> None:
-    if row.role != "admin":
+def _refuse_last_admin(session: Session, row: ApiKey) -> None:
+    """Only an admin key with no end (revoked_at unset) keeps the team manageable: a key rotated with
+    grace stops working at its revoked_at, so it neither counts as another admin nor needs guarding."""
+    if row.role != "admin" or row.revoked_at is not None:
         return
     others = session.scalar(select(ApiKey.id).where(
         ApiKey.team_id == row.team_id, ApiKey.role == "admin", ApiKey.id != row.id,
-        or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now)).limit(1))
+        ApiKey.revoked_at.is_(None)).limit(1))
     if others is None:
         raise LastAdminKey(f"Key {row.id} is the team's last admin key; revoking it would leave nobody able to "
                            "manage keys. Create another admin key first, or rotate this one.", param="key_id")
@@ -148,7 +157,7 @@ def revoke_key(session: Session, *, team_id: str, key_id: str) -> ApiKey:
     row = get_key(session, team_id=team_id, key_id=key_id)
     now = utcnow()
     if _active(row, now):
-        _refuse_last_admin(session, row, now)
+        _refuse_last_admin(session, row)
         row.revoked_at = now
         session.flush()
     return row

@@ -1,0 +1,79 @@
+"""Concurrent requests that race a check against a write: quotas, the last-admin guard, files in use,
+downloads against deletes and one Idempotency-Key, on Postgres and on the embedded default (SQLite)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+from sqlalchemy import select
+
+from app.core.db import session_scope
+from app.domains.teams.models import ApiKey
+from tests.api.servers import embedded_instance, private_api
+
+
+@contextmanager
+def _embedded_server(services_env, tmp_path, tiny_model) -> Iterator[str]:
+    with embedded_instance(tmp_path, tiny_model) as env, private_api(services_env, **env) as base:
+        yield f"{base}/v1"
+
+
+def _client(base: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _admin_key_id(team_id: str) -> str:
+    with session_scope() as session:
+        return session.scalar(select(ApiKey.id).where(ApiKey.team_id == team_id))
+
+
+def _active_admin_keys(client: httpx.Client) -> list[str]:
+    keys = client.get("/keys", params={"limit": 100}).json()["data"]
+    return [k["id"] for k in keys if k["role"] == "admin" and k["revoked_at"] is None]
+
+
+# -- the last-admin guard -------------------------------------------------------------------------
+
+def test_the_key_that_replaced_the_last_admin_key_cannot_be_revoked_during_the_grace(server, make_team):
+    team_id, old_key = make_team()
+    old_id = _admin_key_id(team_id)
+    with _client(f"{server}/v1", old_key) as old:
+        rotated = old.post(f"/keys/{old_id}/rotate", json={"grace_seconds": 600}).json()
+        # The old key still works, but only until its grace ends: it cannot stand in for the new one.
+        r = old.delete(f"/keys/{rotated['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "last_admin_key", r.text
+        # Ending the old key's grace early is allowed: the new key stays.
+        assert old.delete(f"/keys/{old_id}").status_code == 200
+    with _client(f"{server}/v1", rotated["key"]) as new:
+        assert _active_admin_keys(new) == [rotated["id"]]
+
+
+def _revoke_both_at_once(base: str, make_team, rounds: int) -> None:
+    """Each round: a team with two admin keys, and both revoked at once. One revoke wins."""
+    for _ in range(rounds):
+        team_id, first_key = make_team()
+        first_id = _admin_key_id(team_id)
+        with _client(base, first_key) as first:
+            second = first.post("/keys", json={"name": "second", "role": "admin"}).json()
+            with _client(base, second["key"]) as other, ThreadPoolExecutor(max_workers=2) as pool:
+                answers = list(pool.map(lambda c, key_id: c.delete(f"/keys/{key_id}"),
+                                        [first, other], [second["id"], first_id]))
+                # The loser is refused as the last admin, or, when the winner committed before it was
+                # authenticated, as a revoked key.
+                codes = [r.status_code for r in answers]
+                assert codes.count(200) == 1 and set(codes) - {200} <= {401, 409}, [r.text for r in answers]
+                survivor = first if codes[0] == 200 else other
+                assert len(_active_admin_keys(survivor)) == 1
+
+
+def test_two_revokes_at_once_of_the_last_two_admin_keys_leave_one_on_postgres(server, make_team):
+    _revoke_both_at_once(f"{server}/v1", make_team, rounds=5)
+
+
+def test_two_revokes_at_once_of_the_last_two_admin_keys_leave_one_on_sqlite(services_env, tmp_path, tiny_model,
+                                                                             make_team):
+    with _embedded_server(services_env, tmp_path, tiny_model) as base:
+        _revoke_both_at_once(base, make_team, rounds=5)
