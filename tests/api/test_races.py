@@ -11,8 +11,10 @@ import httpx
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.domains.quotas import service as quotas
 from app.domains.teams.models import ApiKey
 from tests.api.servers import embedded_instance, private_api
+from tests.factories import post_job, uploaded_file_id
 
 
 @contextmanager
@@ -77,3 +79,19 @@ def test_two_revokes_at_once_of_the_last_two_admin_keys_leave_one_on_sqlite(serv
                                                                              make_team):
     with _embedded_server(services_env, tmp_path, tiny_model) as base:
         _revoke_both_at_once(base, make_team, rounds=5)
+
+
+# -- the queued-jobs quota ------------------------------------------------------------------------
+
+def test_a_burst_of_creates_on_sqlite_never_admits_more_jobs_than_the_queued_quota(services_env, tmp_path,
+                                                                                   tiny_model, make_team):
+    with _embedded_server(services_env, tmp_path, tiny_model) as base:
+        team_id, key = make_team()
+        with session_scope() as session:
+            quotas.set_overrides(session, team_id=team_id, queued_jobs=20)
+        with _client(base, key) as client, ThreadPoolExecutor(max_workers=30) as pool:
+            file_id = uploaded_file_id(client)
+            codes = list(pool.map(lambda _: post_job(client, file_id).status_code, range(30)))
+            jobs = client.get("/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    assert sorted(set(codes)) == [200, 429] and codes.count(200) == 20, codes
+    assert len(jobs) == 20 and {j["status"] for j in jobs} == {"queued"}
