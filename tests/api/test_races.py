@@ -14,7 +14,7 @@ from app.core.db import session_scope
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import ApiKey
 from tests.api.servers import embedded_instance, private_api
-from tests.factories import post_job, uploaded_file_id
+from tests.factories import create_job, demo_tasks, jsonl, post_job, upload, uploaded_file_id
 
 
 @contextmanager
@@ -95,3 +95,36 @@ def test_a_burst_of_creates_on_sqlite_never_admits_more_jobs_than_the_queued_quo
             jobs = client.get("/fine_tuning/jobs", params={"limit": 100}).json()["data"]
     assert sorted(set(codes)) == [200, 429] and codes.count(200) == 20, codes
     assert len(jobs) == 20 and {j["status"] for j in jobs} == {"queued"}
+
+
+# -- files in use ---------------------------------------------------------------------------------
+
+def test_a_file_that_an_unfinished_job_evaluates_on_cannot_be_deleted(services_env, tmp_path, tiny_model, make_team):
+    # On the embedded default no worker takes the job, so it stays queued for as long as the test needs.
+    with _embedded_server(services_env, tmp_path, tiny_model) as base:
+        _, key = make_team()
+        with _client(base, key) as client:
+            training, tasks = uploaded_file_id(client), uploaded_file_id(client)
+            job = create_job(client, training, eval={"tasks": tasks})
+            r = client.delete(f"/files/{tasks}")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "file_in_use", r.text
+            assert job["id"] in r.json()["error"]["message"]
+            assert client.get(f"/files/{tasks}/content").content == demo_tasks()
+            assert client.post(f"/fine_tuning/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+            assert client.delete(f"/files/{tasks}").status_code == 200
+
+
+def test_the_files_that_a_queued_evaluation_reads_cannot_be_deleted(services_env, tmp_path, tiny_model, make_team):
+    with _embedded_server(services_env, tmp_path, tiny_model) as base:
+        _, key = make_team()
+        with _client(base, key) as client:
+            tasks = uploaded_file_id(client)
+            completions = upload(client, jsonl([{"task_id": 1, "completion": "def add(a, b):\n    return a + b"}]),
+                                 purpose="evals").json()["id"]
+            ev = client.post("/evaluations", json={"completions_file": completions, "tasks": tasks})
+            assert ev.status_code == 200 and ev.json()["status"] == "queued", ev.text
+            for file_id in (tasks, completions):
+                r = client.delete(f"/files/{file_id}")
+                assert r.status_code == 409 and r.json()["error"]["code"] == "file_in_use", r.text
+                assert ev.json()["id"] in r.json()["error"]["message"]
+                assert client.get(f"/files/{file_id}").status_code == 200

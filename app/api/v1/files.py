@@ -10,6 +10,7 @@ from app.api.idempotent import create_once
 from app.api.upload import receive_upload
 from app.core.config import get_settings
 from app.core.storage import get_storage
+from app.domains.evaluations import service as evaluations
 from app.domains.files import service as files
 from app.domains.files.schemas import FileDeleted, FileList, FileRead
 from app.domains.files.validation import JsonlValidator
@@ -95,6 +96,10 @@ def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileDeleted:
-    active = jobs.active_jobs_using_file(session, team_id=principal.team_id, file_id=file_id)
-    files.delete(session, team_id=principal.team_id, file_id=file_id, active_job_ids=active)
+    """409 while an unfinished job (its training, validation or eval.tasks file) or a queued or running
+    evaluation (its tasks or completions_file) uses the file."""
+    files.delete(session, team_id=principal.team_id, file_id=file_id,
+                 active_job_ids=jobs.active_jobs_using_file(session, team_id=principal.team_id, file_id=file_id),
+                 active_evaluation_ids=evaluations.unfinished_using_file(session, team_id=principal.team_id,
+                                                                         file_id=file_id))
     return FileDeleted(id=file_id)

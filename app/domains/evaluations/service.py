@@ -125,6 +125,14 @@ def queued_for_job(session: Session, job_id: str) -> list[str]:
                                                             Evaluation.status == EvaluationStatus.QUEUED)))
 
 
+def unfinished_using_file(session: Session, *, team_id: str, file_id: str) -> list[str]:
+    """The team's queued or running evaluations that read the file: as their tasks or completions_file."""
+    return list(session.scalars(select(Evaluation.id).where(
+        Evaluation.team_id == team_id,
+        Evaluation.status.in_((EvaluationStatus.QUEUED, EvaluationStatus.RUNNING)),
+        (Evaluation.tasks == file_id) | (Evaluation.completions_file == file_id)).order_by(Evaluation.id)))
+
+
 def job_report(session: Session, job_id: str) -> dict | None:
     """The job's evaluation report (report.compare) once every one of its evaluations succeeded,
     else None."""

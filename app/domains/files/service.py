@@ -89,14 +89,16 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int,
 
 
 def delete(session: Session, *, team_id: str, file_id: str,
-           active_job_ids: list[str]) -> str:
+           active_job_ids: list[str], active_evaluation_ids: list[str]) -> str:
     """Delete the row; its blob is removed after commit (so a failed commit never leaves a row
     without its blob). Returns the blob's storage key. Raises FileNotFound, or FileInUse while an
-    unfinished job uses the file."""
+    unfinished job or evaluation uses the file (the callers' lists, found by their domains)."""
     row = get(session, team_id=team_id, file_id=file_id)
-    if active_job_ids:
-        raise FileInUse(f"File {file_id} is used by unfinished job(s) {', '.join(active_job_ids)}; "
-                        "cancel them or wait until they end.", param="file_id")
+    users = ([f"unfinished job(s) {', '.join(active_job_ids)}"] if active_job_ids else []) + (
+        [f"unfinished evaluation(s) {', '.join(active_evaluation_ids)}"] if active_evaluation_ids else [])
+    if users:
+        raise FileInUse(f"File {file_id} is used by {' and '.join(users)}; cancel them or wait until they end.",
+                        param="file_id")
     session.delete(row)
     session.flush()
     queue.delete_after_commit(session, row.storage_key)

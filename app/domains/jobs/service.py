@@ -141,9 +141,12 @@ def events_page(session: Session, *, team_id: str, job_id: str, after: str | Non
 
 
 def active_jobs_using_file(session: Session, *, team_id: str, file_id: str) -> list[str]:
+    """The team's unfinished jobs that read the file: to train on, to validate with, or to evaluate
+    on (the spec's evaluation.tasks, read again by every round of auto_iterate)."""
     stmt = select(FineTuningJob.id).where(
         FineTuningJob.team_id == team_id, FineTuningJob.status.in_(ACTIVE),
-        (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id))
+        (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id)
+        | (FineTuningJob.spec[("evaluation", "tasks")].as_string() == file_id)).order_by(FineTuningJob.id)
     return list(session.scalars(stmt))
 
 
