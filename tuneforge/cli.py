@@ -9,7 +9,8 @@
     tuneforge admin create-team NAME  prints the team's first (admin) API key, once
     tuneforge admin create-key TEAM [--role admin|member] [--name N]
     tuneforge admin set-quota TEAM [--running-jobs N] [--queued-jobs N] [--storage-bytes N] [--files N]
-                                   [--rate-per-second R] [--rate-burst N]   ("default" clears one)
+                                   [--rate-per-second R] [--rate-burst N] [--trained-tokens N]
+                                   [--job-wall-seconds N] [--evaluation-wall-seconds N]   ("default" clears one)
     tuneforge models register NAME PATH | import NAME FILE.gguf | fetch smollm2-135m-instruct | make-tiny PATH | list
     tuneforge demo                    the whole path on a fresh embedded instance
 
@@ -158,7 +159,8 @@ def _create_key(args: argparse.Namespace) -> int:
 
 
 _QUOTA_OPTIONS = {"running_jobs": int, "queued_jobs": int, "storage_bytes": int, "files": int,
-                  "rate_per_second": float, "rate_burst": int}
+                  "rate_per_second": float, "rate_burst": int, "trained_tokens": int, "job_wall_seconds": int,
+                  "evaluation_wall_seconds": int}
 
 
 def _set_quota(args: argparse.Namespace) -> int:

@@ -23,6 +23,23 @@ class QuotaDefaults(BaseModel):
     queued_jobs: int = Field(default=100, ge=0, description="Jobs of one team waiting to start.")
     storage_bytes: int = Field(default=50 * 1024**3, ge=0, description="Total size of a team's files.")
     files: int = Field(default=10_000, ge=0, description="Number of a team's files.")
+    trained_tokens: int = Field(default=50_000_000, ge=0, description=(
+        "Tokens one job may train on, epochs included; refused at create time by an estimate, stopped and "
+        "failed while running when passed."))
+    job_wall_seconds: int = Field(default=6 * 3600, ge=0, description=(
+        "Wall time one run of a job may train; the job fails once it is passed."))
+    evaluation_wall_seconds: int = Field(default=2 * 3600, ge=0, description=(
+        "Wall time one evaluation may run; it fails once it is passed."))
+
+
+class RequestLimits(BaseModel):
+    """Bounds on what one request may ask for, the same for every team."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lora_r: int = Field(default=64, ge=1, description="Largest LoRA rank a job may ask for.")
+    evaluation_samples: int = Field(default=2000, ge=1, description=(
+        "Most completions one evaluation may sample and run: n x tasks (after `limit`)."))
 
 
 class RateLimitSettings(BaseModel):
@@ -113,6 +130,7 @@ class Settings(BaseSettings):
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)  # TUNEFORGE_RATE_LIMIT__PER_SECOND
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)  # TUNEFORGE_CONCURRENCY__PER_KEY
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # TUNEFORGE_DATABASE__POOL_SIZE
+    limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
 
     @field_validator("data_dir")
     @classmethod

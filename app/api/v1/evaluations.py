@@ -35,6 +35,14 @@ def get_evaluation(evaluation_id: str, session: SessionDep, principal: Principal
     return evaluations.to_read(evaluations.get(session, team_id=principal.team_id, evaluation_id=evaluation_id))
 
 
+@router.post("/{evaluation_id}/cancel", response_model=EvaluationRead)
+def cancel_evaluation(evaluation_id: str, session: SessionDep, principal: PrincipalDep) -> EvaluationRead:
+    """A queued evaluation ends cancelled at once; a running one is answered still running, and its
+    worker stops at its next batch of completions or its next program and records it cancelled.
+    409 once it has ended, and for a job's evaluation (cancel the job instead)."""
+    return evaluations.to_read(evaluations.cancel(session, team_id=principal.team_id, evaluation_id=evaluation_id))
+
+
 @router.get("/{evaluation_id}/results", response_class=StreamingResponse,
             responses={200: {"content": {"application/jsonl": {}}}})
 def evaluation_results(evaluation_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:

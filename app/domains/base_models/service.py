@@ -34,14 +34,15 @@ def register(session: Session, *, name: str, path: str | Path, replace: bool = F
     except (OSError, ValueError) as exc:
         raise InvalidModelDirectory(f"{config_file} is not readable JSON: {exc}", param="path") from None
     architecture = str(config.get("model_type") or "unknown")
+    context = context_length(config)
     row = session.get(RegisteredModel, name)
     if row is not None and not replace:
         raise ModelExists(f"A base model named {name!r} is registered already ({row.path}).", param="name")
     if row is None:
-        row = RegisteredModel(id=name, path=str(root), architecture=architecture)
+        row = RegisteredModel(id=name, path=str(root), architecture=architecture, context_length=context)
         session.add(row)
     else:
-        row.path, row.architecture = str(root), architecture
+        row.path, row.architecture, row.context_length = str(root), architecture, context
     session.flush()
     return row
 
@@ -52,3 +53,29 @@ def get_base(session: Session, name: str) -> RegisteredModel | None:
 
 def list_base(session: Session) -> list[RegisteredModel]:
     return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)))
+
+
+# Where config.json states the positions a model was trained for, by architecture family.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config: dict) -> int | None:
+    """The longest sequence a model's config.json says it handles (its text config's, for a
+    multimodal one); None when it says nothing."""
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def context_of(row: RegisteredModel) -> int | None:
+    """The model's context length: as registered, or for a model registered before it was recorded,
+    what its config.json says; None when neither says."""
+    if row.context_length is not None:
+        return row.context_length
+    try:
+        return context_length(json.loads((Path(row.path) / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,4 +1,4 @@
-from app.core.errors import InvalidRequest, NotFound
+from app.core.errors import Conflict, InvalidRequest, NotFound
 
 
 class EvaluationNotFound(NotFound):
@@ -7,3 +7,7 @@ class EvaluationNotFound(NotFound):
 
 class EvaluationInvalid(InvalidRequest):
     code = "invalid_evaluation"
+
+
+class EvaluationNotCancellable(Conflict):
+    code = "invalid_state"

@@ -24,6 +24,8 @@ class Evaluation(LeaseColumns, Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("fine_tuning_job.id", ondelete="CASCADE"), index=True)
     role: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(32), index=True)
+    # What the API asked of a running evaluation's lease holder: "cancel", or None.
+    stop_request: Mapped[str | None] = mapped_column(String(16))
     model: Mapped[str | None] = mapped_column(String(255))
     base_model: Mapped[str | None] = mapped_column(ForeignKey("base_model.id"))
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapter.id", ondelete="SET NULL"))

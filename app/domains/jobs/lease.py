@@ -87,6 +87,8 @@ class TrainingInputs:
     train_key: str  # storage keys of the training and validation files: the worker stages them
     valid_key: str | None
     fine_tuned_model: str  # the name the adapter gets if training succeeds
+    trained_tokens_limit: int  # the team's cost limits (quotas): tokens per job, wall seconds per run
+    wall_seconds_limit: int
 
 
 def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
@@ -100,10 +102,12 @@ def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
     valid_key = (files.get(session, team_id=job.team_id, file_id=job.validation_file).storage_key
                  if job.validation_file else None)
     team_name = session.get_one(Team, job.team_id).name  # a job's team exists (the job cascades with it)
+    limits = quotas.limits(session, job.team_id)
     return TrainingInputs(
         job_id=job.id, team_id=job.team_id, spec=TrainingSpec.model_validate(job.spec), base_model=job.model,
         base_path=Path(base.path), train_key=train_key, valid_key=valid_key,
-        fine_tuned_model=model_name(base=job.model, team_name=team_name, suffix=job.suffix, job_id=job.id))
+        fine_tuned_model=model_name(base=job.model, team_name=team_name, suffix=job.suffix, job_id=job.id),
+        trained_tokens_limit=limits.trained_tokens, wall_seconds_limit=limits.job_wall_seconds)
 
 
 # -- what the holder records -------------------------------------------------------------------

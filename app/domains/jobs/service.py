@@ -15,6 +15,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core import queue
+from app.core.config import get_settings
 from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
 from app.core.pagination import paginate
@@ -31,7 +32,9 @@ from app.domains.jobs.spec import TrainingSettings, TrainingSpec, validation_con
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, RUNNING, UNHELD, WAITING, JobStatus, StopRequest, add_event,
                                      transition)
 from app.domains.base_models import service as base_models
+from app.domains.base_models.models import RegisteredModel
 from app.domains.quotas import service as quotas
+from app.domains.quotas.errors import CostLimitExceeded
 
 DEFAULT_LR = TrainingSettings().learning_rate
 
@@ -84,10 +87,49 @@ def _check_file(session: Session, team_id: str, file_id: str, param: str) -> Non
                          f"use one of {', '.join(TRAINABLE_FORMATS)}.", param=param)
 
 
+def _check_cost(session: Session, *, team_id: str, base: RegisteredModel, spec: TrainingSpec,
+                training_file: str) -> None:
+    """Refuse a job whose cost is unbounded by what it asks: a sequence length past the base
+    model's context (JobInvalid), a LoRA rank past limits.lora_r, an evaluation past
+    limits.evaluation_samples, or an estimate of its trained tokens past the team's trained_tokens
+    limit (CostLimitExceeded). The estimate is an upper bound, known before any tokenizer runs: per
+    epoch, the training file's size in bytes (a byte-level tokenizer's token covers at least one
+    byte, and the JSON around the text outweighs a chat template's own tokens), or its records x
+    max_seq_length (each is truncated there) when that is less; times the epochs, or max_steps x the
+    examples of a step x max_seq_length when that is less."""
+    t = spec.training
+    context = base_models.context_of(base)
+    if context is not None and t.max_seq_length > context:
+        raise JobInvalid(f"training.max_seq_length ({t.max_seq_length}) is longer than the context of {base.id} "
+                         f"({context} tokens); give at most {context}.", param="training.max_seq_length",
+                         code="context_length_exceeded")
+    max_r = get_settings().limits.lora_r
+    if spec.lora.r > max_r:
+        raise CostLimitExceeded(f"lora.r ({spec.lora.r}) is above the largest rank this service trains ({max_r}); "
+                                f"give at most {max_r} (the paper's recipe uses 8).", param="lora.r",
+                                extra={"limit": max_r})
+    if spec.evaluation is not None:
+        evaluations.check_samples(session, team_id=team_id, tasks=spec.evaluation.tasks,
+                                  settings=spec.evaluation.sampling(), param="eval.n")
+    row = files.get(session, team_id=team_id, file_id=training_file)
+    per_epoch = min(row.bytes, row.examples * t.max_seq_length)
+    estimate = per_epoch * t.epochs
+    how = (f"{t.epochs} epoch(s) of at most {per_epoch:,} tokens: the file's {row.bytes:,} bytes or its "
+           f"{row.examples:,} records x max_seq_length {t.max_seq_length}, whichever is less")
+    if t.max_steps is not None:
+        by_steps = t.max_steps * t.batch_size * t.gradient_accumulation_steps * t.max_seq_length
+        if by_steps < estimate:
+            estimate = by_steps
+            how = (f"max_steps {t.max_steps} x {t.batch_size * t.gradient_accumulation_steps} examples per step x "
+                   f"max_seq_length {t.max_seq_length}")
+    quotas.check_trained_tokens(session, team_id=team_id, estimate=estimate, how=how, param="training_file")
+
+
 def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
     """Validate the request and create the job in 'queued'; it is enqueued after commit. Raises
-    ModelNotFound, JobInvalid, QueueFull."""
-    if base_models.get_base(session, body.model) is None:
+    ModelNotFound, JobInvalid, CostLimitExceeded, QueueFull."""
+    base = base_models.get_base(session, body.model)
+    if base is None:
         raise ModelNotFound(f"Base model {body.model!r} is not registered. GET /v1/models lists the base models.",
                             param="model")
     seed = body.seed if body.seed is not None else 42
@@ -107,6 +149,7 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
         _check_file(session, team_id, body.validation_file, "validation_file")
     if body.eval and body.eval.tasks != "humaneval":
         evaluations.check_task_file(session, team_id=team_id, file_id=body.eval.tasks, param="eval.tasks")
+    _check_cost(session, team_id=team_id, base=base, spec=spec, training_file=body.training_file)
     transition(session, job.id, (JobStatus.VALIDATING_FILES,), JobStatus.QUEUED, "Files validated; job queued")
     queue.after_commit(session, queue.enqueue_training, job.id)
     session.refresh(job)

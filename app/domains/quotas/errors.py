@@ -1,4 +1,4 @@
-from app.core.errors import Conflict, TuneforgeError
+from app.core.errors import Conflict, InvalidRequest, TuneforgeError
 
 
 class QueueFull(TuneforgeError):
@@ -29,3 +29,9 @@ class RateLimited(TuneforgeError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, extra={"retry_after": retry_after})
         self.retry_after = retry_after
+
+
+class CostLimitExceeded(InvalidRequest):
+    """A request that asks for more than a per-request limit allows (tokens, LoRA rank, samples)."""
+
+    code = "cost_limit_exceeded"

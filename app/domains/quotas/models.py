@@ -18,3 +18,6 @@ class TeamQuota(Base):
     files: Mapped[int | None] = mapped_column(Integer)
     rate_per_second: Mapped[float | None] = mapped_column(Float)
     rate_burst: Mapped[int | None] = mapped_column(Integer)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    job_wall_seconds: Mapped[int | None] = mapped_column(Integer)
+    evaluation_wall_seconds: Mapped[int | None] = mapped_column(Integer)

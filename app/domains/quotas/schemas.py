@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class QuotaItem(BaseModel):
@@ -20,3 +20,6 @@ class QuotaRead(BaseModel):
     files: QuotaItem
     rate_limit_per_second: float
     rate_limit_burst: int
+    trained_tokens_per_job: int = Field(description="Tokens one job may train on, epochs included.")
+    job_wall_seconds: int = Field(description="Wall time one run of a job may train.")
+    evaluation_wall_seconds: int = Field(description="Wall time one evaluation may run.")

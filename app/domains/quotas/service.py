@@ -21,12 +21,13 @@ from sqlalchemy.orm import Session
 from app.core.config import get_settings
 from app.domains.adapters.models import Adapter
 from app.domains.files.models import File
-from app.domains.quotas.errors import QueueFull, StorageFull, TooManyFiles
+from app.domains.quotas.errors import CostLimitExceeded, QueueFull, StorageFull, TooManyFiles
 from app.domains.quotas.models import TeamQuota
 from app.domains.quotas.schemas import QuotaItem, QuotaRead
 from app.domains.teams import service as teams
 
-OVERRIDABLE = ("running_jobs", "queued_jobs", "storage_bytes", "files", "rate_per_second", "rate_burst")
+OVERRIDABLE = ("running_jobs", "queued_jobs", "storage_bytes", "files", "rate_per_second", "rate_burst",
+               "trained_tokens", "job_wall_seconds", "evaluation_wall_seconds")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Limits:
     files: int
     rate_per_second: float
     rate_burst: int
+    trained_tokens: int
+    job_wall_seconds: int
+    evaluation_wall_seconds: int
 
 
 def limits(session: Session, team_id: str) -> Limits:
@@ -117,7 +121,9 @@ def read(session: Session, *, team_id: str, jobs: JobCounts) -> QuotaRead:
         queued_jobs=QuotaItem(limit=quota.queued_jobs, usage=_count(session, jobs.waiting)),
         storage_bytes=QuotaItem(limit=quota.storage_bytes, usage=used),
         files=QuotaItem(limit=quota.files, usage=count),
-        rate_limit_per_second=quota.rate_per_second, rate_limit_burst=quota.rate_burst)
+        rate_limit_per_second=quota.rate_per_second, rate_limit_burst=quota.rate_burst,
+        trained_tokens_per_job=quota.trained_tokens, job_wall_seconds=quota.job_wall_seconds,
+        evaluation_wall_seconds=quota.evaluation_wall_seconds)
 
 
 def set_overrides(session: Session, *, team_id: str, **values: int | float | None) -> TeamQuota:
@@ -131,3 +137,16 @@ def set_overrides(session: Session, *, team_id: str, **values: int | float | Non
     session.add(row)
     session.flush()
     return row
+
+
+def check_trained_tokens(session: Session, *, team_id: str, estimate: int, how: str, param: str) -> None:
+    """Before a job is created: raises CostLimitExceeded (400) when `estimate`, an upper bound of
+    the tokens the job would train on (`how` says how it was reached), passes the team's
+    trained_tokens limit."""
+    limit = limits(session, team_id).trained_tokens
+    if estimate > limit:
+        raise CostLimitExceeded(
+            f"The job would train on up to {estimate:,} tokens ({how}); the team's limit is {limit:,} tokens per "
+            "job. Train fewer epochs or steps, lower training.max_seq_length, use a smaller file, or ask an "
+            "operator to raise the limit (tuneforge admin set-quota --trained-tokens).",
+            param=param, extra={"limit": limit, "estimate": estimate})
