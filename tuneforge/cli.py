@@ -11,6 +11,7 @@
     tuneforge admin set-quota TEAM [--running-jobs N] [--queued-jobs N] [--storage-bytes N] [--files N]
                                    [--rate-per-second R] [--rate-burst N] [--trained-tokens N]
                                    [--job-wall-seconds N] [--evaluation-wall-seconds N]   ("default" clears one)
+    tuneforge audit prune --before DATE   delete audit rows (and unauthenticated counts) older than DATE
     tuneforge models register NAME PATH | import NAME FILE.gguf | fetch smollm2-135m-instruct | make-tiny PATH | list
     tuneforge demo                    the whole path on a fresh embedded instance
 
@@ -191,6 +192,27 @@ def _set_quota(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_audit(args: argparse.Namespace) -> int:
+    """The audit log's retention: delete what is older than --before (a UTC date or ISO time)."""
+    import datetime as dt
+
+    from app.core.db import session_scope
+    from app.domains.audit import service as audit
+
+    try:
+        before = dt.datetime.fromisoformat(args.before)
+    except ValueError:
+        print(f"error: --before takes a date (2026-01-31) or an ISO time (2026-01-31T12:00:00Z), not {args.before!r}",
+              file=sys.stderr)
+        return 1
+    before = before if before.tzinfo else before.replace(tzinfo=dt.UTC)
+    with session_scope() as session:
+        events, counts = audit.prune(session, before=before)
+    print(f"deleted {events} audit events and {counts} counts of unauthenticated requests from before "
+          f"{before.isoformat()}")
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     from app.core.db import session_scope
     from app.core.errors import TuneforgeError
@@ -316,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _QUOTA_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N|default")
     p.set_defaults(func=_set_quota, database=STRICT)
+
+    aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit", required=True)
+    p = aud.add_parser("prune", help="delete audit rows and unauthenticated counts older than a date (retention)")
+    p.add_argument("--before", required=True, metavar="DATE", help="a UTC date (2026-01-31) or ISO time")
+    p.set_defaults(func=_prune_audit, database=STRICT)
 
     mdl = sub.add_parser("models", help="base models").add_subparsers(dest="models", required=True)
     p = mdl.add_parser("register", help="register a local model directory")

@@ -1,27 +1,56 @@
-"""The audit log's writer: an ASGI middleware around every /v1 route.
+"""The audit log's writer for the HTTP layer: which row a mutating /v1 request gets, and when.
 
-AuditMiddleware records every POST/PUT/PATCH/DELETE under /v1, whatever its outcome: who (team and
-key, from the principal the auth dependency leaves in the request state; none for a 401), the action
-(method + route template), the object (the path's id, else the id in the JSON response) and the
-status. The row is written before the last byte of the response is sent, so a client that got its
-answer can read the row at once. A failure to write it is logged and does not change the answer.
+Every POST/PUT/PATCH/DELETE under /v1 is recorded, whatever its outcome:
+
+- A request made with a valid key whose transaction writes: its row (team, key, action = method +
+  route template, object = the path's id, else the first row the transaction inserted, status = the
+  route's) is added to that transaction just before it commits (a before_commit hook on every session
+  used while the request runs), so the mutation and its row are committed together or not at all.
+- A request made with a valid key that committed nothing (refused: 4xx/5xx; or a no-op, such as an
+  idempotent replay): its row, with the status answered and the id in the JSON response, goes to the
+  audit writer (app.domains.audit.writer: its own connection, a bounded queue, retried), which writes
+  it before the last byte of the response is sent, waiting at most WAIT_SECONDS.
+- A request with no key, a bad key, or a path no route serves: counted per minute, route template
+  ("unmatched" for junk paths), status and client address prefix in audit_unauthenticated, never a
+  row each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
-import anyio
+from sqlalchemy import event
+from sqlalchemy.orm import ORMExecuteState, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.db import session_scope
+from app.core.db import utcnow
 from app.domains.audit import service as audit
+from app.domains.audit import writer
 
 log = logging.getLogger("tuneforge.audit")
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_CAPTURE = 64 * 1024  # a response's id is only looked for in small JSON bodies
+WAIT_SECONDS = 5.0  # how long a refused request's answer waits for its row (it is written later if need be)
+UNMATCHED = "unmatched"
+
+
+@dataclass(eq=False)
+class _Audited:
+    """The mutating request in progress; shared by the threads its dependencies and route run in."""
+
+    scope: Scope
+    committed_status: int | None = None  # the status in the row committed with the mutation
+
+
+_current: ContextVar[_Audited | None] = ContextVar("tuneforge_audited_request", default=None)
+_WRITES, _FIRST_ID, _ROW = "audit.writes", "audit.first_id", "audit.row"
 
 
 class AuditMiddleware:
@@ -32,6 +61,8 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["method"] not in MUTATING or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        request = _Audited(scope)
+        token = _current.set(request)
         status = 500
         captured: bytearray | None = None
         recorded = False
@@ -49,7 +80,7 @@ class AuditMiddleware:
                         captured = None
                 if not message.get("more_body", False) and not recorded:
                     recorded = True
-                    await _record(scope, status, bytes(captured) if captured is not None else None)
+                    await _record(request, status, bytes(captured) if captured is not None else None)
             await send(message)
 
         try:
@@ -57,16 +88,18 @@ class AuditMiddleware:
         except Exception:
             if not recorded:
                 recorded = True
-                await _record(scope, 500, None)
+                await _record(request, 500, None)
             raise
+        finally:
+            _current.reset(token)
         if not recorded:  # the response never finished (the client went away)
-            await _record(scope, status, None)
+            await _record(request, status, None)
 
 
 def _object_id(scope: Scope, body: bytes | None) -> str | None:
-    params = scope.get("path_params") or {}
-    if params:
-        return str(list(params.values())[-1])
+    """The path's id, else the "id" of a JSON response."""
+    if (path_id := _path_id(scope)) is not None:
+        return path_id
     if body:
         try:
             value = json.loads(body)
@@ -90,20 +123,115 @@ def _template(scope: Scope) -> str | None:
     return path[: len(path) - len(rendered)] + relative if path.endswith(rendered) else None
 
 
-async def _record(scope: Scope, status: int, body: bytes | None) -> None:
+def _principal(scope: Scope) -> Any:
+    return (scope.get("state") or {}).get("principal")
+
+
+def _path_id(scope: Scope) -> str | None:
+    params = scope.get("path_params") or {}
+    return str(list(params.values())[-1]) if params else None
+
+
+def _client_prefix(scope: Scope) -> str:
+    """The client's network, not its address: IPv4 /24, IPv6 /48 (what one client can easily vary)."""
+    host = (scope.get("client") or (None,))[0]
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    bits = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+
+
+async def _record(request: _Audited, status: int, body: bytes | None) -> None:
+    scope = request.scope
+    if request.committed_status is not None:  # written with the mutation
+        if status != request.committed_status:
+            log.warning("%s %s committed (audit row status %d) but answered %d", scope["method"], scope["path"],
+                        request.committed_status, status)
+        return
     route = _template(scope)
-    template = route or scope["path"]
-    principal = (scope.get("state") or {}).get("principal")
-    team_id, key_id = getattr(principal, "team_id", None), getattr(principal, "key_id", None)
-    action, object_id = f"{scope['method']} {template}", _object_id(scope, body) if route else None
+    principal = _principal(scope)
+    if principal is None:
+        minute = utcnow().replace(second=0, microsecond=0)
+        writer.count((minute, scope["method"], route or UNMATCHED, status, _client_prefix(scope)))
+        return
+    row = {"team_id": principal.team_id, "key_id": principal.key_id,
+           "action": f"{scope['method']} {route or UNMATCHED}",
+           "object_id": _object_id(scope, body) if route else None, "status_code": status, "created_at": utcnow()}
+    loop = asyncio.get_running_loop()
+    written = loop.create_future()
 
-    def write() -> None:
-        try:
-            with session_scope() as session:
-                audit.record(session, team_id=team_id, key_id=key_id, action=action, object_id=object_id,
-                             status_code=status)
-        except Exception:  # the answer stands; the gap is logged
-            log.exception("could not write the audit row %s", {"team_id": team_id, "key_id": key_id, "action": action,
-                                                                "object_id": object_id, "status_code": status})
+    def settle() -> None:
+        if not written.done():
+            written.set_result(None)
 
-    await anyio.to_thread.run_sync(write)
+    def done() -> None:
+        loop.call_soon_threadsafe(settle)
+
+    writer.submit(row, done)
+    try:
+        await asyncio.wait_for(written, WAIT_SECONDS)
+    except TimeoutError:  # the writer is retrying; the answer need not wait for it
+        log.warning("the audit row of %s %s is not written yet; answering anyway", scope["method"], scope["path"])
+
+
+# The row of a mutation, in the mutation's transaction. These hooks see every session; they act only
+# in the context of a mutating request (the middleware's _current), and only once per request.
+
+def _note_writes(session: Session) -> None:
+    if session.new or session.deleted or any(session.is_modified(o) for o in session.dirty):
+        session.info[_WRITES] = True
+    if _FIRST_ID not in session.info:
+        for obj in session.new:
+            object_id = getattr(obj, "id", None)
+            if isinstance(object_id, str):
+                session.info[_FIRST_ID] = object_id
+                break
+
+
+@event.listens_for(Session, "after_flush")
+def _after_flush(session: Session, _flush_context: object) -> None:
+    if _current.get() is not None:
+        _note_writes(session)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _on_execute(state: ORMExecuteState) -> None:
+    if _current.get() is not None and (state.is_insert or state.is_update or state.is_delete):
+        state.session.info[_WRITES] = True
+
+
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    request = _current.get()
+    if request is None or request.committed_status is not None or _ROW in session.info:
+        return
+    principal = _principal(request.scope)
+    _note_writes(session)
+    if principal is None or not session.info.get(_WRITES):
+        return
+    scope = request.scope
+    status = getattr(scope.get("route"), "status_code", None) or 200
+    audit.record(session, team_id=principal.team_id, key_id=principal.key_id,
+                 action=f"{scope['method']} {_template(scope) or scope['path']}",
+                 object_id=_path_id(scope) or session.info.get(_FIRST_ID), status_code=status)
+    session.info[_ROW] = (request, status)
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    entry = session.info.pop(_ROW, None)
+    if entry is not None:
+        request, status = entry
+        request.committed_status = status
+    session.info.pop(_WRITES, None)
+    session.info.pop(_FIRST_ID, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    for key in (_ROW, _WRITES, _FIRST_ID):
+        session.info.pop(key, None)
