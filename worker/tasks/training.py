@@ -27,7 +27,7 @@ from worker.lease import Lease, retry_db, worker_id
 from worker.staging import stage_file
 from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
-from worker.training.hooks import StopReason
+from worker.training.hooks import CostLimits, StopReason
 from worker.training.job_hooks import JobHooks
 
 log = logging.getLogger("tuneforge.worker")
@@ -36,7 +36,8 @@ log = logging.getLogger("tuneforge.worker")
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> str:
     """Train one job. Returns what happened: 'not-claimed', 'succeeded', 'evaluating', 'cancelled',
-    'paused', 'queued' (handed back at shutdown; re-enqueued), 'lost' (lease lost) or 'failed'."""
+    'paused', 'queued' (handed back at shutdown; re-enqueued), 'lost' (lease lost) or 'failed' (also
+    when it passed its team's trained_tokens or job_wall_seconds limit: code cost_limit_exceeded)."""
     settings = get_settings()
     with session_scope() as session:
         job = job_lease.claim(session, job_id=job_id, worker_id=worker_id(), lease_seconds=settings.lease_seconds,
@@ -77,12 +78,17 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
     latest = checkpoints.download_latest(job_id=inputs.job_id, dest=work_dir / "resume")
     recipe = LoraRecipe(spec=spec, base_model_path=inputs.base_path, train_file=stage_file(inputs.train_key),
                         validation_file=stage_file(inputs.valid_key) if inputs.valid_key else None,
-                        work_dir=work_dir, hooks=hooks,
-                        resume_from=latest[1] if latest else None)
+                        work_dir=work_dir, hooks=hooks, resume_from=latest[1] if latest else None,
+                        limits=CostLimits(trained_tokens=inputs.trained_tokens_limit,
+                                          wall_seconds=inputs.wall_seconds_limit))
     adapter_dir = work_dir / "adapter"
     try:
         recipe.setup()
         result = recipe.train()
+        if result.stopped == "limit":
+            return _fail(inputs.job_id, lease.token, CostLimitPassed(
+                f"Training stopped at step {result.steps} of {result.total_steps}: {result.limit_message}. Raise "
+                "the limit (tuneforge admin set-quota), or train fewer tokens."), code="cost_limit_exceeded")
         if result.stopped:
             saved = "no adapter was saved" if result.stopped == "cancel" else "a checkpoint was saved to continue from"
             return _stop(inputs.job_id, lease.token, result.stopped,
@@ -103,11 +109,16 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
     return retry_db(finish)
 
 
-def _fail(job_id: str, token: str, exc: Exception) -> str:
+class CostLimitPassed(Exception):
+    """The job passed one of its team's cost limits while training."""
+
+
+def _fail(job_id: str, token: str, exc: Exception, *, code: str = "training_error") -> str:
+    message = str(exc) if isinstance(exc, CostLimitPassed) else f"{type(exc).__name__}: {exc}"
+
     def write() -> str:
         with session_scope() as session:
-            failed = job_lease.fail(session, job_id=job_id, code="training_error", lease_token=token,
-                                    message=f"{type(exc).__name__}: {exc}"[:2000])
+            failed = job_lease.fail(session, job_id=job_id, code=code, lease_token=token, message=message[:2000])
         return str(JobStatus.FAILED) if failed else "lost"
 
     return retry_db(write)

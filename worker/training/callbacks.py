@@ -22,9 +22,14 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from worker.training.hooks import StopReason, TrainingHooks
+from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 
 _STOP_LINES = {"cancel": "Stop requested", "pause": "Pause requested", "shutdown": "Worker shutting down"}
+
+
+class StepAbandoned(Exception):
+    """Raised between the rows of a step that StopAndCheckpoint.abandon_step ended (a cancel or a
+    passed cost limit); the recipe catches it, the step's partial gradients are dropped."""
 
 
 def last_logged(log_history: list[dict[str, float]], key: str) -> float | None:
@@ -211,19 +216,67 @@ class StopAndCheckpoint(TrainerCallback):
     Trainer's own end-of-training save) and handed to hooks.on_checkpoint;
     without, at epoch ends (the Trainer's save_strategy) and kept local. A
     "pause" or "shutdown" stop writes one at that step and hands it over too;
-    a "cancel" stop writes none. reason: why training stopped early, None
+    a "cancel" stop writes none. Between micro-batches (abandon_step) a cancel
+    or a passed cost limit ("limit", limit_message says which) ends training
+    in mid-step, with no checkpoint. reason: why training stopped early, None
     while it has not.
     """
 
-    def __init__(self, hooks: TrainingHooks, every_steps: int | None = None):
+    def __init__(self, hooks: TrainingHooks, every_steps: int | None = None, limits: CostLimits | None = None):
         self.hooks = hooks
         self.every_steps = every_steps
-        self.reason: StopReason | None = None
+        self.limits = limits or CostLimits()
+        self.reason: Stopped | None = None
+        self.limit_message: str | None = None
+        self._began = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._began = time.monotonic()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.abandon_step(state):
+            control.should_training_stop = True
+            control.should_save = False
+
+    def abandon_step(self, state) -> bool:
+        """Whether the step in progress should be given up now: the run passed a cost limit, or
+        hooks.cancel_requested(). A pause or shutdown waits for the step's end, where the
+        checkpoint it writes holds a whole step (resume stays exact)."""
+        if self.reason is not None:
+            return self.reason in ("cancel", "limit")
+        if self._passed_limit(state):
+            return True
+        asked = getattr(self.hooks, "cancel_requested", None)
+        if asked is None or not asked():
+            return False
+        self.reason = "cancel"
+        self.hooks.on_event("message", f"Stop requested; step {state.global_step + 1} is abandoned in mid-step and "
+                                       f"training stops at step {state.global_step}", None)
+        return True
+
+    def _passed_limit(self, state) -> bool:
+        tokens, seconds, limits = state.num_input_tokens_seen, time.monotonic() - self._began, self.limits
+        if limits.trained_tokens is not None and tokens > limits.trained_tokens:
+            self.limit_message = (f"the job trained on {tokens:,} tokens, past its limit of {limits.trained_tokens:,} "
+                                  "tokens per job")
+        elif limits.wall_seconds is not None and seconds > limits.wall_seconds:
+            self.limit_message = (f"the job trained for {seconds:,.0f} s, past its limit of "
+                                  f"{limits.wall_seconds:,.0f} s per run")
+        else:
+            return False
+        self.reason = "limit"
+        self.hooks.on_event("message", f"Cost limit passed: {self.limit_message}; training stops at step "
+                                       f"{state.global_step}", None)
+        return True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_steps is not None:
             control.should_save = state.global_step % self.every_steps == 0
         if self.reason is not None:
+            return
+        if self._passed_limit(state):
+            control.should_training_stop = True
+            control.should_save = False
             return
         reason = self.hooks.should_stop()
         if not reason:

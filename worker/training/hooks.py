@@ -7,6 +7,7 @@ implement it without importing the trainer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -14,6 +15,19 @@ EventType = Literal["message", "metrics"]
 # Why training should stop: the user cancelled (no checkpoint), paused the job
 # or the worker is shutting down (both checkpoint first, so the job can resume).
 StopReason = Literal["cancel", "pause", "shutdown"]
+# Why training stopped early: a stop reason, or "limit": the run passed one of its CostLimits.
+Stopped = Literal["cancel", "pause", "shutdown", "limit"]
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """What one run of the recipe may spend; None: no limit. trained_tokens counts the job's input
+    tokens (state.num_input_tokens_seen, resumed runs included), wall_seconds this run's training
+    time. Checked after every micro-batch (and between the rows of a CPU step, for the time):
+    passing one stops training without a checkpoint."""
+
+    trained_tokens: int | None = None
+    wall_seconds: float | None = None
 
 
 class TrainingHooks(Protocol):
@@ -41,6 +55,12 @@ class TrainingHooks(Protocol):
         on_checkpoint); "cancel" stops without one. Truthy means stop, so
         callers that treat the answer as a bool keep working.
         """
+
+    def cancel_requested(self) -> bool:
+        """Polled between the micro-batches of a step (and between the rows of a CPU step); True
+        abandons the step in progress: its partial gradients are dropped and no checkpoint is
+        written, so a resumed run starts that step over. Optional: hooks without it are asked
+        should_stop() at step ends only. A pause or shutdown waits for the step's end."""
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """Called after a complete checkpoint directory was written at path for global step `step`.

@@ -62,6 +62,11 @@ class JobHooks:
             return "pause"
         return "shutdown" if SHUTDOWN.is_set() else None
 
+    def cancel_requested(self) -> bool:
+        """Between micro-batches: True when cancel was requested or the lease is lost (polled as
+        should_stop polls)."""
+        return self.should_stop() == "cancel"
+
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """Upload the checkpoint while this worker still holds the lease. Through a database outage
         it retries for up to a lease (past it the lease is gone and the upload would be refused)."""

@@ -27,9 +27,9 @@ from transformers import PreTrainedTokenizerBase, PrinterCallback, set_seed
 
 from app.domains.jobs.spec import TrainingSpec, validation_conflict
 from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, plan_batches
-from worker.training.callbacks import BestValidation, ProgressEvents, StopAndCheckpoint, last_logged
+from worker.training.callbacks import BestValidation, ProgressEvents, StepAbandoned, StopAndCheckpoint, last_logged
 from worker.training.data import TokenizedExamples, load_examples, prompt_style_for, record_lines, split_lines
-from worker.training.hooks import StopReason, TrainingHooks
+from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 from worker.training.memory import PeakMemory
 from worker.training.model import Device, Precision, load_base_model, select_device
 from worker.training.optimizers import fit_optimizer_state, optimizer_for
@@ -56,7 +56,8 @@ class TrainResult:
     packed micro-batch ran as forward/backward passes over rows of at most
     that many tokens (whole examples), the gradients summed. stopped is why
     hooks.should_stop() ended training early (None: the schedule ran out;
-    a plain True counts as "cancel"), resumed_from_step the checkpoint's step
+    a plain True counts as "cancel"), or "limit" when the run passed one of
+    its CostLimits (limit_message says which), resumed_from_step the checkpoint's step
     when training continued from one (steps and total_steps count the whole
     job, not this call).
 
@@ -90,7 +91,8 @@ class TrainResult:
     gradient_checkpointing: bool = False
     row_tokens: int | None = None
     prompt_style: str = "completion"
-    stopped: StopReason | None = None
+    stopped: Stopped | None = None
+    limit_message: str | None = None
     resumed_from_step: int | None = None
     validation_source: str | None = None
     validation_records: int | None = None
@@ -129,7 +131,9 @@ class LoraRecipe:
     deleted; otherwise at each epoch end, kept locally (save_total_limit of
     them). A "pause" or "shutdown" from hooks.should_stop() (polled after every
     optimizer step) writes one at that step and hands it over before training
-    stops; "cancel" stops without one. With resume_from (such a checkpoint
+    stops; "cancel" stops without one, and so do a hooks.cancel_requested()
+    between the micro-batches of a step and a passed cost limit (limits), both
+    abandoning the step in progress. With resume_from (such a checkpoint
     directory) training continues at its step with the same total steps, the
     same batches and the same random draws as a run that was never stopped.
     With a validation set (validation_file, or training.validation_split of the
@@ -152,6 +156,7 @@ class LoraRecipe:
         work_dir: Path,
         hooks: TrainingHooks,
         resume_from: Path | None = None,
+        limits: CostLimits | None = None,
     ):
         """Stores the inputs only; nothing is loaded until setup().
 
@@ -167,6 +172,7 @@ class LoraRecipe:
         self.work_dir = Path(work_dir)
         self.hooks = hooks
         self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.limits = limits or CostLimits()
         self._device: Device = select_device()
         self._memory = PeakMemory(self._device)
         self._model: PeftModel | None = None
@@ -231,7 +237,7 @@ class LoraRecipe:
         """The Trainer with the hooks' callbacks: progress events, the best validation loss (with a
         validation set), stop requests and checkpoints."""
         t = self.spec.training
-        self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps)
+        self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps, self.limits)
         callbacks: list[Any] = [ProgressEvents(self.hooks)]
         if valid is not None:
             # Before the stopper: it hands each checkpoint over in its on_save, this one adds its state first.
@@ -253,6 +259,7 @@ class LoraRecipe:
             row_tokens=plan.row_tokens,
             row_multiple=t.row_length_multiple,
             pad_token_id=self._tokenizer.pad_token_id or 0,
+            abandon_step=self._stopper.abandon_step,
         )
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
         trainer.remove_callback(PrinterCallback)
@@ -310,14 +317,18 @@ class LoraRecipe:
                 self._best.load(self.resume_from)
         self.hooks.on_event("message", "Training started", None)
         start = time.perf_counter()
-        self._trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
+        try:
+            self._trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None
+                                else None)
+        except StepAbandoned:
+            pass  # between the rows of a step; the stopper recorded why, and the partial step is dropped
         wall = time.perf_counter() - start
         self._adapter_step = self._trainer.state.global_step
         if self._stopper.reason is None:
             self._select_adapter()
         result = self._result(wall)
         verb = {None: "finished", "cancel": "stopped early", "pause": "paused",
-                "shutdown": "stopped for the worker's shutdown"}[result.stopped]
+                "shutdown": "stopped for the worker's shutdown", "limit": "stopped at a cost limit"}[result.stopped]
         if result.stopped is None and result.early_stopped_at_step is not None:
             verb = "stopped early by early_stopping_patience"
         self.hooks.on_event("message", f"Training {verb} at step {result.steps} after {wall:.1f} s", None)
@@ -449,6 +460,7 @@ class LoraRecipe:
             row_tokens=setup.batches.row_tokens,
             prompt_style=setup.prompt_style,
             stopped=self._stopper.reason,
+            limit_message=self._stopper.limit_message,
             resumed_from_step=self._resumed_from_step,
             validation_source=setup.validation_source,
             validation_records=setup.validation_records,

@@ -8,14 +8,16 @@ the pin moves: a renamed or re-signed private method would silently stop being c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from app.domains.jobs.spec import TrainingSpec
 from worker.training.batching import BatchPlan
+from worker.training.callbacks import StepAbandoned
 from worker.training.model import Device, Precision
 from worker.training.packing import split_packed_batch
 
@@ -113,15 +115,19 @@ class RowTrainer(Trainer):
     (num_items_in_batch), so the rows' gradients add up to the micro-batch's.
     Without that count (a model that takes no loss kwargs) rows are not used.
     row_multiple and pad_token_id: each row is padded to a multiple of row_multiple tokens with
-    pad_token_id (see packing.split_packed_batch). Other arguments are the Trainer's.
+    pad_token_id (see packing.split_packed_batch). abandon_step(state), asked between rows, ends a
+    step in the middle by raising StepAbandoned (a CPU step is one micro-batch of many rows, so
+    the Trainer's between-micro-batch callbacks never run inside it). Other arguments are the
+    Trainer's.
     """
 
     def __init__(self, *args, row_tokens: int | None = None, row_multiple: int | None = None,
-                 pad_token_id: int = 0, **kwargs):
+                 pad_token_id: int = 0, abandon_step: Callable[[TrainerState], bool] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.row_tokens = row_tokens
         self.row_multiple = row_multiple
         self.pad_token_id = pad_token_id
+        self.abandon_step = abandon_step
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from a checkpoint at max_steps in mid-epoch (the last step's): the Trainer would skip
@@ -151,4 +157,10 @@ class RowTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         rows = split_packed_batch(inputs, self.row_tokens, pad_to_multiple_of=self.row_multiple,
                                   pad_token_id=self.pad_token_id)
-        return sum(super(RowTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
+        loss = None
+        for i, row in enumerate(rows):
+            if i and self.abandon_step is not None and self.abandon_step(self.state):
+                raise StepAbandoned(f"step {self.state.global_step + 1} abandoned after {i} of {len(rows)} rows")
+            row_loss = super().training_step(model, row, num_items_in_batch)
+            loss = row_loss if loss is None else loss + row_loss
+        return loss
