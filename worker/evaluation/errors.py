@@ -17,6 +17,15 @@ class SandboxBreach(Unavailable):
     code = "sandbox_breach"
 
 
+class EvaluationStopped(Exception):
+    """Raised between batches of completions or programs when an evaluation must stop: reason
+    "cancel" (requested), "limit" (past its wall-time limit) or "lost" (the lease was lost)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class SamplesInvalid(InvalidRequest):
     """User-provided completions (task_id + completion rows) cannot be scored as given."""
 

@@ -9,7 +9,7 @@ continuation at the task format's stop sequences."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +141,12 @@ def _stop_at_closed_block(tokenizer, prompt_tokens: int):
 
 
 def generate(model, tokenizer, prompts: list[Prompt], settings: SamplingSpec, *, batch_size: int = 16,
-             seed: int = 0) -> tuple[list[Sample], float]:
+             seed: int = 0, stop: Callable[[], None] | None = None) -> tuple[list[Sample], float]:
     """settings.n completions per prompt, in the settings' prompt style (prompt_style): chat answers
     end at the model's end of turn or once their first Python block is closed, completion-style
     continuations are cut at the task format's stop sequences; settings.stop, when given, cuts both.
-    Returns (samples, seconds)."""
+    stop() is called before each batch of prompts; what it raises ends generation. Returns
+    (samples, seconds)."""
     import torch
     from transformers import StoppingCriteriaList
 
@@ -158,6 +159,8 @@ def generate(model, tokenizer, prompts: list[Prompt], settings: SamplingSpec, *,
     special = style == PromptStyle.COMPLETION or tokenizer.chat_template is None
     eos = _end_of_turn_ids(model, tokenizer)
     for i in range(0, len(prompts), batch_size):
+        if stop is not None:
+            stop()
         batch = prompts[i:i + batch_size]
         texts = [render(tokenizer, p, style) for p in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)

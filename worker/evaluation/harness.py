@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
@@ -188,11 +188,14 @@ def evaluate(
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_workers: int | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> list[TaskResult]:
     """Run every sample's program in the sandbox, up to max_workers (default: CPU count) at a
     time, and return one result per sample in input order. The sandbox's self-check runs first
     (once per sandbox). Raises SamplesInvalid for a task_id not in `problems`, SandboxBreach
-    when the self-check fails; a program's own failure is a result, never an exception."""
+    when the self-check fails; a program's own failure is a result, never an exception. stop()
+    is called before each program; what it raises ends the run once the programs running finish
+    (it must keep raising, so the ones not started return at once)."""
     samples = list(samples)
     unknown = sorted({s.task_id for s in samples} - problems.keys())
     if unknown:
@@ -203,6 +206,8 @@ def evaluate(
     workers = max(1, min(len(samples), max_workers or os.cpu_count() or 1))
 
     def run(sample: Sample) -> TaskResult:
+        if stop is not None:
+            stop()
         program = build_program(problems[sample.task_id], sample.completion)
         return _task_result(sample, program, sandbox.run(program, timeout_s=timeout_s))
 
@@ -229,17 +234,19 @@ def score(
     ks: Sequence[int] = DEFAULT_KS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_workers: int | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> Score:
     """Evaluate user-provided completions (default problems: built-in HumanEval) and compute
     pass@k per k over the tasks that have samples. Samples whose sandbox failed to start are
     retried once; if any still failed, raises SandboxUnavailable rather than score an
     infrastructure failure as a wrong answer. Raises SamplesInvalid when there are no samples
-    or a task_id is unknown, ValueError for an invalid k, SandboxBreach when the self-check fails."""
+    or a task_id is unknown, ValueError for an invalid k, SandboxBreach when the self-check fails;
+    stop as for evaluate()."""
     problems = load_humaneval() if problems is None else problems
     samples = list(samples)
     if not samples:
         raise SamplesInvalid("no samples to score: give at least one completion of a known task", param="file")
-    results = evaluate(sandbox, problems, samples, timeout_s=timeout_s, max_workers=max_workers)
+    results = evaluate(sandbox, problems, samples, timeout_s=timeout_s, max_workers=max_workers, stop=stop)
     results = _retry_sandbox_errors(sandbox, problems, samples, results, timeout_s, max_workers)
     counts = _counts(results)
     pass_k = aggregate_pass_at_k(counts.values(), ks)

@@ -1,6 +1,8 @@
 """The evaluation pipeline: read what an evaluation needs, generate completions (or take the
 team's), run them in the sandbox, score pass@k, store the per-sample results, and record each
-outcome under the claim's lease. An evaluation of a job's adapter also checks its tasks against
+outcome under the claim's lease. Between batches of completions and before each program it checks
+for a cancel request, its wall-time limit (the team's evaluation_wall_seconds) and a lost lease
+(StopCheck), and stops there. An evaluation of a job's adapter also checks its tasks against
 the job's training and validation files (app/domains/evaluations/overlap.py): its result's
 `overlap` section says whether the score is measured on tasks the model was trained on."""
 
@@ -12,7 +14,7 @@ import resource
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +32,9 @@ from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
 from app.domains.jobs.models import FineTuningJob
 from app.domains.base_models import service as base_models
-from worker.lease import Lease
+from app.domains.quotas import service as quotas
+from worker.evaluation.errors import EvaluationStopped
+from worker.lease import DB_DOWN, Lease
 from worker.staging import stage_file, stage_tree
 
 if TYPE_CHECKING:
@@ -55,6 +59,7 @@ class Plan:
     # (file id, storage key or None when the file was deleted) of the data the evaluated adapter was
     # trained on; empty: no overlap check (the base, a standalone evaluation)
     training_files: tuple[tuple[str, str | None], ...] = ()
+    wall_seconds: float | None = None  # the team's evaluation_wall_seconds; None: no limit
 
 
 @lru_cache
@@ -79,7 +84,45 @@ def plan(session, row: Evaluation) -> Plan:
         base_path=Path(base.path) if base else None,
         adapter_prefix=adapters.files_prefix(adapter.storage_prefix) if adapter else None,
         quantized=roles.loading(row.role).quantized, training_files=_training_files(session, row),
+        wall_seconds=quotas.limits(session, row.team_id).evaluation_wall_seconds,
     )
+
+
+class StopCheck:
+    """Called between batches and programs of one evaluation: raises EvaluationStopped, and keeps
+    raising, once the lease is lost, the evaluation passed its wall-time limit, or a cancel was
+    requested (the database is asked at most every poll_seconds)."""
+
+    def __init__(self, plan: Plan, lease: Lease, *, poll_seconds: float = 0.5) -> None:
+        self.plan, self.lease, self.poll_seconds = plan, lease, poll_seconds
+        self.began = time.monotonic()
+        self._polled = 0.0
+        self.stopped: EvaluationStopped | None = None
+
+    def __call__(self) -> None:
+        if self.stopped is None:
+            self.stopped = self._why()
+        if self.stopped is not None:
+            raise self.stopped
+
+    def _why(self) -> EvaluationStopped | None:
+        if self.lease.lost.is_set():
+            return EvaluationStopped("lost", "the evaluation's lease was lost")
+        elapsed, limit = time.monotonic() - self.began, self.plan.wall_seconds
+        if limit is not None and elapsed > limit:
+            return EvaluationStopped("limit", f"the evaluation ran for {elapsed:,.0f} s, past its limit of "
+                                              f"{limit:,.0f} s (the team's evaluation_wall_seconds)")
+        now = time.monotonic()
+        if now - self._polled < self.poll_seconds:
+            return None
+        self._polled = now
+        try:
+            with session_scope() as session:
+                asked = evaluations.cancel_requested(session, ids=[self.plan.id], lease_token=self.lease.token)
+        except DB_DOWN as exc:
+            log.warning("evaluation %s: cancel check skipped, database unreachable: %s", self.plan.id, exc)
+            return None
+        return EvaluationStopped("cancel", "the evaluation was cancelled") if asked else None
 
 
 def _training_files(session, row: Evaluation) -> tuple[tuple[str, str | None], ...]:
@@ -127,8 +170,9 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _evaluate(plan: Plan) -> tuple[dict, str]:
-    """Score one evaluation; returns (result summary, storage key of the per-sample JSONL)."""
+def _evaluate(plan: Plan, stop: Callable[[], None]) -> tuple[dict, str]:
+    """Score one evaluation; returns (result summary, storage key of the per-sample JSONL). Raises
+    EvaluationStopped where stop() does."""
     from worker.evaluation import generate, harness, tasks_io
 
     start, cpu0 = time.monotonic(), _cpu_seconds()
@@ -148,12 +192,13 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
         model, tokenizer = generate.load(plan.base_path, adapter_dir, quantized=plan.quantized)
         summary["base_weights"] = generate.base_weights(model)
         summary["prompt_style"] = generate.prompt_style(tokenizer, plan.settings)
-        samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings)
+        samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings,
+                                                                   stop=stop)
         summary["heldout_loss"] = generate.heldout_loss(model, tokenizer, generate.heldout_texts())
         del model
     exec_start = time.monotonic()
     score = harness.score(_sandbox(), samples, problems=problems, ks=plan.settings.k,
-                          timeout_s=plan.settings.timeout_seconds)
+                          timeout_s=plan.settings.timeout_seconds, stop=stop)
     outcomes: dict[str, int] = {}
     for r in score.results:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
@@ -176,13 +221,24 @@ def _evaluate(plan: Plan) -> tuple[dict, str]:
 def run_plans(plans: list[Plan], lease: Lease) -> dict[str, dict]:
     """Run each plan, recording each outcome as it ends while the lease is held. Returns
     {evaluation id: summary}; re-raises the first failure after marking that evaluation (and the
-    ones not run) failed. Stops early, writing nothing more, once the lease is lost."""
+    ones not run) failed. Stops early, writing nothing more, once the lease is lost. Raises
+    EvaluationStopped when one stopped: "cancel" after recording it cancelled, "limit" after
+    recording it (and the ones not run) failed with code cost_limit_exceeded, "lost" with nothing
+    written."""
     results: dict[str, dict] = {}
     for i, p in enumerate(plans):
         if lease.lost.is_set():
             break
         try:
-            summary, key = _evaluate(p)
+            summary, key = _evaluate(p, StopCheck(p, lease))
+        except EvaluationStopped as stopped:
+            log.info("evaluation %s stopped: %s", p.id, stopped)
+            if stopped.reason == "cancel":
+                with session_scope() as session:
+                    evaluations.cancelled(session, ids=[p.id], lease_token=lease.token)
+            elif stopped.reason == "limit":
+                fail([later.id for later in plans[i:]], lease.token, stopped, code="cost_limit_exceeded")
+            raise
         except Exception as exc:
             log.error("evaluation %s failed:\n%s", p.id, traceback.format_exc())
             fail([later.id for later in plans[i:]], lease.token, exc)
@@ -194,9 +250,10 @@ def run_plans(plans: list[Plan], lease: Lease) -> dict[str, dict]:
     return results
 
 
-def fail(ids: list[str], token: str, exc: Exception) -> None:
+def fail(ids: list[str], token: str, exc: Exception, *, code: str = "evaluation_error") -> None:
     """Mark these held evaluations failed with the exception's message."""
+    message = str(exc) if isinstance(exc, EvaluationStopped) else f"{type(exc).__name__}: {exc}"
     with session_scope() as session:
         for evaluation_id in ids:
-            evaluations.fail(session, evaluation_id=evaluation_id, lease_token=token, code="evaluation_error",
-                             message=f"{type(exc).__name__}: {exc}"[:2000])
+            evaluations.fail(session, evaluation_id=evaluation_id, lease_token=token, code=code,
+                             message=message[:2000])

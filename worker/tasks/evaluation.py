@@ -25,6 +25,7 @@ from app.domains.jobs import rounds
 from app.domains.jobs.states import add_event
 from worker.celery_app import app
 from worker.evaluation import runner
+from worker.evaluation.errors import EvaluationStopped
 from worker.lease import Lease
 
 log = logging.getLogger("tuneforge.evaluation")
@@ -49,9 +50,10 @@ def _cannot_start(ids: list[str], token: str, exc: Exception) -> None:
     runner.fail(ids, token, exc)
 
 
-def _fail_job(job_id: str, exc: Exception) -> str:
+def _fail_job(job_id: str, exc: Exception, *, code: str = "evaluation_error") -> str:
+    message = str(exc) if isinstance(exc, EvaluationStopped) else f"{type(exc).__name__}: {exc}"
     with session_scope() as session:
-        job_lease.fail(session, job_id=job_id, code="evaluation_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+        job_lease.fail(session, job_id=job_id, code=code, message=message[:2000])
     return str(EvaluationStatus.FAILED)
 
 
@@ -67,8 +69,9 @@ def _warn_of_overlap(session, job_id: str, report: dict) -> None:
 
 @app.task(name=EVALUATE_TASK)
 def run(evaluation_id: str) -> str:
-    """Score one standalone evaluation. Returns 'not-claimed', 'succeeded', 'failed' or 'lost'
-    (the lease was lost: the reaper gave the evaluation to another worker)."""
+    """Score one standalone evaluation. Returns 'not-claimed', 'succeeded', 'failed' (also past its
+    wall-time limit), 'cancelled' or 'lost' (the lease was lost: the reaper gave the evaluation to
+    another worker)."""
     token, won = _claim([evaluation_id])
     if not won:
         return "not-claimed"
@@ -81,6 +84,9 @@ def run(evaluation_id: str) -> str:
     with _lease(won, token) as lease:
         try:
             results = runner.run_plans([plan], lease)
+        except EvaluationStopped as stopped:
+            return {"cancel": str(EvaluationStatus.CANCELLED), "limit": str(EvaluationStatus.FAILED)}.get(
+                stopped.reason, "lost")
         except Exception:
             return str(EvaluationStatus.FAILED)
     return str(EvaluationStatus.SUCCEEDED) if evaluation_id in results else "lost"
@@ -108,6 +114,11 @@ def run_job(job_id: str) -> str:
     with _lease(won, token) as lease:
         try:
             results = runner.run_plans(plans, lease)
+        except EvaluationStopped as stopped:
+            if stopped.reason == "lost":
+                return "lost"
+            return _fail_job(job_id, stopped,
+                             code="cost_limit_exceeded" if stopped.reason == "limit" else "evaluation_cancelled")
         except Exception as exc:
             return _fail_job(job_id, exc)
     if set(results) != set(won):
