@@ -6,6 +6,7 @@ import json
 import secrets
 import time
 from importlib import resources
+from pathlib import Path
 
 import httpx
 
@@ -72,3 +73,19 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         if not page["has_more"]:
             return list(reversed(events))
         after = page["data"][-1]["id"]
+
+
+def stored_adapter(team_id: str, archive: Path) -> str:
+    """An adapter of tiny-llama whose archive is the given file, recorded without training; its id."""
+    from app.core.ids import new_id
+    from app.core.storage import get_storage
+    from app.domains.adapters import service as adapters
+
+    adapter_id = new_id("ftadapter")
+    prefix = adapters.storage_prefix(team_id=team_id, adapter_id=adapter_id)
+    blob = get_storage().put_file(archive, adapters.archive_key(prefix))
+    with session_scope() as session:
+        adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=None, base_model="tiny-llama",
+                        name=f"ft:tiny-llama:{adapter_id}", storage_prefix=prefix, archive_key=blob.key,
+                        size=blob.bytes, sha256=blob.sha256)
+    return adapter_id

@@ -3,6 +3,8 @@ downloads against deletes and one Idempotency-Key, on Postgres and on the embedd
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,7 +16,8 @@ from app.core.db import session_scope
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import ApiKey
 from tests.api.servers import embedded_instance, private_api
-from tests.factories import create_job, demo_tasks, jsonl, post_job, upload, uploaded_file_id
+from tests.factories import (create_job, demo_tasks, jsonl, post_job, stored_adapter, upload,
+                             uploaded_file_id)
 
 
 @contextmanager
@@ -128,3 +131,43 @@ def test_the_files_that_a_queued_evaluation_reads_cannot_be_deleted(services_env
                 assert r.status_code == 409 and r.json()["error"]["code"] == "file_in_use", r.text
                 assert ev.json()["id"] in r.json()["error"]["message"]
                 assert client.get(f"/files/{file_id}").status_code == 200
+
+
+# -- downloads racing deletes ---------------------------------------------------------------------
+
+def _race_download_and_delete(client: httpx.Client, path: str, expected: bytes) -> None:
+    """GET path/content and DELETE path at once: the download must be the whole body or a 404."""
+    barrier = threading.Barrier(2)
+
+    def download() -> tuple[int, bytes]:
+        barrier.wait()
+        with client.stream("GET", f"{path}/content") as r:
+            return r.status_code, r.read()  # an aborted body raises here
+
+    def delete() -> int:
+        barrier.wait()
+        return client.delete(path).status_code
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got, deleted = pool.submit(download), pool.submit(delete)
+        (status, body), deleted_status = got.result(timeout=60), deleted.result(timeout=60)
+    assert deleted_status == 200
+    assert (status, body) == (200, expected) or status == 404, (status, len(body), len(expected))
+
+
+def test_a_file_downloaded_while_it_is_deleted_arrives_whole_or_answers_404(api, make_team):
+    _, key = make_team()
+    client = api(key)
+    content = jsonl([{"text": f"line {i} " + "x" * 200} for i in range(1000)])
+    for _ in range(30):
+        _race_download_and_delete(client, f"/files/{uploaded_file_id(client, content)}", content)
+
+
+def test_an_adapter_downloaded_while_it_is_deleted_arrives_whole_or_answers_404(api, make_team, tiny_model,
+                                                                                 tmp_path):
+    team_id, key = make_team()
+    client = api(key)
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(secrets.token_bytes(1 << 20))
+    for _ in range(30):
+        _race_download_and_delete(client, f"/adapters/{stored_adapter(team_id, archive)}", archive.read_bytes())

@@ -3,9 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from app.api.blobs import stream_blob
 from app.api.deps import PageDep, PrincipalDep, SessionDep
-from app.core.storage import get_storage
 from app.domains.adapters import service as adapters
+from app.domains.adapters.errors import AdapterNotFound
 from app.domains.adapters.schemas import AdapterDeleted, AdapterList, AdapterRead
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -27,10 +28,12 @@ def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalD
     """A .tar.gz of the peft adapter directory (adapter_config.json, adapter_model.safetensors and
     the tokenizer): extract it and pass the folder to peft.PeftModel.from_pretrained."""
     row = adapters.get(session, team_id=principal.team_id, adapter_id=adapter_id)
-    storage = get_storage()
-    return StreamingResponse(storage.iter_bytes(row.archive_key), media_type="application/gzip", headers={
-        "Content-Disposition": f'attachment; filename="{row.id}.tar.gz"',
-        "Content-Length": str(storage.size(row.archive_key)), "X-Adapter-SHA256": row.sha256})
+    # An adapter deleted while this answers is still sent whole once opened, else 404.
+    return stream_blob(row.archive_key, missing=AdapterNotFound(f"No such adapter: {adapter_id!r}.",
+                                                                param="adapter_id"),
+                       media_type="application/gzip", headers={
+                           "Content-Disposition": f'attachment; filename="{row.id}.tar.gz"',
+                           "X-Adapter-SHA256": row.sha256})
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)

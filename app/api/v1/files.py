@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from app.api.blobs import stream_blob
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
 from app.api.idempotent import create_once
 from app.api.upload import receive_upload
@@ -12,6 +13,7 @@ from app.core.config import get_settings
 from app.core.storage import get_storage
 from app.domains.evaluations import service as evaluations
 from app.domains.files import service as files
+from app.domains.files.errors import FileNotFound
 from app.domains.files.schemas import FileDeleted, FileList, FileRead
 from app.domains.files.validation import JsonlValidator
 from app.domains.idempotency import service as idempotency
@@ -89,9 +91,10 @@ def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> File
 @router.get("/{file_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/jsonl": {}}}})
 def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
+    """The whole file, or 404: a file deleted while this answers is still sent whole once opened."""
     row = files.get(session, team_id=principal.team_id, file_id=file_id)
-    return StreamingResponse(get_storage().iter_bytes(row.storage_key), media_type="application/jsonl",
-                             headers={"Content-Length": str(row.bytes)})
+    return stream_blob(row.storage_key, missing=FileNotFound(f"No such file: {file_id!r}.", param="file_id"),
+                       media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
