@@ -41,7 +41,7 @@ BACKOFF_SECONDS = (0.2, 1.0, 3.0)
 _Item = tuple[Mapping, Callable[[], None] | None]
 
 
-class _Writer:
+class Writer:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=MAX_QUEUED)
@@ -114,14 +114,14 @@ class _Writer:
 
 
 @lru_cache
-def _writer() -> _Writer:
+def _writer() -> Writer:
     url = get_settings().effective_database_url
     if url.startswith("sqlite"):
         # Its own connection to the same file; the API's engine has already put it in WAL mode.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=1, max_overflow=0)
-    return _Writer(engine)
+    return Writer(engine)
 
 
 def submit(row: Mapping, done: Callable[[], None] | None = None) -> None:
