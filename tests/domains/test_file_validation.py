@@ -306,3 +306,19 @@ def test_feed_after_finish_is_refused() -> None:
     assert validator.finish() is validator.finish()
     with pytest.raises(RuntimeError):
         validator.feed(jsonl(TEXT))
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (b'{"prompt": "p", "completion": NaN}', "NaN is not a finite number (JSON has no NaN or Infinity); send a "
+                                            "finite number (at completion)"),
+    (b'{"text": "t", "score": -Infinity}', "-Infinity is not a finite number"),
+    (b'{"text": "t", "score": 1e400}', "1e400 is not a finite number"),
+    (b'{"text": "a", "text": "b"}', 'the key "text" appears more than once in one object; keep one (at text)'),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "role": "user", "content": "b"}]}',
+     "(at messages.1.role)"),
+])
+def test_non_finite_numbers_and_duplicate_keys_are_line_errors(line: bytes, message: str) -> None:
+    report = validate(jsonl(TEXT) + line + b"\n")
+    assert report.examples == 1 and report.error_count == 1
+    (error,) = report.errors
+    assert error.line == 2 and error.message.startswith("invalid JSON: ") and message in error.message

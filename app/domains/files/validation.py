@@ -5,7 +5,8 @@ ValidationReport at the end; memory stays bounded by `max_line_bytes` whatever t
 because a line longer than that is reported and its bytes dropped, never buffered.
 
 Each line must be one valid record of one format (app/domains/files/formats.py), the same format
-for the whole file, fixed by its first valid record.
+for the whole file, fixed by its first valid record. Lines are read as strict JSON
+(app/core/strict_json.py): NaN, Infinity and a key twice in one object are errors of their line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from app.core import strict_json
 from app.domains.files import formats
 from app.domains.files.formats import FORMATS, TASK_FORMATS, TRAINABLE_FORMATS  # noqa: F401 (re-exported)
 
@@ -191,7 +193,10 @@ class JsonlValidator:
 
     def _parse(self, number: int, text: str) -> dict[str, Any] | None:
         try:
-            record = json.loads(text)
+            record = strict_json.loads(text)
+        except strict_json.StrictJsonError as exc:
+            self._error(number, f"invalid JSON: {exc}")
+            return None
         except json.JSONDecodeError as exc:
             if text.lstrip().startswith("\ufeff"):
                 self._error(number, "a UTF-8 byte-order mark (BOM) in the middle of the file, probably from "
