@@ -64,3 +64,19 @@ def test_a_command_on_an_unreachable_database_says_so_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("error: cannot use the database at postgresql+psycopg://tuneforge:***@127.0.0.1:1/")
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+def test_models_register_and_import_refuse_an_unsafe_name_and_write_nothing(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    env = _env(TUNEFORGE_DATA_DIR=str(data))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    for command in (["models", "register", "../evil", str(tiny_model)], ["models", "register", "a\nb", str(tiny_model)],
+                    ["models", "import", "../../evil", str(gguf)]):
+        out = _tuneforge(*command, env=env, cwd=tmp_path)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and "is invalid" in out.stderr, out.stderr
+    assert not (tmp_path / "evil").exists() and not (data / "evil").exists()
+    assert not (data / "models").exists()
+    listed = _tuneforge("models", "list", env=env, cwd=tmp_path)
+    assert (listed.returncode, listed.stdout) == (0, ""), listed.stderr

@@ -231,10 +231,16 @@ def _register(args: argparse.Namespace) -> int:
 def _import_gguf(args: argparse.Namespace) -> int:
     """Convert a GGUF file once into a model directory under the data dir, then register it."""
     from app.core.config import get_settings
+    from app.domains.base_models import service as base_models
+    from app.domains.base_models.errors import InvalidModelName
     from worker.base_models.gguf import GGUFImportError, import_gguf
 
     try:
-        path = import_gguf(args.file, get_settings().data_dir / "models" / args.name)
+        # The name becomes a directory: check it before anything is written there.
+        path = import_gguf(args.file, get_settings().data_dir / "models" / base_models.check_name(args.name))
+    except InvalidModelName as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, GGUFImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,5 +9,9 @@ class InvalidModelDirectory(InvalidRequest):
     code = "invalid_model_directory"
 
 
+class InvalidModelName(InvalidRequest):
+    code = "invalid_model_name"
+
+
 class ModelExists(Conflict):
     code = "model_exists"

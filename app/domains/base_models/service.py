@@ -4,22 +4,35 @@ config.json tells the architecture; the worker loads the weights."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.domains.base_models.errors import InvalidModelDirectory, ModelExists
+from app.domains.base_models.errors import InvalidModelDirectory, InvalidModelName, ModelExists
 from app.domains.base_models.models import RegisteredModel
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# A name is a route segment (/v1/models/NAME), part of every fine-tuned model's name (ft:NAME:...)
+# and a directory under the data dir (models import): one safe path component, nothing else.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """Return `name` when it can name a base model; raises InvalidModelName otherwise. Call it before
+    using a name for anything, a directory included."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidModelName(f"Model name {name!r} is invalid: 1-128 letters, digits, '.', '_' or '-', starting "
+                               "with a letter or digit, and no '..' (e.g. 'llama-3.2-1b').", param="name")
+    return name
 
 
 def register(session: Session, *, name: str, path: str | Path, replace: bool = False) -> RegisteredModel:
-    """Record a local model directory under `name`. Raises InvalidModelDirectory when the directory lacks
-    config.json, weights or a tokenizer; ModelExists when the name is taken and replace is False."""
-    if not name or len(name) > 128 or ":" in name or "/" in name:
-        raise InvalidModelDirectory(f"Model name {name!r} is invalid: 1-128 characters, no ':' or '/'.", param="name")
+    """Record a local model directory under `name`. Raises InvalidModelName for an unsafe name (check_name),
+    InvalidModelDirectory when the directory lacks config.json, weights or a tokenizer; ModelExists when
+    the name is taken and replace is False."""
+    check_name(name)
     root = Path(path).expanduser().resolve()
     config_file = root / "config.json"
     if not config_file.is_file():
