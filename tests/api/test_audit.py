@@ -249,3 +249,15 @@ def test_prune_deletes_only_rows_older_than_its_date_and_the_table_stays_append_
                 session.execute(delete(AuditEvent).where(AuditEvent.id == ids[2]))
     with session_scope() as session:
         assert session.get(AuditEvent, ids[2]) is not None
+
+
+def test_an_idempotent_create_and_its_replay_each_get_one_row_naming_the_same_object(api, make_team):
+    _, key = make_team()
+    client = api(key)
+    file_id = uploaded_file_id(client)
+    headers = {"Idempotency-Key": secrets.token_hex(8)}
+    first, replay = (upload(client, jsonl([{"text": "once"}]), headers=headers) for _ in range(2))
+    assert first.status_code == replay.status_code == 200 and first.json()["id"] == replay.json()["id"]
+    rows = _events(client, action="POST /v1/files")
+    assert sorted((e["object_id"], e["status_code"]) for e in rows) == sorted(
+        [(file_id, 200), (first.json()["id"], 200), (first.json()["id"], 200)])
