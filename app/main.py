@@ -13,6 +13,7 @@ from app.api import errors
 from app.api.audit import AuditMiddleware
 from app.api.deps import rate_limit
 from app.api.limits import BodyLimitMiddleware
+from app.api.request_checks import refuse_bad_input
 from app.api.v1 import adapters, evaluations, files, jobs, models
 from app.api.v1 import completions, inference
 from app.api.v1 import audit, keys, quotas
@@ -31,7 +32,9 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(AuditMiddleware)  # after the body limit, so the audit log sees its refusals too
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit)], responses=errors.RESPONSES)
+    # After the key and its rate limit, so that bad input from no key still answers 401.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit), Depends(refuse_bad_input)],
+                   responses=errors.RESPONSES)
     for module in (files, jobs, adapters, models, evaluations):
         v1.include_router(module.router)
     for module in (completions, inference):

@@ -62,6 +62,7 @@ class _State:
     filename: str | None = None
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     size: int = 0
+    complete: bool = False  # the closing boundary was read: a body cut short never sets it
 
     # -- python-multipart callbacks --
     def on_part_begin(self) -> None:
@@ -91,6 +92,9 @@ class _State:
             if self.file is not None:
                 raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_multipart")
             self.part_filename = options[b"filename"].decode("utf-8", "replace")
+            if "\x00" in self.part_filename:
+                raise InvalidRequest("The file name contains a NUL (\\u0000) character; rename the file.",
+                                     param="file", code="invalid_filename")
             self.filename = self.part_filename
             self.file = self.storage.temp_file()
         elif len(self.fields) >= _MAX_FIELDS:
@@ -115,12 +119,20 @@ class _State:
 
     def on_part_end(self) -> None:
         if self.part_filename is None and self.part_name is not None:
-            self.fields[self.part_name] = self.field_value.decode("utf-8", "replace")
+            value = self.field_value.decode("utf-8", "replace")
+            if "\x00" in self.part_name or "\x00" in value:
+                name = self.part_name.replace("\x00", "\\u0000")
+                raise InvalidRequest(f"Form field {name!r} contains a NUL (\\u0000) character; remove it.",
+                                     param=name, code="invalid_value")
+            self.fields[self.part_name] = value
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def callbacks(self) -> dict:
         return {name: getattr(self, name) for name in (
             "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-            "on_header_end", "on_headers_finished")}
+            "on_header_end", "on_headers_finished", "on_end")}
 
 
 async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
@@ -148,6 +160,10 @@ async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
     except BaseException:
         _close(state, delete=True)
         raise
+    if not state.complete:
+        _close(state, delete=True)
+        raise InvalidRequest("The multipart body ends before its closing boundary: the upload was cut short. "
+                             "Send it again, complete.", param="file", code="upload_incomplete")
     if state.file is None:
         raise InvalidRequest("No file in the upload: send the dataset in a multipart field named 'file'.",
                              param="file", code="missing_file")

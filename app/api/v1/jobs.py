@@ -1,25 +1,26 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
+from app.api.request_checks import QueryFamily
 from app.core.config import get_settings
 from app.domains.checkpoints import service as checkpoints
 from app.domains.checkpoints.schemas import CheckpointList
 from app.domains.jobs import service as jobs
 from app.domains.jobs.models import FineTuningJob
-from app.domains.jobs.schemas import EventList, JobCreate, JobList, JobRead
+from app.domains.jobs.schemas import EventList, JobCreate, JobList, JobRead, metadata_key_problem
 from app.domains.jobs.states import JobStatus
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
-_META_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
+MetadataFilter = Annotated[dict[str, str], Depends(QueryFamily("metadata", metadata_key_problem))]
 
 
 @router.post("", response_model=JobRead)
@@ -34,9 +35,9 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep,
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, session: SessionDep, principal: PrincipalDep, page: PageDep) -> JobList:
-    """Newest first. Filter by metadata with metadata[key]=value query parameters."""
-    metadata = {m.group(1): v for k, v in request.query_params.multi_items() if (m := _META_PARAM.match(k))}
+def list_jobs(session: SessionDep, principal: PrincipalDep, page: PageDep, metadata: MetadataFilter) -> JobList:
+    """Newest first. Filter by metadata with metadata[key]=value query parameters (all must match);
+    a malformed filter answers 400."""
     return jobs.list_page(session, team_id=principal.team_id, after=page.after, limit=page.limit, metadata=metadata)
 
 

@@ -13,6 +13,18 @@ from app.domains.evaluations.spec import JobEvalSpec
 from app.domains.jobs.spec import AutoIterateSpec, LoraSpec, QuantizationSpec, TrainingSettings
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# Characters a metadata key must not hold: a key with them could be stored but never found again by
+# a metadata[key]=value filter (SQLite's JSON paths do not unescape them), and Postgres text holds no NUL.
+_UNFILTERABLE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def metadata_key_problem(key: str) -> str | None:
+    """Why `key` cannot be a job's metadata key (also what a metadata[key] filter accepts); None when it can."""
+    if not 1 <= len(key) <= 64:
+        return "metadata keys are 1-64 characters"
+    if _UNFILTERABLE.search(key):
+        return "metadata keys must not contain '\"', '\\' or control characters"
+    return None
 
 
 class Hyperparameters(BaseModel):
@@ -103,8 +115,9 @@ class JobCreate(BaseModel):
         if len(v) > 16:
             raise ValueError("metadata holds at most 16 pairs")
         for key, value in v.items():
-            if not 1 <= len(key) <= 64 or len(value) > 512:
-                raise ValueError(f"metadata key {key[:70]!r}: keys are 1-64 chars, values at most 512")
+            problem = metadata_key_problem(key) or ("values are at most 512 characters" if len(value) > 512 else None)
+            if problem is not None:
+                raise ValueError(f"metadata key {key[:70]!r}: {problem}")
         return v
 
     @field_validator("integrations")

@@ -18,7 +18,8 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: "Infinity" or "nan" sent as a string would otherwise become a float.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 # target_modules meaning every linear layer but the output layer (peft's own keyword).
