@@ -3,6 +3,7 @@ It never imports torch, transformers or the worker: work is dispatched by task n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -20,6 +21,8 @@ from app.api.v1 import audit, keys, quotas
 from app.core import queue
 from app.core.db import get_engine
 from app.core.storage import get_storage
+
+log = logging.getLogger("tuneforge.api")
 
 
 def create_app() -> FastAPI:
@@ -57,7 +60,9 @@ def create_app() -> FastAPI:
                 check()
                 results[name] = "ok"
             except Exception as exc:  # report, never raise: this is the probe
-                results[name] = f"unavailable: {str(exc)[:200]}"
+                # The probe needs no key: the reason (hosts, ports, paths) goes to the log, not the answer.
+                log.warning("readiness check %s failed: %s", name, exc)
+                results[name] = f"unavailable: the {name} did not answer; the server log has the reason"
         ok = all(v == "ok" for v in results.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", **results}, status_code=200 if ok else 503)
 

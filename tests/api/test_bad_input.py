@@ -3,10 +3,15 @@ line, with nothing stored (no file row or blob, no job row)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
+from app.api.v1.inference import _team_view
+from tests.api.servers import private_api
 from tests.api.test_files import _storage_files
+from tests.conftest import free_port
 from tests.factories import create_job, post_job, upload, uploaded_file_id
 
 
@@ -207,3 +212,25 @@ def test_a_metadata_key_no_filter_could_find_is_refused_at_create(api, make_team
     assert r.json()["error"]["param"] == "metadata"
     _no_jobs(client)
 
+
+def test_readyz_names_no_host_or_port_of_a_dependency_that_is_down(services_env):
+    port = free_port()
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{port}/tuneforge"
+    with private_api(services_env, TUNEFORGE_DATABASE_URL=dead) as base:
+        ready = httpx.get(f"{base}/readyz", timeout=30)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "unavailable" and body["database"].startswith("unavailable")
+    assert str(port) not in ready.text and "127.0.0.1" not in ready.text and "postgres" not in ready.text
+
+
+def test_inference_stats_show_no_filesystem_paths():
+    # The engine's counters as an inference process answers them (worker/inference/engine.py stats()).
+    stats = {"base": {"name": "tiny-llama", "path": "/srv/tuneforge/models/tiny-llama", "device": "cpu"},
+             "adapters_loaded": [{"id": "ftadapter-1", "path": "/srv/cache/ftadapter-1", "bytes": 10},
+                                 {"id": "ftadapter-2", "path": "/srv/cache/ftadapter-2", "bytes": 10}],
+             "per_adapter_requests": {"ftadapter-1": 3, "ftadapter-2": 4}}
+    view = _team_view(stats, {"ftadapter-1"})
+    assert "/srv" not in json.dumps(view)
+    assert view["base"] == {"name": "tiny-llama", "device": "cpu"}
+    assert view["adapters_loaded"] == [{"id": "ftadapter-1", "bytes": 10}]

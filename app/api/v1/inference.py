@@ -53,7 +53,10 @@ async def inference_stats(session: SessionDep, principal: AdminDep) -> EndpointS
 
 def _team_view(stats: dict, own: set[str]) -> dict:
     """The engine's counters with the per-adapter parts cut to the team's own adapters (and the base),
-    and without storage paths."""
+    and without filesystem paths: neither the adapters' nor the base model's."""
     loaded = [{k: v for k, v in e.items() if k != "path"} for e in stats.get("adapters_loaded", []) if e["id"] in own]
     requests = {k: v for k, v in stats.get("per_adapter_requests", {}).items() if k in own or k == BASE_ADAPTER_KEY}
-    return stats | {"adapters_loaded": loaded, "per_adapter_requests": requests}
+    view = stats | {"adapters_loaded": loaded, "per_adapter_requests": requests}
+    if isinstance(stats.get("base"), dict):
+        view["base"] = {k: v for k, v in stats["base"].items() if k != "path"}
+    return view
