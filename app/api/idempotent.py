@@ -27,13 +27,16 @@ def create_once(session: Session, principal: Principal, *, endpoint: str, key: s
     """Return (object, created). A key seen before returns the object its first request made; a
     concurrent request with the same key that commits first wins, and its object is returned.
     Commits on creation (what create() registered to run after commit, such as an enqueue, runs
-    then), so that a concurrent request with the same key is caught here, as an IntegrityError."""
+    then), so that a concurrent request with the same key is caught here, as an IntegrityError:
+    at the key's INSERT (Postgres holds it until the first request's transaction ends, then
+    refuses it; SQLite refuses it once the first one has committed) or at the commit. The loser's
+    object is rolled back with its key, so the team keeps one object per key."""
     existing = idempotency.lookup(session, team_id=principal.team_id, endpoint=endpoint, key=key)
     if existing:
         return fetch(existing), False
     obj = create()
-    idempotency.remember(session, team_id=principal.team_id, endpoint=endpoint, key=key, object_id=obj.id)
     try:
+        idempotency.remember(session, team_id=principal.team_id, endpoint=endpoint, key=key, object_id=obj.id)
         session.commit()
     except IntegrityError:
         session.rollback()

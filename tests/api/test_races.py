@@ -171,3 +171,31 @@ def test_an_adapter_downloaded_while_it_is_deleted_arrives_whole_or_answers_404(
     archive.write_bytes(secrets.token_bytes(1 << 20))
     for _ in range(30):
         _race_download_and_delete(client, f"/adapters/{stored_adapter(team_id, archive)}", archive.read_bytes())
+
+
+# -- one Idempotency-Key --------------------------------------------------------------------------
+
+def _creates_with_one_key(base: str, key: str) -> None:
+    """50 creates at once with one Idempotency-Key: every one answers the first one's job, and the
+    team has that job only."""
+    with _client(base, key) as client, ThreadPoolExecutor(max_workers=50) as pool:
+        file_id = uploaded_file_id(client)
+        headers = {"Idempotency-Key": f"burst-{secrets.token_hex(4)}"}
+        answers = list(pool.map(lambda _: client.post("/fine_tuning/jobs", headers=headers, json={
+            "model": "tiny-llama", "training_file": file_id}), range(50)))
+        assert [r.status_code for r in answers] == [200] * 50, {r.status_code: r.text for r in answers}
+        assert len({r.json()["id"] for r in answers}) == 1
+        jobs = client.get("/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+        assert [j["id"] for j in jobs] == [answers[0].json()["id"]]
+
+
+def test_concurrent_creates_with_one_idempotency_key_return_one_job_on_postgres(server, tiny_model, make_team):
+    _, key = make_team()
+    _creates_with_one_key(f"{server}/v1", key)
+
+
+def test_concurrent_creates_with_one_idempotency_key_return_one_job_on_sqlite(services_env, tmp_path, tiny_model,
+                                                                             make_team):
+    with _embedded_server(services_env, tmp_path, tiny_model) as base:
+        _, key = make_team()
+        _creates_with_one_key(base, key)
