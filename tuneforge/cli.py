@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="API, one worker and inference for each registered base model, together")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="tasks at once (training slots); keep it above the per-team running-jobs quota (1)")
     p.add_argument("--no-inference", dest="inference", action="store_false",
                    help="do not start an inference process for each registered base model")
     p.set_defaults(func=_up)
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve, database=SERVICE)
 
     p = sub.add_parser("worker", help="a Celery worker (training and evaluation queues by default)")
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="tasks at once (training slots); keep it above the per-team running-jobs quota (1)")
     p.add_argument("--queues", default=None,
                    help="comma-separated; e.g. 'training' on GPU machines, 'evaluation' on CPU machines")
     p.set_defaults(func=_worker, database=SERVICE)

@@ -19,7 +19,9 @@ class QuotaDefaults(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    running_jobs: int = Field(default=4, ge=0, description="Jobs of one team training at once.")
+    running_jobs: int = Field(default=1, ge=0, description=(
+        "Jobs of one team training at once. Keep it below the training slots (the training workers' "
+        "--concurrency, summed; 2 by default), so that one team cannot hold every slot."))
     queued_jobs: int = Field(default=100, ge=0, description="Jobs of one team waiting to start.")
     storage_bytes: int = Field(default=50 * 1024**3, ge=0, description="Total size of a team's files.")
     files: int = Field(default=10_000, ge=0, description="Number of a team's files.")
