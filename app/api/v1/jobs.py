@@ -26,12 +26,14 @@ MetadataFilter = Annotated[dict[str, str], Depends(QueryFamily("metadata", metad
 @router.post("", response_model=JobRead)
 def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep,
                idempotency_key: IdempotencyKey = None) -> JobRead:
-    """Validates the spec and files, stores the job as queued, then enqueues its id (after commit)."""
+    """Validates the spec and files, stores the job as queued, then enqueues its id (after commit).
+    The answer is built inside the transaction that creates the job: once it commits, nothing is left
+    that needs a connection (and could time out with 503 for a job that exists)."""
     job, _ = create_once(
         session, principal, endpoint="jobs", key=idempotency_key,
-        create=lambda: jobs.create(session, team_id=principal.team_id, body=body),
-        fetch=lambda job_id: jobs.get(session, team_id=principal.team_id, job_id=job_id))
-    return jobs.to_read(session, job)
+        create=lambda: jobs.to_read(session, jobs.create(session, team_id=principal.team_id, body=body)),
+        fetch=lambda job_id: jobs.to_read(session, jobs.get(session, team_id=principal.team_id, job_id=job_id)))
+    return job
 
 
 @router.get("", response_model=JobList)
