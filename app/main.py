@@ -4,14 +4,18 @@ It never imports torch, transformers or the worker: work is dispatched by task n
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.api import errors
 from app.api.audit import AuditMiddleware
+from app.api.concurrency import InFlightMiddleware
 from app.api.deps import rate_limit
 from app.api.limits import BodyLimitMiddleware
 from app.api.request_checks import refuse_bad_input
@@ -19,10 +23,19 @@ from app.api.v1 import adapters, evaluations, files, jobs, models
 from app.api.v1 import completions, inference
 from app.api.v1 import audit, keys, quotas
 from app.core import queue
+from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.storage import get_storage
 
 log = logging.getLogger("tuneforge.api")
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Sync routes and database calls run on anyio's threads: as many as the pool has room for
+    # (settings.database), not anyio's default of 40.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().database.api_threads
+    yield
 
 
 def create_app() -> FastAPI:
@@ -31,9 +44,11 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Fine-tuning as a service: upload JSONL datasets, run QLoRA jobs, download LoRA adapters. "
                     "OpenAI-compatible: point the openai client at /v1 with a team key.",
+        lifespan=_lifespan,
     )
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(InFlightMiddleware)  # the key's in-flight limit, before any database access
     app.add_middleware(AuditMiddleware)  # after the body limit, so the audit log sees its refusals too
     # After the key and its rate limit, so that bad input from no key still answers 401.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit), Depends(refuse_bad_input)],

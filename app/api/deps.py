@@ -10,12 +10,14 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from app.api.concurrency import admit_team
+from app.core.config import get_settings
 from app.core.db import session_scope
 from app.domains.quotas import ratelimit
 from app.domains.quotas import service as quotas
-from app.domains.quotas.errors import RateLimited
+from app.domains.quotas.errors import RateLimited, TooManyFailedAuthentications
 from app.domains.teams import service as teams
-from app.domains.teams.errors import AdminRequired
+from app.domains.teams.errors import AdminRequired, InvalidApiKey
 from app.domains.teams.service import Principal
 
 
@@ -40,17 +42,40 @@ async def in_unit_of_work(work: Callable[[Session], T]) -> T:
     return await run_in_threadpool(run)
 
 
-def _principal(request: Request, session: SessionDep,
-               authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The key's team, looked up in a short session of its own: a request holds a connection only
+    while a query of its own runs, never while it waits for a body, a worker or a client. Takes the
+    team's in-flight slot (app.api.concurrency). Raises InvalidApiKey (401), or past the client
+    address's failed-authentication limit TooManyFailedAuthentications (429)."""
     key = None
     if authorization:
         scheme, _, value = authorization.partition(" ")
         key = value.strip() if scheme.lower() == "bearer" else None
         if key is None:
             key = ""
-    principal = teams.authenticate(session, key)
+    try:
+        with session_scope() as session:
+            principal = teams.authenticate(session, key)
+    except InvalidApiKey:
+        _count_failed_authentication(request)
+        raise
     request.state.principal = principal  # for the audit log (app.api.audit)
+    admit_team(request.scope.setdefault("state", {}), principal.team_id)
     return principal
+
+
+def _count_failed_authentication(request: Request) -> None:
+    """One failure of the client address's bucket; past it 429 instead of 401, so guessing keys is slow."""
+    limits = get_settings().rate_limit
+    address = request.client.host if request.client else "unknown"
+    wait = ratelimit.buckets().take(f"auth-failures:{address}", rate=limits.failed_auth_per_second,
+                                    burst=limits.failed_auth_burst)
+    if wait > 0:
+        retry = max(1, math.ceil(wait))
+        raise TooManyFailedAuthentications(
+            f"Too many failed authentications from this address: {limits.failed_auth_burst} at once, then "
+            f"{limits.failed_auth_per_second:g} per second. Check the API key; retry after {retry} s.",
+            retry_after=retry)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
@@ -69,10 +94,12 @@ AdminDep = Annotated[Principal, Depends(_admin)]
 ADMIN_ONLY = {"x-tuneforge-role": "admin"}
 
 
-def rate_limit(session: SessionDep, principal: PrincipalDep) -> None:
+def rate_limit(principal: PrincipalDep) -> None:
     """The per-key token bucket, a dependency of every /v1 route (app.main). Raises RateLimited (429,
-    with Retry-After). Limits: the team's overrides, else TUNEFORGE_RATE_LIMIT__*."""
-    quota = quotas.limits(session, principal.team_id)
+    with Retry-After). Limits: the team's overrides, else TUNEFORGE_RATE_LIMIT__*, read in a short
+    session of their own."""
+    with session_scope() as session:
+        quota = quotas.limits(session, principal.team_id)
     wait = ratelimit.buckets().take(principal.key_id, rate=quota.rate_per_second, burst=quota.rate_burst)
     if wait > 0:
         retry = max(1, math.ceil(wait))

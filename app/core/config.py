@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,14 +83,8 @@ class DatabaseSettings(BaseModel):
     pool_timeout_seconds: float = Field(default=10.0, gt=0, description=(
         "Longest wait for a connection before the request answers 503."))
     api_threads: int = Field(default=24, ge=1, description=(
-        "Worker threads of the API process (sync routes, database calls); at most pool_size + max_overflow."))
-
-    @model_validator(mode="after")
-    def _threads_fit_the_pool(self) -> DatabaseSettings:
-        if self.api_threads > self.pool_size + self.max_overflow:
-            raise ValueError(f"api_threads ({self.api_threads}) exceeds the pool (pool_size + max_overflow = "
-                             f"{self.pool_size + self.max_overflow}): threads would wait for connections")
-        return self
+        "Worker threads of the API process (sync routes, database calls). Keep it below pool_size + "
+        "max_overflow: past the pool, threads wait for connections and time out with 503."))
 
 
 class Settings(BaseSettings):

@@ -13,10 +13,9 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.api import forward
-from app.api.deps import PrincipalDep, SessionDep
+from app.api.deps import PrincipalDep, in_unit_of_work
 from app.domains.serving import service as serving
 from app.domains.serving.schemas import ChatCompletion, ChatCompletionCreate, Completion, CompletionCreate
 
@@ -28,20 +27,22 @@ _STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/eve
 
 
 @router.post("/completions", response_model=Completion, responses=_STREAM_RESPONSE)
-async def create_completion(body: CompletionCreate, session: SessionDep, principal: PrincipalDep):
+async def create_completion(body: CompletionCreate, principal: PrincipalDep):
     """Complete `prompt` with the model (temperature 0 is greedy)."""
-    return await _answer(session, principal.team_id, body, chat=False)
+    return await _answer(principal.team_id, body, chat=False)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_STREAM_RESPONSE)
-async def create_chat_completion(body: ChatCompletionCreate, session: SessionDep, principal: PrincipalDep):
+async def create_chat_completion(body: ChatCompletionCreate, principal: PrincipalDep):
     """Answer the conversation. The prompt is rendered with the chat template saved with the fine-tuned
     model's tokenizer, the one its training used."""
-    return await _answer(session, principal.team_id, body, chat=True)
+    return await _answer(principal.team_id, body, chat=True)
 
 
-async def _answer(session, team_id: str, body: CompletionCreate | ChatCompletionCreate, *, chat: bool):
-    route = await run_in_threadpool(serving.route, session, team_id=team_id, model=body.model)
+async def _answer(team_id: str, body: CompletionCreate | ChatCompletionCreate, *, chat: bool):
+    # The route is read in a short transaction: no connection is held while the model generates or
+    # the answer streams out.
+    route = await in_unit_of_work(lambda session: serving.route(session, team_id=team_id, model=body.model))
     request = body.generate_request(team_id=team_id, adapter_id=route.adapter_id)
     forwarded = await forward.generate(route.urls, request, base_model=route.base_model)
     if not request.stream:

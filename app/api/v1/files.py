@@ -4,9 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.api.blobs import stream_blob
-from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep
+from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
 from app.api.upload import receive_upload
 from app.core.config import get_settings
@@ -14,6 +15,7 @@ from app.core.storage import get_storage
 from app.domains.evaluations import service as evaluations
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
+from app.domains.files.models import File
 from app.domains.files.schemas import FileDeleted, FileList, FileRead
 from app.domains.files.validation import JsonlValidator
 from app.domains.idempotency import service as idempotency
@@ -30,16 +32,24 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", response_model=FileRead, openapi_extra=_UPLOAD_DOC,
              summary="Upload a JSONL dataset (multipart: purpose=fine-tune, file=@data.jsonl)")
-async def upload_file(request: Request, session: SessionDep, principal: PrincipalDep,
+async def upload_file(request: Request, principal: PrincipalDep,
                       idempotency_key: IdempotencyKey = None) -> FileRead:
     """Streams the upload to storage while hashing and validating it line by line.
     400 with the first errors and their line numbers for an invalid file, 413 over the size limit,
-    409 over the team's storage or files quota; nothing is stored in any of these cases."""
-    existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
-    if existing:
-        return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
-    # Refuse a team already at its quota before reading the body; the final check is below.
-    quotas.check_upload(session, team_id=principal.team_id, size=1, lock=False)
+    409 over the team's storage or files quota; nothing is stored in any of these cases.
+    No connection is held while the body streams in: the checks before it and the write after it
+    each run in a short transaction of their own."""
+    def seen(session: Session) -> FileRead | None:
+        existing = idempotency.lookup(session, team_id=principal.team_id, endpoint="files", key=idempotency_key)
+        if existing:
+            return files.to_read(files.get(session, team_id=principal.team_id, file_id=existing))
+        # Refuse a team already at its quota before reading the body; the final check is below.
+        quotas.check_upload(session, team_id=principal.team_id, size=1, lock=False)
+        return None
+
+    earlier = await in_unit_of_work(seen)
+    if earlier is not None:
+        return earlier
     settings = get_settings()
     storage = get_storage()
     upload = await receive_upload(
@@ -48,7 +58,7 @@ async def upload_file(request: Request, session: SessionDep, principal: Principa
                                  max_line_bytes=settings.upload_max_line_bytes))
     stored: list[str] = []  # the blob's key, once the upload is moved into storage
 
-    def create():
+    def create(session: Session):
         purpose = files.check_purpose(upload.fields.get("purpose"))
         files.report_errors(upload.report)
         quotas.check_upload(session, team_id=principal.team_id, size=upload.bytes)
@@ -58,10 +68,13 @@ async def upload_file(request: Request, session: SessionDep, principal: Principa
         stored.append(row.storage_key)
         return row
 
-    try:
-        row, created = create_once(
-            session, principal, endpoint="files", key=idempotency_key, create=create,
+    def record(session: Session) -> tuple[File, bool]:
+        return create_once(
+            session, principal, endpoint="files", key=idempotency_key, create=lambda: create(session),
             fetch=lambda file_id: files.get(session, team_id=principal.team_id, file_id=file_id))
+
+    try:
+        row, created = await in_unit_of_work(record)
     except BaseException:
         _drop(upload, storage, stored)
         raise

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from app.api import forward
-from app.api.deps import ADMIN_ONLY, AdminDep, SessionDep
+from app.api.deps import ADMIN_ONLY, AdminDep, in_unit_of_work
 from app.core.db import unix
 from app.domains.adapters import service as adapters
 from app.domains.serving import service as serving
@@ -37,10 +37,13 @@ class EndpointStatsList(BaseModel):
 
 
 @router.get("/stats", response_model=EndpointStatsList, openapi_extra=ADMIN_ONLY)
-async def inference_stats(session: SessionDep, principal: AdminDep) -> EndpointStatsList:
+async def inference_stats(principal: AdminDep) -> EndpointStatsList:
     """Counters of every inference process with a fresh heartbeat (admin keys only)."""
-    endpoints = await run_in_threadpool(serving.live, session)
-    own = {a.id for a in await run_in_threadpool(lambda: adapters.list_all(session, team_id=principal.team_id))}
+    def read(session: Session) -> tuple[list, set[str]]:
+        # Read in a short transaction: no connection is held while the processes are asked.
+        return serving.live(session), {a.id for a in adapters.list_all(session, team_id=principal.team_id)}
+
+    endpoints, own = await in_unit_of_work(read)
     rows = [EndpointStats(id=e.id, base_model=e.base_model, url=e.url, started_at=unix(e.started_at),
                           heartbeat_at=unix(e.heartbeat_at)) for e in endpoints]
     for row, answer in zip(rows, await forward.stats([r.url for r in rows]), strict=True):

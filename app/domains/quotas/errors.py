@@ -35,3 +35,15 @@ class CostLimitExceeded(InvalidRequest):
     """A request that asks for more than a per-request limit allows (tokens, LoRA rank, samples)."""
 
     code = "cost_limit_exceeded"
+
+
+class TooManyInFlight(RateLimited):
+    """Too many requests of one key or team in flight at once; retry when some have been answered."""
+
+    code = "concurrency_limit_exceeded"
+
+
+class TooManyFailedAuthentications(RateLimited):
+    """Too many failed authentications from one client address."""
+
+    code = "authentication_rate_limit_exceeded"
