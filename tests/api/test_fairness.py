@@ -4,13 +4,15 @@ committed is never answered as a failure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 
 import httpx
+import pytest
 
 from app.core.db import session_scope
 from app.domains.jobs import service as jobs
-from tests.api.servers import private_api
+from tests.api.servers import embedded_instance, private_api
 from tests.factories import demo_tasks, uploaded_file_id
 
 
@@ -23,11 +25,16 @@ def _async_client(base: str, key: str) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=200))
 
 
-def test_no_503_for_a_committed_create_under_a_pool_squeezed_to_two_connections(services_env, make_team, tiny_model):
-    team_id, key = make_team()
+@pytest.mark.parametrize("database", ["postgres", "embedded"])
+def test_no_503_for_a_committed_create_under_a_pool_squeezed_to_two_connections(
+        services_env, make_team, tiny_model, tmp_path, database):
     squeezed = {"TUNEFORGE_DATABASE__POOL_SIZE": "2", "TUNEFORGE_DATABASE__MAX_OVERFLOW": "0",
                 "TUNEFORGE_DATABASE__API_THREADS": "8", "TUNEFORGE_DATABASE__POOL_TIMEOUT_SECONDS": "1"}
-    with private_api(services_env, **squeezed) as base:
+    with contextlib.ExitStack() as stack:
+        if database == "embedded":
+            squeezed |= stack.enter_context(embedded_instance(tmp_path, tiny_model))
+        team_id, key = make_team()
+        base = stack.enter_context(private_api(services_env, **squeezed))
         with _client(base, key) as client:
             file_id = uploaded_file_id(client, demo_tasks())
 
@@ -41,9 +48,9 @@ def test_no_503_for_a_committed_create_under_a_pool_squeezed_to_two_connections(
             return await asyncio.gather(*(create(secrets.token_hex(6)) for _ in range(60)))
 
         answers = asyncio.run(burst())
+        with session_scope() as session:
+            created = {job.metadata["tag"] for job in _all_jobs(session, team_id)}
     answered_ok = {tag for tag, status in answers if 200 <= status < 300}
-    with session_scope() as session:
-        created = {job.metadata["tag"] for job in _all_jobs(session, team_id)}
     assert answered_ok, answers  # the squeezed pool still serves
     assert created == answered_ok, {"created but refused": sorted(created - answered_ok),
                                     "answered but missing": sorted(answered_ok - created),
