@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_body
 from app.core.config import get_settings
@@ -75,12 +75,29 @@ class InFlightMiddleware:
             if not in_flight.enter(name, limit):
                 await _send_429(send, TooManyInFlight(
                     f"Too many requests in flight for this key: at most {limit} at once. Retry after "
-                    f"{RETRY_AFTER} s, or send fewer requests in parallel.", retry_after=RETRY_AFTER))
+                    f"{RETRY_AFTER} s, or send fewer requests in parallel.", retry_after=RETRY_AFTER),
+                    close=_has_body(scope))
                 return
             held.append(name)
         scope.setdefault("state", {})[_HELD] = held
+        body_pending = _has_body(scope)
+
+        async def receive_and_note() -> Message:
+            nonlocal body_pending
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_pending = False
+            return message
+
+        async def send_closing_if_unread(message: Message) -> None:
+            # An answer (a refusal, most often) sent before its body was read closes the connection:
+            # a client still sending (a slow upload) learns of it, and the rest is never read.
+            if message["type"] == "http.response.start" and body_pending:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_and_note, send_closing_if_unread)
         finally:
             for name in held:
                 in_flight.leave(name)
@@ -102,6 +119,13 @@ def admit_team(state: dict, team_id: str) -> None:
     held.append(name)
 
 
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 def _bearer(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -110,9 +134,11 @@ def _bearer(scope: Scope) -> bytes | None:
     return None
 
 
-async def _send_429(send: Send, error: TooManyInFlight) -> None:
+async def _send_429(send: Send, error: TooManyInFlight, *, close: bool) -> None:
     body = json.dumps(error_body(error.message, error.type, error.param, error.code, **error.extra)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"retry-after", str(error.retry_after).encode())]
+    if close:  # the request's body is never read, so the connection cannot carry another request
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": body})

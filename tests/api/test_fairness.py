@@ -82,13 +82,19 @@ def test_a_flood_from_one_team_gets_429_while_another_team_is_served(services_en
             async def trickle():
                 boundary = "slowboundary"
                 yield _multipart_head(boundary)
-                await release.wait()
+                while not release.is_set():  # a byte now and then, as a slow client sends
+                    yield b" "
+                    await asyncio.sleep(0.1)
                 yield b'{"text": "x"}\n\r\n--' + boundary.encode() + b"--\r\n"
 
-            async def slow_upload(key: str) -> int:
+            async def slow_upload(key: str) -> int | str:
+                """The status, or the error of an upload whose connection was closed on refusal."""
                 async with _async_client(base, key) as client:
-                    r = await client.post("/files", content=trickle(),
-                                          headers={"Content-Type": "multipart/form-data; boundary=slowboundary"})
+                    try:
+                        r = await client.post("/files", content=trickle(),
+                                              headers={"Content-Type": "multipart/form-data; boundary=slowboundary"})
+                    except httpx.TransportError as exc:
+                        return type(exc).__name__
                     return r.status_code
 
             async def get(client: httpx.AsyncClient, path: str) -> httpx.Response:
@@ -100,15 +106,17 @@ def test_a_flood_from_one_team_gets_429_while_another_team_is_served(services_en
             uploads = [asyncio.create_task(slow_upload(k)) for k in keys]
             async with _async_client(base, key_a) as a1, _async_client(base, second_key_a) as a2, \
                     _async_client(base, key_b) as bb:
-                deadline = asyncio.get_running_loop().time() + 30
+                deadline = asyncio.get_running_loop().time() + 60
                 while (r := await a2.get("/files")).status_code != 429:
                     assert r.status_code == 200, r.text
                     assert asyncio.get_running_loop().time() < deadline, "the slow uploads never took their slots"
-                    for i, upload in enumerate(uploads):  # one that raced this poll for a slot was refused: again
-                        if upload.done():
-                            assert upload.result() == 429
-                            uploads[i] = asyncio.create_task(slow_upload(keys[i]))
-                    await asyncio.sleep(0.05)
+                    # An upload that raced this poll for the team's last slot was refused: send it again,
+                    # and poll again once it has had time to arrive.
+                    refused = [i for i, upload in enumerate(uploads) if upload.done()]
+                    for i in refused:
+                        assert uploads[i].result() != 200
+                        uploads[i] = asyncio.create_task(slow_upload(keys[i]))
+                    await asyncio.sleep(1.0 if refused else 0.2)
                 assert r.json()["error"]["code"] == "concurrency_limit_exceeded"
                 assert "this team" in r.json()["error"]["message"] and int(r.headers["Retry-After"]) >= 1
                 flood = await asyncio.gather(*(get(a1, "/fine_tuning/jobs") for _ in range(100)))
