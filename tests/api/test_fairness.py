@@ -27,12 +27,16 @@ def _async_client(base: str, key: str) -> httpx.AsyncClient:
 
 @pytest.mark.parametrize("database", ["postgres", "embedded"])
 def test_no_503_for_a_committed_create_under_a_pool_squeezed_to_two_connections(
-        services_env, make_team, tiny_model, tmp_path, database):
+        request, services_env, make_team, tiny_model, tmp_path, database):
     squeezed = {"TUNEFORGE_DATABASE__POOL_SIZE": "2", "TUNEFORGE_DATABASE__MAX_OVERFLOW": "0",
                 "TUNEFORGE_DATABASE__API_THREADS": "8", "TUNEFORGE_DATABASE__POOL_TIMEOUT_SECONDS": "1"}
     with contextlib.ExitStack() as stack:
         if database == "embedded":
             squeezed |= stack.enter_context(embedded_instance(tmp_path, tiny_model))
+        else:
+            # The 60 jobs stay queued: a database and a queue of their own, which no worker serves.
+            squeezed |= {"TUNEFORGE_DATABASE_URL": request.getfixturevalue("private_database"),
+                         "TUNEFORGE_TRAINING_QUEUE": f"unserved-{secrets.token_hex(3)}"}
         team_id, key = make_team()
         base = stack.enter_context(private_api(services_env, **squeezed))
         with _client(base, key) as client:

@@ -46,8 +46,10 @@ def _step(model, ids) -> tuple[float, dict[str, torch.Tensor], int]:
 
 
 # 4-bit: the gradient reaching each 4-bit layer is rounded to bf16 (the layer computes in bf16),
-# so last-bit differences upstream flip a few roundings: 1e-3 there, fp32 exactness otherwise.
-@pytest.mark.parametrize("bits, tolerance", [(None, 1e-5), (4, 1e-3)])
+# so last-bit differences upstream flip a few roundings. How many depends on the CPU's bf16 kernels
+# (1.2e-3 on an AMD EPYC without AVX512-BF16, under 1e-3 with AMX): 3e-3 there, against the 1e-1 and
+# more that a wrong op gives; fp32 exactness otherwise.
+@pytest.mark.parametrize("bits, tolerance", [(None, 1e-5), (4, 3e-3)])
 def test_lean_ops_give_the_stock_loss_and_gradients_and_save_less(base_path, bits, tolerance):
     quantization = QuantizationSpec(bits=bits)
     stock, _ = _peft(base_path, quantization, lean=False)
