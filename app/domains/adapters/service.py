@@ -54,6 +54,13 @@ def for_job(session: Session, job_id: str) -> Adapter | None:
     return session.scalar(select(Adapter).where(Adapter.job_id == job_id))
 
 
+def ids_for_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:
+    """{job id: its adapter's id} for those of the jobs that have one, in one query (a page of jobs)."""
+    if not job_ids:
+        return {}
+    return dict(session.execute(select(Adapter.job_id, Adapter.id).where(Adapter.job_id.in_(job_ids))).tuples().all())
+
+
 def list_all(session: Session, *, team_id: str) -> list[Adapter]:
     return list(session.scalars(select(Adapter).where(Adapter.team_id == team_id).order_by(Adapter.id.desc())))
 

@@ -172,7 +172,8 @@ def list_page(session: Session, *, team_id: str, after: str | None, limit: int,
     for key, value in (metadata or {}).items():
         stmt = stmt.where(FineTuningJob.metadata_[key].as_string() == value)
     rows, has_more = paginate(session, stmt, FineTuningJob.id, after=after, limit=limit)
-    return JobList(data=[to_read(session, r) for r in rows], has_more=has_more)
+    adapter_ids = adapters.ids_for_jobs(session, [r.id for r in rows])
+    return JobList(data=[_read(r, adapter_ids.get(r.id)) for r in rows], has_more=has_more)
 
 
 def events_page(session: Session, *, team_id: str, job_id: str, after: str | None, limit: int) -> EventList:
@@ -202,18 +203,22 @@ def counts(team_id: str) -> quotas.JobCounts:
 
 
 def to_read(session: Session, job: FineTuningJob) -> JobRead:
+    adapter = adapters.for_job(session, job.id)
+    return _read(job, adapter.id if adapter else None)
+
+
+def _read(job: FineTuningJob, adapter_id: str | None) -> JobRead:
     spec = TrainingSpec.model_validate(job.spec)
     t = spec.training
     hp = {"n_epochs": t.epochs, "batch_size": t.batch_size * t.gradient_accumulation_steps,
           "learning_rate_multiplier": round(t.learning_rate / DEFAULT_LR, 6)}
-    adapter = adapters.for_job(session, job.id)
     return JobRead(
         id=job.id, created_at=unix(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
         finished_at=unix(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.team_id,
         seed=job.seed, status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file,
         validation_file=job.validation_file, estimated_finish=unix(job.estimated_finish), metadata=job.metadata_,
         method={"type": "supervised", "supervised": {"hyperparameters": hp}}, user_provided_suffix=job.suffix,
-        spec=job.spec, usage=job.usage, adapter_id=adapter.id if adapter else None,
+        spec=job.spec, usage=job.usage, adapter_id=adapter_id,
         parent_job_id=job.parent_job_id, round=job.round,
     )
 

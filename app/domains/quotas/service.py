@@ -52,13 +52,21 @@ class Limits:
 
 
 def limits(session: Session, team_id: str) -> Limits:
-    """The team's effective limits: its overrides, else the defaults."""
-    settings = get_settings()
-    row = session.get(TeamQuota, team_id)
-    defaults = {**settings.quotas.model_dump(), "rate_per_second": settings.rate_limit.per_second,
-                "rate_burst": settings.rate_limit.burst}
-    return Limits(**{name: (getattr(row, name) if row is not None and getattr(row, name) is not None
-                            else default) for name, default in defaults.items()})
+    """The team's effective limits: its overrides, else the defaults. Read once per session (a create
+    checks several; the identity map cannot remember a team with no overrides row), and read again
+    in the session after set_overrides changes them."""
+    cache: dict[str, Limits] = session.info.setdefault(_LIMITS_CACHE, {})
+    if team_id not in cache:
+        settings = get_settings()
+        row = session.get(TeamQuota, team_id)
+        defaults = {**settings.quotas.model_dump(), "rate_per_second": settings.rate_limit.per_second,
+                    "rate_burst": settings.rate_limit.burst}
+        cache[team_id] = Limits(**{name: (getattr(row, name) if row is not None and getattr(row, name) is not None
+                                          else default) for name, default in defaults.items()})
+    return cache[team_id]
+
+
+_LIMITS_CACHE = "tuneforge.quota_limits"
 
 
 def _count(session: Session, query: Select) -> int:
@@ -136,6 +144,7 @@ def set_overrides(session: Session, *, team_id: str, **values: int | float | Non
         setattr(row, name, value)
     session.add(row)
     session.flush()
+    session.info.get(_LIMITS_CACHE, {}).pop(team_id, None)
     return row
 
 
