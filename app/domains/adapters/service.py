@@ -58,7 +58,8 @@ def ids_for_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:
     """{job id: its adapter's id} for those of the jobs that have one, in one query (a page of jobs)."""
     if not job_ids:
         return {}
-    return dict(session.execute(select(Adapter.job_id, Adapter.id).where(Adapter.job_id.in_(job_ids))).tuples().all())
+    rows = session.execute(select(Adapter.job_id, Adapter.id).where(Adapter.job_id.in_(job_ids))).tuples()
+    return {job_id: adapter_id for job_id, adapter_id in rows if job_id is not None}
 
 
 def list_all(session: Session, *, team_id: str) -> list[Adapter]:
