@@ -1,8 +1,10 @@
 """Every error rendered in one shape: {"error": {"message", "type", "param", "code"}}.
 
 Domain errors carry their own status/code/param. Request validation errors
-(the body does not match the schema) answer 422 with the offending field as
-param. Database or broker outages answer 503; a value the database cannot
+(the body does not match the schema, the body is not JSON, a path or query
+parameter is invalid) answer 400 invalid_request_error, as OpenAI does, with
+the offending field as param in OpenAI's dotted style ("messages.1.content");
+422 is never used. Database or broker outages answer 503; a value the database cannot
 hold (NUL in text) answers 400; a constraint a concurrent request got to first
 answers 409; any other database error is a 500 like every unexpected one (it
 is logged, and retrying would not help, so it is not reported as an outage).
@@ -12,7 +14,7 @@ Nothing leaks a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,9 +50,11 @@ class ErrorResponse(BaseModel):
 
 # Documented on every /v1 route, so clients (and schema checks) know the error shape of each status.
 RESPONSES: dict = {
-    "4XX": {"model": ErrorResponse, "description": "Refused: 400 invalid, 401 no or bad key, 404 not found or "
-                                                  "another team's, 409 conflict, 413 too large, 422 schema, "
-                                                  "429 quota or rate limit."},
+    400: {"model": ErrorResponse, "description": "Invalid request: a value breaks a rule of the schema or of the "
+                                                 "domain, or the body is not JSON. `param` names the field in "
+                                                 "dotted form, e.g. `messages.1.content`."},
+    "4XX": {"model": ErrorResponse, "description": "Refused: 401 no or bad key, 403 role, 404 not found or another "
+                                                  "team's, 409 conflict, 413 too large, 429 quota or rate limit."},
     503: {"model": ErrorResponse, "description": "The database or the broker is unavailable; retry later."},
 }
 
@@ -59,9 +63,35 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
 
 
-def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+_MISSING = object()
+
+
+def _loc_to_param(loc: tuple, body: Any = _MISSING, *, missing: bool = False) -> str | None:
+    """OpenAI's dotted name of the field an error's loc points at: ("body", "messages", 1, "content",
+    "str") -> "messages.1.content". pydantic puts the member of a union it tried into loc ("str",
+    "list[int]", "function-after[...]", a discriminator's value); such a part names no key of the
+    input at that point, so the input (the body) tells field names from union tags. The last part of
+    a `missing` error is the absent field. A path, query or header error is named by its parameter."""
+    if not loc:
+        return None
+    if loc[0] in ("query", "path", "header", "cookie"):
+        return str(loc[1]) if len(loc) > 1 else None
+    parts = list(loc[1:] if loc[0] == "body" else loc)
+    node = body
+    names: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            names.append(str(part))
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, Mapping) and part in node:
+            names.append(part)
+            node = node[part]
+        elif isinstance(part, str) and (node is _MISSING or (last and missing and isinstance(node, Mapping))):
+            names.append(part)  # a required field that is absent, or a loc with no body to read it against
+            node = _MISSING
+        # anything else is the union member pydantic tried: not a field
+    return ".".join(names) or None
 
 
 def _headers(exc: TuneforgeError) -> dict[str, str] | None:
@@ -78,16 +108,30 @@ async def _tuneforge_error(_: Request, exc: TuneforgeError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _loc_to_param(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid request")
-    message = f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"
-    if len(errors) > 1:
-        others = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[1:5])
-        message += f" (also: {others})"
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+    if errors[0].get("type") == "json_invalid":
+        reason = (errors[0].get("ctx") or {}).get("error", "not JSON")
+        message = (f"The request body could not be parsed as JSON: {reason} at character {errors[0]['loc'][-1]}. "
+                   "Send one JSON object with Content-Type: application/json.")
+        return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_json"), status_code=400)
+    body = exc.body if exc.body is not None else _MISSING
+    named = [(_loc_to_param(tuple(e.get("loc", ())), body, missing=e.get("type") == "missing"), e.get("msg"))
+             for e in errors]
+    # A value that fits no member of a union fails once per member; the member that matched the input
+    # furthest (the deepest param) is the one the client meant: [{"type": "text"}] as content is
+    # reported at messages.0.content.0.text, not as "not a string" at messages.0.content.
+    param, msg = max(named, key=lambda pm: len(pm[0].split(".")) if pm[0] else 0)
+    if param:
+        message = f"Invalid value for '{param}': {msg}"
+    elif isinstance(exc.body, bytes | str):
+        message = f"Invalid request: {msg}. Send the body as JSON with Content-Type: application/json."
+    else:
+        message = f"Invalid request: {msg}"
+    others = list(dict.fromkeys(f"{p or 'body'}: {m}" for p, m in named if (p, m) != (param, msg)))
+    if others:
+        message += f" (also: {'; '.join(others[:4])})"
     code = "invalid_" + ("value" if param else "request")
-    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=422)
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -208,7 +208,7 @@ def test_a_metadata_key_no_filter_could_find_is_refused_at_create(api, make_team
     _, key = make_team()
     client = api(key)
     r = post_job(client, uploaded_file_id(client), metadata={'a"b': "x"})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "metadata"
     _no_jobs(client)
 

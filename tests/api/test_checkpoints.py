@@ -74,7 +74,7 @@ def test_invalid_checkpoint_settings_are_refused_naming_the_field(api, make_team
     _, key = make_team()
     client = api(key)
     r = post_job(client, uploaded_file_id(client), training=training)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
 

@@ -60,7 +60,7 @@ def test_invalid_spec_is_refused_naming_the_field(api, make_team, tiny_model, bo
     client = api(key)
     r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
                                                 **body})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
     assert client.get("/fine_tuning/jobs").json()["data"] == []
@@ -83,11 +83,13 @@ def test_unknown_model_and_missing_files_answer_400(api, make_team, tiny_model):
     assert client.get("/fine_tuning/jobs").json()["data"] == []
 
 
-def test_malformed_json_body_answers_422_in_the_error_shape(api, make_team):
+def test_malformed_json_body_answers_400_in_the_error_shape(api, make_team):
     _, key = make_team()
     r = api(key).post("/fine_tuning/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422
-    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] is None and "JSON" in err["message"]
 
 
 def test_list_filters_by_metadata_and_paginates(api, make_team, tiny_model):
@@ -172,7 +174,7 @@ def test_out_of_range_validation_settings_are_refused_naming_the_field(api, make
     _, key = make_team()
     client = api(key)
     r = post_job(client, uploaded_file_id(client), training=training)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
 

@@ -131,10 +131,10 @@ def test_a_model_is_evaluated_on_builtin_humaneval(api, make_team, worker):
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
-    ({"model": "tiny-llama", "n": 3}, 422, None),                    # n > 1 needs temperature > 0
-    ({"model": "tiny-llama", "n": 2, "k": [3], "temperature": 0.8}, 422, None),  # k > n
+    ({"model": "tiny-llama", "n": 3}, 400, None),                    # n > 1 needs temperature > 0
+    ({"model": "tiny-llama", "n": 2, "k": [3], "temperature": 0.8}, 400, None),  # k > n
     ({"model": "no-such-model"}, 400, "model"),
-    ({}, 422, None),                                                 # neither model nor completions
+    ({}, 400, None),                                                 # neither model nor completions
     ({"model": "tiny-llama", "tasks": "file-missing"}, 400, "tasks"),
 ])
 def test_invalid_evaluations_are_refused(api, make_team, tiny_model, body, status, param):
@@ -195,4 +195,4 @@ def test_auto_iterate_needs_an_evaluation(api, make_team, tiny_model):
     client = api(key)
     r = client.post("/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded_file_id(client),
                                                 "auto_iterate": {"target": {"min": 0.5}}})
-    assert r.status_code == 422 and "needs eval" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs eval" in r.json()["error"]["message"]

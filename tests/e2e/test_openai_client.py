@@ -63,7 +63,7 @@ def test_openai_client_cancels_a_job_and_maps_errors(oai, tiny_model):
     with pytest.raises(openai.BadRequestError) as exc:
         client.fine_tuning.jobs.create(model="no-such-base", training_file=f.id)
     assert exc.value.body["param"] == "model"
-    with pytest.raises(openai.UnprocessableEntityError) as exc:
+    with pytest.raises(openai.BadRequestError) as exc:
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, extra_body={"lora": {"r": -1}})
     assert exc.value.body["param"] == "lora.r"
     with pytest.raises(openai.BadRequestError) as exc:
