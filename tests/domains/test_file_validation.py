@@ -66,6 +66,13 @@ def test_optional_fields_are_accepted() -> None:
     assert validate(jsonl({"prompt": "", "completion": "free text"})).errors == []
 
 
+def test_chat_names_and_text_content_parts_are_accepted() -> None:
+    chat = {"messages": [{"role": "user", "name": "ada", "content": [{"type": "text", "text": "2+2?"}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}
+    report = validate(jsonl(chat))
+    assert (report.format, report.examples, report.errors) == ("chat", 1, [])
+
+
 def test_blank_and_whitespace_lines_are_skipped_but_counted_as_lines() -> None:
     data = b"\n" + jsonl(TEXT) + b"   \t\n\n" + jsonl(TEXT) + b" \r\n"
     report = validate(data)
@@ -130,7 +137,17 @@ def test_invalid_utf8_is_reported_with_its_byte_offset() -> None:
      '"messages"[1]["role"] must be one of system, user, assistant, tool; got "bot"'),
     ({"messages": [{"content": "hi"}]},
      '"messages"[0]["role"] is missing; set it to one of system, user, assistant, tool'),
-    ({"messages": [{"role": "user", "content": ["hi"]}]}, '"messages"[0]["content"] must be a string; got an array'),
+    ({"messages": [{"role": "user", "content": ["hi"]}]},
+     '"messages"[0]["content"][0] must be a text part like {"type": "text", "text": "..."}; got "hi"'),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]},
+     '"messages"[0]["content"] must be a string or a non-empty array of {"type": "text", "text": "..."} parts; '
+     'got an object'),
+    ({"messages": [{"role": "user", "content": "hi", "name": ""}, {"role": "assistant", "content": "yo"}]},
+     '"messages"[0]["name"] must be a non-empty string; got ""'),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": [{"type": "text", "text": ""}]}]},
+     '"messages" has no assistant message with non-empty content to learn from; add one like '
+     '{"role": "assistant", "content": "..."}'),
     ({"messages": [{"role": "user", "content": None}]},
      '"messages"[0]["content"] is null; give it a string '
      '(only an assistant message with "tool_calls" may leave it null)'),
@@ -147,7 +164,8 @@ def test_invalid_utf8_is_reported_with_its_byte_offset() -> None:
     ({"messages": [{"role": "assistant", "content": "yo", "weight": 0}]},
      '"messages" has no assistant message with non-empty content to learn from; add one like '
      '{"role": "assistant", "content": "..."} or set "weight": 1 on one'),
-], ids=["empty", "not_array", "message_not_object", "role_not_allowed", "role_missing", "content_not_string",
+], ids=["empty", "not_array", "message_not_object", "role_not_allowed", "role_missing", "content_part_not_text",
+        "content_not_string_or_parts", "name_empty", "assistant_parts_empty",
         "content_null", "content_missing", "weight_on_user", "weight_not_0_or_1", "no_assistant_content",
         "assistant_weighted_out"])
 def test_chat_field_errors_name_the_field(record: dict, message: str) -> None:

@@ -103,7 +103,9 @@ class InferenceService:
         """The chat prompt rendered as training rendered it: token ids from the engine's chat template for
         the adapter, or, where neither the adapter nor the base has one, the text of the plain chat layout
         with the assistant turn opened (formats.plain_chat_prompt; tokenized with special tokens, as
-        training did)."""
+        training did). Either way the messages are first given the fields training gives a template
+        (formats.template_messages: a name, content parts as text)."""
+        messages = formats.template_messages(messages)
         if self.engine.chat_template(ref):
             return self.engine.encode_chat(messages, ref)
         try:

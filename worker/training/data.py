@@ -148,8 +148,10 @@ def chat_text_and_targets(
 ) -> tuple[str, list[tuple[int, int]]]:
     """(training text, assistant spans) of chat messages: the tokenizer's chat template when it has one,
     else the plain chat layout (formats.plain_chat) ending in the eos token, which the last assistant
-    turn's span includes. Serving renders a chat prompt the same way. Raises DataFormatError when a
+    turn's span includes. Serving renders a chat prompt the same way, from the same template messages
+    (formats.template_messages: a message's name, content parts as text). Raises DataFormatError when a
     message lacks a string role or content."""
+    messages = formats.template_messages(messages)
     try:
         formats.require_text_messages(messages)
     except formats.RecordInvalid as e:

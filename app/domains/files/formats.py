@@ -200,7 +200,9 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
                 found.append(f'{path}["content"] is {state}; give it a string (only an assistant message '
                              'with "tool_calls" may leave it null)')
         elif not isinstance(content, str):
-            found.append(f'{path}["content"] must be a string; got {shown(content)}')
+            found += _content_part_problems(content, path)
+        if "name" in message and not (isinstance(message["name"], str) and message["name"]):
+            found.append(f'{path}["name"] must be a non-empty string; got {shown(message["name"])}')
         weight = message.get("weight", 1)
         if "weight" in message:
             if role != "assistant":
@@ -208,7 +210,7 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
             elif type(weight) is not int or weight not in (0, 1):
                 found.append(f'{path}["weight"] must be 0 or 1 (1 = learn from this message); '
                              f"got {shown(weight)}")
-        if role == "assistant" and isinstance(content, str) and content:
+        if role == "assistant" and content_text(content):
             if weight == 0:
                 weighted_out = True
             else:
@@ -218,6 +220,20 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
         found.append('"messages" has no assistant message with non-empty content to learn from; add one '
                      f'like {{"role": "assistant", "content": "..."}}{hint}')
     return found
+
+
+def _content_part_problems(content: Any, path: str) -> list[str]:
+    """What is wrong with a message's content that is not a string: it may be an array of OpenAI's text
+    parts, [{"type": "text", "text": "..."}], and nothing else."""
+    if not isinstance(content, list) or not content:
+        return [f'{path}["content"] must be a string or a non-empty array of {{"type": "text", "text": "..."}} '
+                f"parts; got {shown(content)}"]
+    return [f'{path}["content"][{j}] must be a text part like {{"type": "text", "text": "..."}}; got {shown(part)}'
+            for j, part in enumerate(content) if not _is_text_part(part)]
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def _check_prompt_completion(record: Mapping[str, Any]) -> list[str]:
@@ -440,6 +456,38 @@ def plain_chat_template(end_of_turn: str = "") -> str:
     content (before its newline); with none it renders what plain_chat and plain_chat_prompt write."""
     return ("{% for m in messages %}" + chat_turn_open("{{ m['role'] }}") + "{{ m['content'] }}" + end_of_turn
             + "\n{% endfor %}{% if add_generation_prompt %}" + chat_turn_open("assistant") + "{% endif %}")
+
+
+# The message fields a chat template is given besides role and content, as the message has them.
+TEMPLATE_FIELDS = ("name", "tool_calls", "tool_call_id")
+
+
+def content_text(content: Any) -> str | None:
+    """A message's content as text: a string as it is, an array of text parts ([{"type": "text",
+    "text": ...}]) as their texts joined; None for anything else (null content, other parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple) and content and all(_is_text_part(p) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def template_messages(messages: Any) -> Any:
+    """Chat messages as a chat template (or the plain chat layout) receives them: the one definition
+    training and serving both render through, so a prompt is laid out the same on both sides. Each
+    message keeps its role, its content as text (content_text: text parts joined) and, where given,
+    its name and tool fields (TEMPLATE_FIELDS); keys only training reads (weight) are left out.
+    Content that is neither text nor text parts stays as it is, for require_text_messages to refuse;
+    what is not a list of objects is returned unchanged, likewise."""
+    if not isinstance(messages, list | tuple) or not all(isinstance(m, Mapping) for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        text = content_text(m.get("content"))
+        turn = {"role": m.get("role"), "content": m.get("content") if text is None else text}
+        turn.update({k: m[k] for k in TEMPLATE_FIELDS if m.get(k) is not None})
+        out.append(turn)
+    return out
 
 
 def require_text_messages(messages: Any) -> None:

@@ -34,6 +34,7 @@ BASE_ADAPTER_KEY = "__base__"
 class ChatTurn(BaseModel):
     role: str
     content: str
+    name: str | None = None  # the message's name, which the chat template may render
 
 
 class GenerateRequest(BaseModel):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.domains.files import formats
 from app.domains.serving import protocol
 
 # OpenAI's chat default is "up to the context"; a bound keeps an omitted max_tokens from running long.
@@ -63,9 +64,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+    # Given to the chat template as the message's name, as training gives it (formats.template_messages).
+    name: Annotated[str, Field(min_length=1)] | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as the chat template gets it: content parts joined as training joins them."""
+        return formats.content_text(self.model_dump()["content"]) or ""
 
 
 class ChatCompletionCreate(SamplingOptions):
@@ -76,7 +80,7 @@ class ChatCompletionCreate(SamplingOptions):
     def generate_request(self, *, team_id: str, adapter_id: str | None) -> protocol.GenerateRequest:
         """The request the inference process gets for this one: the messages' text (content parts
         joined), rendered there with the fine-tuned model's chat template."""
-        messages = [protocol.ChatTurn(role=m.role, content=m.text()) for m in self.messages]
+        messages = [protocol.ChatTurn(role=m.role, content=m.text(), name=m.name) for m in self.messages]
         max_tokens = self.max_completion_tokens or self.max_tokens or CHAT_MAX_TOKENS
         return self._generate(team_id=team_id, adapter_id=adapter_id, messages=messages, max_tokens=max_tokens)
 
