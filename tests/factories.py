@@ -89,3 +89,49 @@ def stored_adapter(team_id: str, archive: Path) -> str:
                         name=f"ft:tiny-llama:{adapter_id}", storage_prefix=prefix, archive_key=blob.key,
                         size=blob.bytes, sha256=blob.sha256)
     return adapter_id
+
+
+def job_with_checkpoint_models(client: httpx.Client, team_id: str, checkpoint_dirs: dict[int, Path],
+                               adapter_dir: Path) -> tuple[str, str]:
+    """A job of tiny-llama, cancelled before it ran, that has a checkpoint at each step with that directory
+    stored as its files (as the trainer stores a checkpoint: the adapter at that step, plus an optimizer
+    state the engine must not read), and a fine-tuned model whose adapter is adapter_dir. Returns
+    (job id, the job's fine-tuned model name)."""
+    import io
+    import tarfile
+
+    from app.core.ids import new_id
+    from app.core.storage import get_storage
+    from app.domains.adapters import service as adapters
+    from app.domains.checkpoints import service as checkpoints
+    from app.domains.jobs import service as jobs
+    from app.domains.teams.models import Team
+
+    job = create_job(client, uploaded_file_id(client), suffix="ckpt")
+    client.post(f"/fine_tuning/jobs/{job['id']}/cancel")  # only its row is needed, not a run
+    storage = get_storage()
+    adapter_id = new_id("ftadapter")
+    prefix = adapters.storage_prefix(team_id=team_id, adapter_id=adapter_id)
+    storage.put_tree(adapter_dir, adapters.files_prefix(prefix))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(adapter_dir, arcname=".")
+    archive = adapter_dir.parent / f"{adapter_dir.name}-{adapter_id}.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    blob = storage.put_file(archive, adapters.archive_key(prefix))
+    with session_scope() as session:
+        row = jobs.get(session, team_id=team_id, job_id=job["id"])
+        team = session.get(Team, team_id)
+        assert team is not None
+        name = jobs.model_name(base=row.model, team_name=team.name, suffix=row.suffix, job_id=row.id)
+        adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=row.id, base_model=row.model,
+                        name=name, storage_prefix=prefix, archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
+        for step, src in checkpoint_dirs.items():
+            ckpt_prefix = checkpoints.storage_prefix(team_id=team_id, job_id=row.id, step=step)
+            storage.put_tree(src, ckpt_prefix)
+            (scratch := src.parent / f"{src.name}-optimizer").mkdir(exist_ok=True)
+            (scratch / "optimizer.pt").write_bytes(b"not a pickle the engine may load")
+            storage.put_tree(scratch, ckpt_prefix)
+            checkpoints.record(session, job_id=row.id, team_id=team_id, step=step, metrics={"train_loss": 1.0},
+                               prefix=ckpt_prefix, size=1)
+    return job["id"], name

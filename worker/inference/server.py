@@ -28,8 +28,6 @@ from pydantic import BaseModel, ValidationError
 
 from app.core.db import session_scope
 from app.core.errors import InvalidRequest, NotFound, TuneforgeError
-from app.domains.adapters import service as adapters
-from app.domains.adapters.errors import AdapterNotFound as AdapterRowNotFound
 from app.domains.files import formats
 from app.domains.base_models import service as base_models
 from app.domains.base_models.errors import ModelNotFound
@@ -82,16 +80,16 @@ class InferenceService:
         self.base_model = base_model
 
     def adapter_ref(self, team_id: str, adapter_id: str | None) -> AdapterRef | None:
-        """The team's adapter as the engine sees it. Raises NotFound when the row is missing or the team's
-        right to it is gone (it was deleted after the API checked)."""
+        """The team's adapter, or its checkpoint's adapter, as the engine sees it (serving.adapter_files). Raises
+        NotFound when the row is missing or the team's right to it is gone (it was deleted after the API
+        checked)."""
         if adapter_id is None:
             return None
-        try:
-            with session_scope() as session:
-                row = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
-                adapter_id, base, files = row.id, row.base_model, adapters.files_prefix(row.storage_prefix)
-        except AdapterRowNotFound:
-            raise NotFound(f"No such adapter: {adapter_id!r}.", param="model", code="model_not_found") from None
+        with session_scope() as session:
+            found = serving.adapter_files(session, team_id=team_id, adapter_id=adapter_id)
+        if found is None:
+            raise NotFound(f"No such adapter: {adapter_id!r}.", param="model", code="model_not_found")
+        base, files = found
         try:
             path = stage_tree(files)
         except FileNotFoundError:

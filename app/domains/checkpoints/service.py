@@ -8,18 +8,24 @@ deleted for the caller to remove from storage after commit.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core.db import unix
+from app.core import queue
+from app.core.db import get_owned, unix
 from app.core.ids import new_id
 from app.core.pagination import paginate
 from app.domains.checkpoints.models import FineTuningCheckpoint
 from app.domains.checkpoints.schemas import CheckpointList, CheckpointMetrics, CheckpointRead
 from app.domains.jobs import service as jobs
+from app.domains.jobs.errors import JobNotFound
 from app.domains.teams.models import Team
+
+# A checkpoint's model name: its job's fine-tuned model name (jobs.model_name, ending in the job id), then the step.
+_MODEL_NAME = re.compile(r"(?P<job_model>ft:.*:(?P<job_id>[^:]+)):ckpt-step-(?P<step>[0-9]{1,9})")
 
 
 def storage_prefix(*, team_id: str, job_id: str, step: int) -> str:
@@ -79,8 +85,53 @@ def list_page(session: Session, *, team_id: str, job_id: str, after: str | None,
                           last_id=data[-1].id if data else None)
 
 
+def model_name(*, job_model: str, step: int) -> str:
+    """The name a checkpoint is served under (OpenAI's fine_tuned_model_checkpoint); job_model is jobs.model_name."""
+    return f"{job_model}:ckpt-step-{step}"
+
+
+def get_by_model_name(session: Session, *, team_id: str, name: str) -> tuple[FineTuningCheckpoint, str] | None:
+    """The team's checkpoint that a `ft:...:<job id>:ckpt-step-N` model name names, with the base model its job
+    trained; None for any other name, a step the job has no checkpoint of (pruned, or deleted with the job's
+    model), and another team's checkpoint, alike."""
+    match = _MODEL_NAME.fullmatch(name)
+    if match is None or model_name(job_model=match["job_model"], step=int(match["step"])) != name:
+        return None  # not a checkpoint's name, or its step not as the list writes it (ckpt-step-04)
+    try:
+        job = jobs.get(session, team_id=team_id, job_id=match["job_id"])
+    except JobNotFound:
+        return None
+    team = session.get(Team, team_id)
+    assert team is not None  # the team owns the job just read
+    if jobs.model_name(base=job.model, team_name=team.name, suffix=job.suffix, job_id=job.id) != match["job_model"]:
+        return None
+    row = session.scalar(select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job.id,
+                                                            FineTuningCheckpoint.step == int(match["step"])))
+    return (row, job.model) if row is not None else None
+
+
+def get(session: Session, *, team_id: str, checkpoint_id: str) -> tuple[FineTuningCheckpoint, str] | None:
+    """The team's checkpoint by id, with its job's base model; None for a missing id and another team's alike."""
+    row = get_owned(session, FineTuningCheckpoint, checkpoint_id, team_id)
+    if row is None:
+        return None
+    job = jobs.get(session, team_id=team_id, job_id=row.job_id)
+    return row, job.model
+
+
+def delete_for_job(session: Session, *, job_id: str) -> int:
+    """Delete the job's checkpoints (their model names then answer 404); their files are removed after commit.
+    Returns how many there were."""
+    rows = list(session.scalars(select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job_id)))
+    for row in rows:
+        session.delete(row)
+        queue.delete_after_commit(session, row.storage_prefix)
+    session.flush()
+    return len(rows)
+
+
 def to_read(row: FineTuningCheckpoint, *, model: str) -> CheckpointRead:
     """OpenAI's checkpoint object; model is the job's fine-tuned model name (jobs.model_name)."""
     return CheckpointRead(id=row.id, created_at=unix(row.created_at), fine_tuning_job_id=row.job_id,
-                          fine_tuned_model_checkpoint=f"{model}:ckpt-step-{row.step}", step_number=row.step,
+                          fine_tuned_model_checkpoint=model_name(job_model=model, step=row.step), step_number=row.step,
                           metrics=CheckpointMetrics(**{**row.metrics, "step": row.step}))

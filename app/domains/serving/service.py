@@ -16,9 +16,12 @@ from sqlalchemy.orm import Session
 from app.core.db import utcnow
 from app.core.ids import new_id
 from app.domains.adapters import service as adapters
+from app.domains.adapters.errors import AdapterNotFound
 from app.domains.adapters.models import Adapter
 from app.domains.base_models import service as base_models
 from app.domains.base_models.errors import ModelNotFound
+from app.domains.checkpoints import service as checkpoints
+from app.domains.checkpoints.models import FineTuningCheckpoint
 from app.domains.serving.errors import ModelNotServing
 from app.domains.serving.models import InferenceEndpoint
 
@@ -28,11 +31,20 @@ STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS + 5  # a row older than this is a de
 
 @dataclass(frozen=True)
 class Target:
-    """What a request's `model` names: a base model alone, or a team's adapter on its base."""
+    """What a request's `model` names: a base model alone, a team's adapter on its base, or one of the team's
+    training checkpoints (its adapter at that step) on its job's base."""
 
     model: str
     base_model: str
     adapter: Adapter | None
+    checkpoint: FineTuningCheckpoint | None = None
+
+    @property
+    def adapter_id(self) -> str | None:
+        """What the inference process loads (adapter_files): the adapter's id or the checkpoint's; None for the base."""
+        if self.checkpoint is not None:
+            return self.checkpoint.id
+        return self.adapter.id if self.adapter is not None else None
 
 
 def register(session: Session, *, base_model: str, url: str) -> InferenceEndpoint:
@@ -80,11 +92,14 @@ def serving_bases(session: Session) -> set[str]:
 
 
 def resolve(session: Session, *, team_id: str, model: str) -> Target:
-    """The base model or the team's fine-tuned model named `model`. Raises ModelNotFound for an unknown
-    name and for another team's model, alike."""
+    """The base model, the team's fine-tuned model or the team's checkpoint (`...:ckpt-step-N`) named `model`.
+    Raises ModelNotFound for an unknown name and for another team's model, alike."""
     if base_models.get_base(session, model) is not None:
         return Target(model=model, base_model=model, adapter=None)
     adapter = adapters.get_by_name(session, team_id=team_id, name=model)
+    if adapter is None and (found := checkpoints.get_by_model_name(session, team_id=team_id, name=model)):
+        checkpoint, base_model = found
+        return Target(model=model, base_model=base_model, adapter=None, checkpoint=checkpoint)
     if adapter is None:
         raise ModelNotFound(f"The model {model!r} does not exist or you do not have access to it.", param="model")
     return Target(model=model, base_model=adapter.base_model, adapter=adapter)
@@ -104,6 +119,35 @@ def endpoints_for(session: Session, *, base_model: str, key: str) -> list[Infere
     return sorted(endpoints, key=lambda e: hashlib.sha256(f"{key}\0{e.id}".encode()).digest(), reverse=True)
 
 
+def adapter_files(session: Session, *, team_id: str, adapter_id: str) -> tuple[str, str] | None:
+    """(base model, storage prefix of the peft directory) of what a Route's adapter_id names: the team's adapter,
+    or the team's checkpoint, whose directory holds the adapter at its step (adapter_config.json and
+    adapter_model.safetensors, beside the optimizer state the engine does not read). None when the row is gone
+    (deleted after the route was read) or is another team's."""
+    try:
+        row = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
+        return row.base_model, adapters.files_prefix(row.storage_prefix)
+    except AdapterNotFound:
+        pass
+    found = checkpoints.get(session, team_id=team_id, checkpoint_id=adapter_id)
+    if found is None:
+        return None
+    checkpoint, base_model = found
+    return base_model, checkpoint.storage_prefix
+
+
+def delete_fine_tuned(session: Session, *, team_id: str, model: str) -> None:
+    """Delete the team's fine-tuned model: its adapter, and its job's checkpoints, whose model names answer 404
+    from then on; their files are removed after commit. Raises ModelNotFound for an unknown name (a base model,
+    a checkpoint's name, another team's model)."""
+    row = adapters.get_by_name(session, team_id=team_id, name=model)
+    if row is None:
+        raise ModelNotFound(f"No such fine-tuned model: {model!r}.", param="model")
+    adapters.delete(session, team_id=team_id, adapter_id=row.id)
+    if row.job_id is not None:
+        checkpoints.delete_for_job(session, job_id=row.job_id)
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a request for a model goes: its base, the team's adapter (None for the base alone), and the
@@ -118,6 +162,6 @@ def route(session: Session, *, team_id: str, model: str) -> Route:
     """resolve() + endpoints_for(), keyed by the adapter (or the base alone). Raises ModelNotFound and
     ModelNotServing like them."""
     target = resolve(session, team_id=team_id, model=model)
-    adapter_id = target.adapter.id if target.adapter is not None else None
+    adapter_id = target.adapter_id
     endpoints = endpoints_for(session, base_model=target.base_model, key=adapter_id or target.base_model)
     return Route(base_model=target.base_model, adapter_id=adapter_id, urls=[e.url for e in endpoints])
