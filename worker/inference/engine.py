@@ -26,13 +26,14 @@ base's layers. A missing or corrupt adapter fails only the requests that name it
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,8 @@ from worker.inference.errors import (
     InferenceFailed,
 )
 from worker.inference.lora import BatchedLora, load_lora
-from worker.inference.results import Choice, Completion, Delta, Generation, Usage
-from worker.inference.sampling import SamplingParams, TextState, sample
+from worker.inference.results import Choice, Completion, Delta, Generation, TokenLogprob, Usage
+from worker.inference.sampling import SamplingParams, TextState, adjust_logits, sample
 from worker.inference.stats import BatchRecord, EngineStats
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Request:
     id: str
-    prompt: list[int]
+    prompts: list[list[int]]  # token ids of each prompt; prompt p's choices are rows p*n .. p*n+n-1
     params: SamplingParams
     adapter: AdapterRef | None
     handle: Generation
@@ -77,6 +78,12 @@ class _Request:
     first_token_at: float = 0.0
     rows_left: int = 0
     choices: dict[int, Choice] = field(default_factory=dict)
+    echo: list[str] | None = None  # with echo: each prompt's text, which its choices' texts begin with
+
+    @property
+    def rows(self) -> int:
+        """Rows the request takes: its candidates (n, or best_of) for each prompt."""
+        return len(self.prompts) * self.params.candidates
 
 
 @dataclass(eq=False)
@@ -88,6 +95,18 @@ class _Row:
     generator: object | None  # torch.Generator for sampled rows, None for greedy ones
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
+
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt of this row's choice (choices are prompt-major, as OpenAI indexes them)."""
+        return self.request.prompts[self.index // self.request.params.candidates]
+
+    @property
+    def echo(self) -> str:
+        """The text this row's choice begins with: its prompt's with echo, else nothing."""
+        echo = self.request.echo
+        return echo[self.index // self.request.params.candidates] if echo is not None else ""
 
 
 @dataclass(eq=False)
@@ -192,16 +211,30 @@ class InferenceEngine:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def submit(self, prompt: str | Sequence[int], *, adapter: AdapterRef | None = None, max_tokens: int = 16,
-               temperature: float = 1.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None, n: int = 1,
-               seed: int | None = None) -> Generation:
+    def submit(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
+               adapter: AdapterRef | None = None, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+               stop: str | Sequence[str] | None = None, n: int = 1, seed: int | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: Mapping[int | str, float] | None = None, logprobs: int | None = None,
+               best_of: int | None = None, echo: bool = False) -> Generation:
         """Queue a completion of `prompt` (text, tokenized with the base tokenizer, or token ids) with the
-        adapter (None: the base model). Returns at once; adapter problems surface through the handle.
+        adapter (None: the base model). A list of texts or of token-id lists is several prompts in one
+        request: n choices each, indexed prompt-major (prompt p's choice i is index p*n + i), all of
+        them rows of the same batch, so together at most max_batch_size. With echo, each choice's text
+        (and its first delta) begins with its prompt's text (a token-id prompt decoded); usage and
+        token_ids still count only generated tokens. logprobs=k gives each generated token's logprob and
+        the k most likely tokens' (TokenLogprob), from the forward pass that chose it. best_of > n
+        generates best_of candidates per prompt (rows of the batch, as its deltas are) and keeps the n
+        with the highest mean token logprob, reindexed p*n + i; usage counts every candidate's tokens.
+        Returns at once; adapter problems surface through the handle.
         Raises GenerationInvalid for out-of-range parameters or a prompt that does not fit the context,
         AdapterBaseMismatch when adapter.base names another base, EngineOverloaded when the queue is
         full, EngineClosed after close()."""
         params = SamplingParams.create(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                       n=n, seed=seed, max_n=self.max_batch_size)
+                                       n=n, seed=seed, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                                       logprobs=logprobs, best_of=best_of, max_n=self.max_batch_size,
+                                       vocab_size=self.vocab_size)
         if adapter is not None and not isinstance(adapter, AdapterRef):
             raise GenerationInvalid("adapter must be an AdapterRef or None.", param="model")
         if adapter is not None and adapter.base is not None and adapter.base != self.base_name:
@@ -209,15 +242,27 @@ class InferenceEngine:
                 f"Adapter {adapter.id!r} was trained on base model {adapter.base!r}, but this engine serves "
                 f"{self.base_name!r}; send the request to the inference process serving {adapter.base!r}.",
                 param="model")
-        ids = self._prompt_ids(prompt)
-        if len(ids) + params.max_tokens > self.context_length:
+        if not isinstance(echo, bool):
+            raise GenerationInvalid(f"echo must be true or false, got {echo!r}.", param="echo")
+        given = _prompt_list(prompt)
+        prompts = [self._prompt_ids(p) for p in given]
+        if len(prompts) * params.candidates > self.max_batch_size:
             raise GenerationInvalid(
-                f"The prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; together they must fit "
+                f"{len(prompts)} prompts with n={params.candidates} make {len(prompts) * params.candidates} choices, "
+                f"more than the engine's batch of {self.max_batch_size} rows; send fewer prompts per request or "
+                "lower n (or best_of).", param="prompt")
+        longest = max(len(ids) for ids in prompts)
+        if longest + params.max_tokens > self.context_length:
+            raise GenerationInvalid(
+                f"The prompt has {longest} tokens and max_tokens is {params.max_tokens}; together they must fit "
                 f"the model's context of {self.context_length} tokens. Shorten the prompt or lower max_tokens.",
                 param="max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        handle = Generation(request_id, len(ids), params.n, self._notify)
-        request = _Request(id=request_id, prompt=ids, params=params, adapter=adapter, handle=handle)
+        handle = Generation(request_id, sum(len(ids) for ids in prompts), len(prompts) * params.n, self._notify)
+        echoed = [p if isinstance(p, str) else self._decode(ids)
+                  for p, ids in zip(given, prompts, strict=True)] if echo else None
+        request = _Request(id=request_id, prompts=prompts, params=params, adapter=adapter, handle=handle,
+                           echo=echoed)
         with self._cond:
             if self._closing:
                 raise EngineClosed("The inference engine is shut down; it accepts no requests.")
@@ -366,7 +411,7 @@ class InferenceEngine:
                     self._wake = False
                     return True
                 if self._pending and not self._paused:
-                    rows = sum(r.params.n for r in self._pending)
+                    rows = sum(r.rows for r in self._pending)
                     remaining = self._pending[0].handle.submitted_at + self.batch_window_s - time.monotonic()
                     if rows >= self.max_batch_size or remaining <= 0:
                         return True
@@ -416,7 +461,7 @@ class InferenceEngine:
                 if not self._pending:
                     break
                 request = self._pending[0]
-            if request.params.n > capacity:
+            if request.rows > capacity:
                 break
             slot = None
             if request.adapter is not None:
@@ -440,15 +485,16 @@ class InferenceEngine:
             with self._cond:
                 self._pending.popleft()
             request.admitted_at = time.monotonic()
-            request.rows_left = request.params.n
+            request.rows_left = request.rows
             requests.append(request)
-            for index in range(request.params.n):
+            for index in range(request.rows):
                 generator = None
                 if not request.params.greedy:
                     generator = torch.Generator(device=self.device).manual_seed(request.params.row_seed(index))
                 rows.append(_Row(request=request, index=index, slot=slot, generator=generator,
-                                 text=TextState(self._decode, request.params.stop)))
-            capacity -= request.params.n
+                                 text=TextState(self._decode, request.params.stop),
+                                 logprobs=[] if request.params.scores_tokens else None))
+            capacity -= request.rows
         if not requests:
             return []
         batch_id = next(self._batch_ids)
@@ -458,7 +504,7 @@ class InferenceEngine:
         self._stats.record_batch(
             BatchRecord(id=batch_id, at=time.time(), requests=len(requests), rows=len(rows), adapters=len(set(keys)),
                         joined_rows=len(self._running.rows) if self._running is not None else 0),
-            keys, sum(len(r.prompt) for r in requests))
+            keys, sum(len(ids) for r in requests for ids in r.prompts))
         return rows
 
     def _resident(self, request: _Request, pinned: set[str]) -> ResidentAdapter | None:
@@ -519,7 +565,7 @@ class InferenceEngine:
         log.info("evicted adapter %s (%s)", adapter_id, entry.slot)
 
     def _preload(self, adapter: AdapterRef) -> dict:
-        request = _Request(id="preload", prompt=[], params=SamplingParams(), adapter=adapter,
+        request = _Request(id="preload", prompts=[], params=SamplingParams(), adapter=adapter,
                            handle=Generation("preload", 0, 1, lambda: None))
         entry = self._resident(request, pinned=self._pinned())
         if entry is None:
@@ -556,11 +602,11 @@ class InferenceEngine:
         import torch
 
         start = time.perf_counter()
-        length = max(len(r.request.prompt) for r in rows)
+        length = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding: every row's last prompt token is at the end
-            prompt = row.request.prompt
+            prompt = row.prompt
             ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, length - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -569,6 +615,7 @@ class InferenceEngine:
         try:
             logits = self._forward(ids, mask, positions, cache, [r.slot for r in rows])
             tokens = self._choose(logits, rows)
+            self._record_logprobs(logits, rows, tokens)
         except Exception as exc:
             log.exception("prefill failed")
             error = InferenceFailed(f"Generation failed in the model's forward pass: {exc}")
@@ -590,19 +637,40 @@ class InferenceEngine:
         logits = self._forward(run.next_ids[:, None], run.mask, run.positions[:, None], run.cache,
                                [r.slot for r in run.rows])
         tokens = self._choose(logits, run.rows)
+        self._record_logprobs(logits, run.rows, tokens)
         run.positions = run.positions + 1
         run.next_ids = torch.tensor(tokens, device=self.device)
         self._stats.record_forward("decode_steps", len(run.rows), len(run.rows), time.perf_counter() - start)
         self._emit(run.rows, tokens)
 
     def _choose(self, logits, rows: list[_Row]) -> list[int]:
-        """Greedy rows take the argmax (as generate(do_sample=False)); sampled rows draw with their own generator."""
+        """Greedy rows take the argmax (as generate(do_sample=False)); sampled rows draw with their own generator.
+        Rows with penalties or a logit_bias have their own logits adjusted first; the others' are untouched."""
+        for i, row in enumerate(rows):
+            if row.request.params.adjusts_logits:
+                logits[i] = adjust_logits(logits[i], row.tokens, row.request.params)
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
                 params = row.request.params
                 tokens[i] = sample(logits[i], params.temperature, params.top_p, row.generator)
         return tokens
+
+    def _record_logprobs(self, logits, rows: list[_Row], tokens: list[int]) -> None:
+        """Rows that asked for logprobs note their chosen token's and the top alternatives' from the logits
+        it was chosen from ((rows, vocab), as _choose left them: penalties and logit_bias applied)."""
+        import torch
+
+        for i, row in enumerate(rows):
+            if row.logprobs is None:
+                continue
+            logprobs = torch.log_softmax(logits[i], dim=-1)
+            top: tuple[tuple[str, float], ...] = ()
+            if k := row.request.params.logprobs:
+                values, ids = torch.topk(logprobs, k)
+                top = tuple((self._decode([t]), v) for t, v in zip(ids.tolist(), values.tolist(), strict=True))
+            token = tokens[i]
+            row.logprobs.append(TokenLogprob(self._decode([token]), token, float(logprobs[token]), top))
 
     def _merge(self, new: _Running) -> None:
         """Add prefilled rows to the running ones: left-pad the shorter KV cache and mask, concatenate rows."""
@@ -653,16 +721,23 @@ class InferenceEngine:
             if finish is None and len(row.tokens) >= params.max_tokens:
                 finish = "length"
             row.finish_reason = finish
-            request.handle._push(Delta(row.index, row.text.release(final=finish is not None), (token,), finish))
+            piece = row.text.release(final=finish is not None)
+            if len(row.tokens) == 1:
+                piece = row.echo + piece
+            request.handle._push(Delta(row.index, piece, (token,), finish,
+                                       (row.logprobs[-1],) if row.logprobs is not None else None))
             if finish is not None:
-                request.choices[row.index] = Choice(row.index, row.text.text, tuple(row.tokens), finish)
+                request.choices[row.index] = Choice(row.index, row.echo + row.text.text, tuple(row.tokens), finish,
+                                                    tuple(row.logprobs) if row.logprobs is not None else None)
                 request.rows_left -= 1
                 if request.rows_left == 0:
                     self._complete(request, now)
 
     def _complete(self, request: _Request, now: float) -> None:
-        choices = tuple(request.choices[i] for i in range(request.params.n))
-        prompt_tokens, completion_tokens = len(request.prompt), sum(len(c.token_ids) for c in choices)
+        candidates = [request.choices[i] for i in range(request.rows)]
+        prompt_tokens = sum(len(ids) for ids in request.prompts)
+        completion_tokens = sum(len(c.token_ids) for c in candidates)
+        choices = _best(candidates, request.params)
         submitted = request.handle.submitted_at
         request.handle._finish(Completion(
             id=request.id, created=int(time.time()), adapter_id=request.adapter.id if request.adapter else None,
@@ -732,6 +807,35 @@ class InferenceEngine:
             self._fail_request(request, error)
         for _, future in commands:
             future.set_exception(error)
+
+
+def _best(candidates: list[Choice], params: SamplingParams) -> tuple[Choice, ...]:
+    """The choices to return: of each prompt's candidates (best_of, prompt-major), the n with the highest
+    mean token logprob, in that order, indexed p*n + i; all of them when best_of is n."""
+    if params.best_of <= params.n:
+        return tuple(candidates)
+    chosen = []
+    for start in range(0, len(candidates), params.best_of):
+        group = candidates[start:start + params.best_of]
+        ranked = sorted(group, key=lambda c: -sum(e.logprob for e in c.logprobs or ()) / max(len(c.token_ids), 1))
+        chosen += ranked[:params.n]
+    keep_logprobs = params.logprobs is not None
+    return tuple(dataclasses.replace(c, index=i, logprobs=c.logprobs if keep_logprobs else None)
+                 for i, c in enumerate(chosen))
+
+
+def _prompt_list(prompt) -> list:
+    """The prompts of a request: one text or token-id list, or a non-empty list of either (OpenAI's
+    batched prompt). Raises GenerationInvalid for an empty list or a mix of the two kinds."""
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+        return [prompt]
+    items = list(prompt)
+    if not items:
+        raise GenerationInvalid("prompt must not be empty.", param="prompt")
+    if all(isinstance(p, str) for p in items) or all(not isinstance(p, str) and isinstance(p, Sequence)
+                                                     for p in items):
+        return items
+    return [items]  # token ids (checked by _prompt_ids), or a mix that _prompt_ids refuses
 
 
 def _fix_bnb_cpu(model, device) -> None:

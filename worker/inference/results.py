@@ -12,6 +12,18 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (natural log) under the logits it was chosen from (after
+    penalties and logit_bias, before temperature and top_p), with the top alternatives', most likely
+    first. token: its text decoded alone (an EOS decodes to "")."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """New output of one choice. The texts of a choice's deltas add up to its final text and their
     token_ids to its token_ids; the last delta of a choice carries its finish_reason."""
@@ -20,18 +32,21 @@ class Delta:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "stop" | "length" on a choice's last delta
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked for logprobs
 
 
 @dataclass(frozen=True)
 class Choice:
     """text: the decoded completion, cut before a stop sequence; token_ids: every generated token,
     including an EOS and the token that completed a stop sequence (so len(token_ids) is what the
-    choice cost); finish_reason: "stop" (EOS or a stop sequence) or "length" (max_tokens)."""
+    choice cost); finish_reason: "stop" (EOS or a stop sequence) or "length" (max_tokens);
+    logprobs: one per token of token_ids, when the request asked for them."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

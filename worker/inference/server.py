@@ -36,7 +36,7 @@ from app.domains.serving import service as serving
 from worker.inference.adapters import AdapterRef
 from worker.inference.engine import InferenceEngine
 from worker.inference.errors import AdapterNotFound
-from worker.inference.results import Completion, Delta, Generation
+from worker.inference.results import Completion, Delta, Generation, TokenLogprob
 from worker.staging import stage_tree
 
 log = logging.getLogger("tuneforge.inference")
@@ -48,12 +48,20 @@ def completion_result(completion: Completion) -> protocol.GenerateResult:
     """The engine's finished request as the protocol's result."""
     return protocol.GenerateResult(
         id=completion.id, created=completion.created, adapter_id=completion.adapter_id,
-        choices=[protocol.Choice(index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+        choices=[protocol.Choice(index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                                 logprobs=wire_logprobs(c.logprobs))
                  for c in completion.choices],
         usage=protocol.Usage(prompt_tokens=completion.usage.prompt_tokens,
                              completion_tokens=completion.usage.completion_tokens,
                              total_tokens=completion.usage.total_tokens),
         batch_id=completion.batch_id)
+
+
+def wire_logprobs(entries: tuple[TokenLogprob, ...] | None) -> list[protocol.TokenLogprob] | None:
+    if entries is None:
+        return None
+    return [protocol.TokenLogprob(token=e.token, token_id=e.token_id, logprob=e.logprob,
+                                  top=[protocol.TopLogprob(token=t, logprob=lp) for t, lp in e.top]) for e in entries]
 
 
 def wire_error(exc: TuneforgeError) -> protocol.WireError:
@@ -226,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _delta_chunk(request_id: str, delta: Delta) -> protocol.DeltaChunk:
     return protocol.DeltaChunk(id=request_id, index=delta.index, text=delta.text, token_ids=list(delta.token_ids),
-                               finish_reason=delta.finish_reason)
+                               finish_reason=delta.finish_reason, logprobs=wire_logprobs(delta.logprobs))
 
 
 def _json(payload: BaseModel | dict) -> bytes:

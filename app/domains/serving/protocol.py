@@ -38,8 +38,8 @@ class ChatTurn(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """One generation: exactly one of `prompt` (text, or token ids of the base's tokenizer) and
-    `messages` (rendered by the inference process with the adapter's chat template), for the
+    """One generation: exactly one of `prompt` (text, or token ids of the base's tokenizer, or a list
+    of either) and `messages` (rendered by the inference process with the adapter's chat template), for the
     team's adapter or the base alone. Sampling values left None take the engine's defaults; the
     engine checks their ranges. Unknown fields are ignored, so an API newer than the process can
     still be served."""
@@ -48,7 +48,8 @@ class GenerateRequest(BaseModel):
 
     team_id: str
     adapter_id: str | None = None
-    prompt: str | list[int] | None = None
+    # One prompt, or several (a list of texts or of token-id lists): n choices each, indexed prompt-major.
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None
     messages: list[ChatTurn] | None = Field(default=None, min_length=1)
     max_tokens: int | None = None
     temperature: float | None = None
@@ -56,6 +57,12 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias added to its logit
+    logprobs: int | None = None  # k: each token's logprob and the k most likely tokens'
+    best_of: int | None = None  # candidates per prompt, the n best of them returned
+    echo: bool = False  # each choice's text begins with its prompt's
     stream: bool = False
 
     @model_validator(mode="after")
@@ -67,7 +74,9 @@ class GenerateRequest(BaseModel):
     def sampling(self) -> dict:
         """The sampling parameters that were given, as the engine's submit() keywords."""
         values = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "stop": self.stop, "n": self.n, "seed": self.seed}
+                  "stop": self.stop, "n": self.n, "seed": self.seed, "presence_penalty": self.presence_penalty,
+                  "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias,
+                  "logprobs": self.logprobs, "best_of": self.best_of, "echo": self.echo or None}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -77,13 +86,29 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A generated token's logprob (natural log) and the most likely tokens' at its position."""
+
+    token: str  # its text decoded alone
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Choice(BaseModel):
-    """text: the decoded completion, cut before a stop sequence; token_ids: every generated token."""
+    """text: the decoded completion, cut before a stop sequence; token_ids: every generated token;
+    logprobs: one per token of token_ids, when the request asked for them."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
+    logprobs: list[TokenLogprob] | None = None
 
 
 class GenerateResult(BaseModel):
@@ -115,6 +140,7 @@ class DeltaChunk(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class DoneChunk(BaseModel):

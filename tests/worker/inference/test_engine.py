@@ -378,3 +378,169 @@ def test_4bit_base_mixed_batch_equals_peft_alone_on_the_same_4bit_base(make_engi
     handles = submit_all_in_one_batch(engine, [(tiny.ref(a), p, {"max_tokens": 12, "temperature": 0}) for a, p in plan])
     for (adapter, prompt), handle in zip(plan, handles, strict=True):
         assert list(handle.result(TIMEOUT).choices[0].token_ids) == peft_alone(adapter, prompt), adapter
+
+
+def test_a_list_of_prompts_gives_n_choices_each_in_prompt_major_order(make_engine, tiny, reference):
+    engine = make_engine()
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    result = run_greedy(engine, tiny, "a", prompts, n=2)
+    expected = [reference.tokens("a", p) for p in prompts for _ in range(2)]
+    assert expected[0] != expected[2]  # the two prompts' choices can be told apart
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    assert [list(c.token_ids) for c in result.choices] == expected
+    prompt_ids = [reference.tokenizer(p)["input_ids"] for p in prompts]
+    assert result.usage.prompt_tokens == sum(len(ids) for ids in prompt_ids)
+    assert result.usage.completion_tokens == sum(len(tokens) for tokens in expected)
+    # Token-id lists are the same prompts; streamed pieces add up to each choice's text.
+    handle = engine.submit(prompt_ids, adapter=tiny.ref("a"), max_tokens=MAX_TOKENS, temperature=0, n=2)
+    pieces: dict[int, str] = {}
+    for delta in handle.stream(TIMEOUT):
+        pieces[delta.index] = pieces.get(delta.index, "") + delta.text
+    assert pieces == {c.index: c.text for c in result.choices}
+    assert [c.token_ids for c in handle.result(TIMEOUT).choices] == [c.token_ids for c in result.choices]
+
+
+def test_batched_prompts_share_a_batch_without_their_settings_leaking(make_engine, tiny, reference):
+    engine = make_engine(max_batch_size=8)
+    sampled = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 7, "n": 2}
+    jobs = [(tiny.ref("a"), [PROMPTS[0], PROMPTS[1]], {"max_tokens": 6, "temperature": 0}),
+            (tiny.ref("b"), PROMPTS[2], {"max_tokens": MAX_TOKENS, "temperature": 0}),
+            (None, [PROMPTS[1], PROMPTS[2]], sampled)]
+    short, single, mixed = [h.result(TIMEOUT) for h in submit_all_in_one_batch(engine, jobs)]
+    assert short.batch_id == single.batch_id == mixed.batch_id
+    batch = next(b for b in engine.stats()["batches"]["recent"] if b["id"] == short.batch_id)
+    assert batch["requests"] == 3 and batch["rows"] == 2 + 1 + 4
+    assert [list(c.token_ids) for c in short.choices] == [reference.tokens("a", p, 6) for p in PROMPTS[:2]]
+    assert list(single.choices[0].token_ids) == reference.tokens("b", PROMPTS[2])
+    # The sampled request's rows keep their own seeds: alone they draw the same tokens.
+    alone = engine.submit([PROMPTS[1], PROMPTS[2]], **sampled).result(TIMEOUT)
+    assert [c.token_ids for c in mixed.choices] == [c.token_ids for c in alone.choices]
+    assert len(mixed.choices) == 4
+
+
+@pytest.mark.parametrize("prompt", [[], [PROMPTS[0], ""], [PROMPTS[0], [1, 2]]])
+def test_an_empty_or_mixed_prompt_list_is_refused(make_engine, prompt):
+    engine = make_engine(warmup=False)
+    with pytest.raises(GenerationInvalid) as caught:
+        engine.submit(prompt)
+    assert caught.value.param == "prompt"
+
+
+def test_prompts_times_n_beyond_the_batch_are_refused_and_four_stops_are_accepted(make_engine, tiny):
+    engine = make_engine(max_batch_size=4)
+    with pytest.raises(GenerationInvalid) as caught:
+        engine.submit(list(PROMPTS), n=2)
+    assert caught.value.param == "prompt" and "6 choices" in caught.value.message
+    result = run_greedy(engine, tiny, None, PROMPTS[0], stop=["\x00a", "\x00b", "\x00c", "\x00d"])
+    assert len(result.choices) == 1
+
+
+def test_echo_begins_each_choice_with_its_prompt_text(make_engine, tiny, reference):
+    engine = make_engine()
+    plain = run_greedy(engine, tiny, "a", [PROMPTS[0], PROMPTS[2]], n=2)
+    echoed = run_greedy(engine, tiny, "a", [PROMPTS[0], PROMPTS[2]], n=2, echo=True)
+    assert [c.text for c in echoed.choices] == [p + c.text for p, c in zip(
+        [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2, plain.choices, strict=True)]
+    assert echoed.usage == plain.usage and [c.token_ids for c in echoed.choices] == [c.token_ids for c in plain.choices]
+    ids = reference.tokenizer(PROMPTS[2])["input_ids"]
+    handle = engine.submit(ids, adapter=tiny.ref("a"), max_tokens=MAX_TOKENS, temperature=0, echo=True)
+    pieces = [d.text for d in handle.stream(TIMEOUT)]
+    assert pieces[0].startswith(PROMPTS[2])
+    assert "".join(pieces) == handle.result(TIMEOUT).choices[0].text == PROMPTS[2] + reference.text("a", PROMPTS[2])
+
+
+def test_penalties_and_logit_bias_follow_openais_formula_per_row(make_engine, tiny, reference):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.base, local_files_only=True).eval()
+    prompt_ids = reference.tokenizer(PROMPTS[0])["input_ids"]
+    first = reference.tokens(None, PROMPTS[0])[0]
+    settings = {"presence_penalty": 1.5, "frequency_penalty": 0.7, "logit_bias": {str(first): -100, "7": 3.0}}
+
+    def expected() -> list[int]:
+        """Greedy, one full forward per token, the logits adjusted as OpenAI documents."""
+        out: list[int] = []
+        for _ in range(MAX_TOKENS):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + out])).logits[0, -1].float()
+            logits[first] -= 100
+            logits[7] += 3.0
+            for token in set(out):
+                logits[token] -= 0.7 * out.count(token) + 1.5
+            out.append(int(logits.argmax()))
+            if out[-1] == reference.tokenizer.eos_token_id:
+                break
+        return out
+
+    engine = make_engine()
+    plain, adjusted = [h.result(TIMEOUT) for h in submit_all_in_one_batch(engine, [
+        (None, PROMPTS[0], {"max_tokens": MAX_TOKENS, "temperature": 0}),
+        (None, PROMPTS[0], {"max_tokens": MAX_TOKENS, "temperature": 0, **settings})])]
+    assert plain.batch_id == adjusted.batch_id
+    assert list(plain.choices[0].token_ids) == reference.tokens(None, PROMPTS[0])  # nothing leaked into it
+    assert list(adjusted.choices[0].token_ids) == expected()
+    assert adjusted.choices[0].token_ids[0] != first
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+])
+def test_out_of_range_penalties_and_biases_are_refused(make_engine, kwargs, param):
+    engine = make_engine(warmup=False)
+    with pytest.raises(GenerationInvalid) as caught:
+        engine.submit(PROMPTS[0], **kwargs)
+    assert caught.value.param == param
+
+
+def test_logprobs_are_those_of_the_pass_that_chose_each_token(make_engine, tiny, reference):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.base, local_files_only=True).eval()
+    engine = make_engine()
+    plain, scored = [h.result(TIMEOUT) for h in submit_all_in_one_batch(engine, [
+        (None, PROMPTS[2], {"max_tokens": 8, "temperature": 0}),
+        (None, PROMPTS[0], {"max_tokens": 8, "temperature": 0, "logprobs": 3})])]
+    assert plain.batch_id == scored.batch_id and plain.choices[0].logprobs is None
+    choice = scored.choices[0]
+    assert [e.token_id for e in choice.logprobs] == list(choice.token_ids) == reference.tokens(None, PROMPTS[0], 8)
+    prompt_ids = reference.tokenizer(PROMPTS[0])["input_ids"]
+    for i, entry in enumerate(choice.logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + list(choice.token_ids[:i])])).logits[0, -1].float()
+        expected = torch.log_softmax(logits, dim=-1)
+        assert entry.logprob == pytest.approx(float(expected[entry.token_id]), abs=1e-4)
+        top = torch.topk(expected, 3)
+        assert [t for t, _ in entry.top] == [reference.tokenizer.decode([t], skip_special_tokens=True)
+                                            for t in top.indices.tolist()]
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert entry.token == reference.tokenizer.decode([entry.token_id], skip_special_tokens=True)
+    with pytest.raises(GenerationInvalid) as caught:
+        engine.submit(PROMPTS[0], logprobs=21)
+    assert caught.value.param == "logprobs"
+
+
+def test_best_of_keeps_the_n_candidates_with_the_highest_mean_logprob_per_prompt(make_engine):
+    engine = make_engine()
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    sampled = {"max_tokens": 12, "temperature": 1.0, "seed": 5}
+    every = engine.submit(prompts, n=4, logprobs=0, **sampled).result(TIMEOUT)
+    best = engine.submit(prompts, n=2, best_of=4, **sampled).result(TIMEOUT)
+
+    def mean(choice):
+        return sum(e.logprob for e in choice.logprobs) / len(choice.token_ids)
+
+    expected = []
+    for p in range(2):
+        group = sorted(every.choices[p * 4:(p + 1) * 4], key=mean, reverse=True)
+        expected += [c.token_ids for c in group[:2]]
+    assert len({c.token_ids for c in every.choices}) > 2  # the candidates differ, so ranking matters
+    assert [c.index for c in best.choices] == [0, 1, 2, 3]
+    assert [c.token_ids for c in best.choices] == expected
+    assert all(c.logprobs is None for c in best.choices)  # not asked for
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # every candidate is paid for
+    with pytest.raises(GenerationInvalid) as caught:
+        engine.submit(PROMPTS[0], n=3, best_of=2)
+    assert caught.value.param == "best_of"
