@@ -345,3 +345,128 @@ def test_requests_fail_over_past_a_dead_process_and_adapters_spread_over_process
         if dead is not None:
             with session_scope() as session:
                 serving.unregister(session, endpoint_id=dead)
+
+
+def test_a_list_of_prompts_answers_n_choices_per_prompt_in_openai_index_order(client, served, reference, tiny_model):
+    from transformers import AutoTokenizer
+
+    prompts = [PROMPT, "import os\nclass Config:"]
+    texts = [reference.completion("a", p)[1] for p in prompts]
+    assert texts[0] != texts[1]
+    kwargs = {"model": served.models["a"], "max_tokens": MAX_TOKENS, "temperature": 0, "n": 2}
+    out = client.completions.create(prompt=prompts, **kwargs)
+    assert [(c.index, c.text) for c in out.choices] == list(enumerate([texts[0], texts[0], texts[1], texts[1]]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    assert out.usage.prompt_tokens == sum(len(i) for i in ids)
+    assert [c.text for c in client.completions.create(prompt=ids, **kwargs).choices] == [c.text for c in out.choices]
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=prompts, stream=True, **kwargs):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {c.index: c.text for c in out.choices}
+
+
+@pytest.mark.parametrize(("kwargs", "param", "code"), [
+    ({"suffix": "\n    return a"}, "suffix", "unsupported_parameter"),
+    ({"echo": True, "logprobs": 1}, "echo", "unsupported_parameter"),
+    ({"best_of": 2, "n": 3}, "best_of", None),
+    ({"best_of": 3, "stream": True}, "best_of", "invalid_value"),
+])
+def test_parameters_the_engine_cannot_honour_answer_400_naming_them(client, served, kwargs, param, code):
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(client, served, "a", **kwargs)
+    assert info.value.body["param"] == param and param in info.value.body["message"]
+    if code is not None:
+        assert info.value.body["code"] == code
+
+
+def test_best_of_returns_the_candidates_with_the_highest_mean_logprob(client, served):
+    kwargs = {"model": served.models["a"], "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 3}
+    every = client.completions.create(n=3, logprobs=0, **kwargs).choices
+    best = client.completions.create(n=1, best_of=3, **kwargs).choices
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every]
+    assert [c.index for c in best] == [0]
+    assert best[0].text == every[means.index(max(means))].text
+
+
+def test_logprobs_come_from_the_pass_that_chose_each_token(client, served, reference):
+    tokens, text = reference.completion("a")
+    out = _complete(client, served, "a", logprobs=3)
+    logprobs = out.choices[0].logprobs
+    assert out.choices[0].text == text and len(logprobs.token_logprobs) == len(tokens)
+    assert "".join(logprobs.tokens).startswith(text) and logprobs.text_offset[0] == 0
+    for chosen, token, top in zip(logprobs.token_logprobs, logprobs.tokens, logprobs.top_logprobs, strict=True):
+        assert len(top) <= 3 and chosen <= 0
+        # Greedy: the chosen token is the most likely one.
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-5) and token in top
+    streamed = [c.choices[0].logprobs for c in _complete(client, served, "a", logprobs=3, stream=True)]
+    assert [t for s in streamed for t in s.tokens] == logprobs.tokens
+    assert [o for s in streamed for o in s.text_offset] == logprobs.text_offset
+    chat = _chat(client, served, "a", logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == len(reference.chat("a")[0])
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+               and bytes(t.bytes).decode() == t.token for t in content)
+    assert _chat(client, served, "a").choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served, "a", top_logprobs=2)
+    assert info.value.body["param"] == "top_logprobs"
+
+
+def test_echo_begins_each_choice_with_its_prompt(client, served, reference):
+    prompts = [PROMPT, "import os\nclass Config:"]
+    out = client.completions.create(model=served.models["a"], prompt=prompts, echo=True, max_tokens=MAX_TOKENS,
+                                    temperature=0)
+    assert [c.text for c in out.choices] == [p + reference.completion("a", p)[1] for p in prompts]
+    assert out.usage.completion_tokens == sum(len(reference.completion("a", p)[0]) for p in prompts)
+    chunks = list(_complete(client, served, "a", echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + reference.completion("a")[1]
+
+
+def test_logit_bias_and_penalties_change_the_choice(client, served, reference, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
+    tokens, text = reference.completion("a")
+    forced = next(t for t in tokens if t != tokenizer.eos_token_id)
+    out = _complete(client, served, "a", logit_bias={str(forced): 100})
+    assert out.choices[0].text == tokenizer.decode([forced] * MAX_TOKENS, skip_special_tokens=True)
+    banned = _chat(client, served, "a", logit_bias={str(reference.chat("a")[0][0]): -100})
+    assert banned.choices[0].message.content != reference.chat("a")[1]
+    # Repeating the forced token costs 2 per use: after 50 it loses to the next best token.
+    penalized = client.completions.create(model=served.models["a"], prompt=PROMPT, max_tokens=80, temperature=0,
+                                          logit_bias={str(forced): 100}, frequency_penalty=2)
+    assert penalized.choices[0].text != tokenizer.decode([forced] * 80, skip_special_tokens=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(client, served, "a", logit_bias={str(len(tokenizer) + 10): 1})
+    assert info.value.body["param"] == "logit_bias"
+
+
+def test_default_values_of_those_parameters_are_accepted(client, served, reference):
+    defaults = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    out = _complete(client, served, "a", echo=False, best_of=1, suffix=None, logprobs=None, **defaults)
+    assert out.choices[0].text == reference.completion("a")[1]
+    chat = _chat(client, served, "a", logprobs=False, **defaults)
+    assert chat.choices[0].message.content == reference.chat("a")[1]
+
+
+def test_max_completion_tokens_bounds_a_chat_and_must_agree_with_max_tokens(client, served, reference):
+    model = served.models["a"]
+    out = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_completion_tokens=3)
+    assert out.usage.completion_tokens == len(reference.chat("a")[0][:3])
+    assert out.choices[0].finish_reason == ("length" if len(reference.chat("a")[0]) > 3 else "stop")
+    same = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=3,
+                                          max_completion_tokens=3)
+    assert same.choices[0].message.content == out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, max_completion_tokens=3)
+    assert info.value.body["param"] == "max_completion_tokens"
+
+
+def test_up_to_four_stop_sequences_are_accepted_and_five_answer_400(client, served, reference):
+    four = ["never stop 1", "never stop 2", "never stop 3", "never stop 4"]
+    assert _complete(client, served, "a", stop=four).choices[0].text == reference.completion("a")[1]
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served, "a", stop=[*four, "never stop 5"])
+    assert info.value.body["param"] == "stop"

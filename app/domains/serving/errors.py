@@ -1,4 +1,4 @@
-from app.core.errors import TuneforgeError, Unavailable
+from app.core.errors import InvalidRequest, TuneforgeError, Unavailable
 
 
 class ModelNotServing(Unavailable):
@@ -16,3 +16,17 @@ class InferenceError(TuneforgeError):
         super().__init__(message, param=param, code=code)
         self.status_code = status_code
         self.type = type
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A request parameter that OpenAI's API has and this server does not honour yet, given with a
+    value other than its default: refused rather than silently ignored."""
+
+    code = "unsupported_parameter"
+
+
+class ParametersDisagree(InvalidRequest):
+    """Parameters whose values contradict each other: max_tokens and max_completion_tokens that differ,
+    top_logprobs without logprobs, a stream with best_of above n."""
+
+    code = "invalid_value"
