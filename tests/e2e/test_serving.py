@@ -381,6 +381,28 @@ def test_parameters_the_engine_cannot_honour_answer_400_naming_them(client, serv
         assert info.value.body["code"] == code
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"tools": [TOOL]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "response_format"),
+])
+def test_chat_parameters_not_honoured_yet_answer_400_naming_them(client, served, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, served, "a", **kwargs)
+    assert info.value.body["param"] == param and info.value.body["code"] == "unsupported_parameter"
+
+
+def test_chat_parameters_at_their_defaults_are_accepted(client, served):
+    plain = _chat(client, served, "a").choices[0].message.content
+    given = _chat(client, served, "a", tool_choice="none", response_format={"type": "text"})
+    assert given.choices[0].message.content == plain
+
+
 def test_best_of_returns_the_candidates_with_the_highest_mean_logprob(client, served):
     kwargs = {"model": served.models["a"], "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 3}
     every = client.completions.create(n=3, logprobs=0, **kwargs).choices

@@ -3,7 +3,7 @@ translation to and from the inference protocol (app/domains/serving/protocol.py)
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -118,6 +118,27 @@ class ChatCompletionCreate(SamplingOptions):
     logprobs: bool | None = Field(default=False, description="Each generated token's logprob in the choice.")
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         default=None, description="With logprobs: the logprobs of this many most likely tokens at each position.")
+    # Not honoured yet: taken so that a request giving them is refused by name (unsupported), not
+    # answered as if they had been applied.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        if self.tools:
+            found["tools"] = "no tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            found["tool_choice"] = '"none"'
+        if self.functions:
+            found["functions"] = "no functions"
+        if self.function_call not in (None, "none", "auto"):
+            found["function_call"] = '"none"'
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            found["response_format"] = '{"type": "text"}'
+        return found | super().unsupported()
 
     def generate_request(self, *, team_id: str, adapter_id: str | None) -> protocol.GenerateRequest:
         """The request the inference process gets for this one: the messages' text (content parts
