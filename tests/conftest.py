@@ -197,6 +197,29 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
+def start_inference(env: dict[str, str], log: Path, base_model: str, *args: str,
+                    timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A real `tuneforge inference` process for the base model (extra CLI args given); returns it and
+    its URL once it has registered in the database and answers /health."""
+    proc = _spawn([sys.executable, "-m", "tuneforge.cli", "inference", "--model", base_model, "--port", "0", *args],
+                  env, log)
+
+    def registered():
+        if proc.poll() is not None:
+            pytest.fail(f"inference process exited:\n{log.read_text()[-3000:]}")
+        from app.core.db import session_scope
+        from app.domains.serving import service as serving
+
+        with session_scope() as session:
+            live = serving.live(session, base_model=base_model)
+            return live[0].url if live else None
+
+    url = wait_until(registered, timeout=timeout, interval=0.2, message="the inference process to register")
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout=timeout,
+               message="the inference process to answer")
+    return proc, url
+
+
 def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:
     """A real Celery worker on this session's queue; returns once it is ready."""
     proc = _spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import secrets
-import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import _spawn, _stop, wait_until
+from tests.conftest import _stop, start_inference, wait_until
 from tests.factories import create_team
 
 BASE = "tiny-llama"
@@ -95,22 +94,7 @@ def served(services_env, server, tiny_model, tmp_path_factory) -> Served:
     stored["missing"].rmdir()
 
     log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "inference.log"
-    proc = _spawn([sys.executable, "-m", "tuneforge.cli", "inference", "--model", BASE, "--port", "0",
-                   "--max-adapters", "2"], services_env, log)
-
-    def registered():
-        if proc.poll() is not None:
-            pytest.fail(f"inference process exited:\n{log.read_text()[-3000:]}")
-        from app.core.db import session_scope
-        from app.domains.serving import service as serving
-
-        with session_scope() as session:
-            live = serving.live(session, base_model=BASE)
-            return live[0].url if live else None
-
-    url = wait_until(registered, timeout=TIMEOUT, interval=0.2, message="the inference process to register")
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout=TIMEOUT,
-               message="the inference process to answer")
+    proc, url = start_inference(services_env, log, BASE, "--max-adapters", "2", timeout=TIMEOUT)
     yield Served(url=url, team_id=team_id, key=key, models=models, ids=ids, dirs=dirs)
     _stop(proc)
 

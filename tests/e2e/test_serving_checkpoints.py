@@ -5,7 +5,6 @@ with that checkpoint's adapter. Deleting the job's model makes them answer 404."
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import _spawn, _stop, wait_until
+from tests.conftest import _stop, start_inference
 from tests.e2e.test_serving import BASE, MAX_TOKENS, MESSAGES, PROMPT, TIMEOUT, Reference
 from tests.factories import create_team, job_with_checkpoint_models
 
@@ -43,22 +42,7 @@ def job(services_env, server, tiny_model, tmp_path_factory) -> Job:
     names = {c["step_number"]: c["fine_tuned_model_checkpoint"] for c in listed}
 
     log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "inference-checkpoints.log"
-    proc = _spawn([sys.executable, "-m", "tuneforge.cli", "inference", "--model", BASE, "--port", "0"],
-                  services_env, log)
-
-    def registered():
-        if proc.poll() is not None:
-            pytest.fail(f"inference process exited:\n{log.read_text()[-3000:]}")
-        from app.core.db import session_scope
-        from app.domains.serving import service as serving
-
-        with session_scope() as session:
-            live = serving.live(session, base_model=BASE)
-            return live[0].url if live else None
-
-    url = wait_until(registered, timeout=TIMEOUT, interval=0.2, message="the inference process to register")
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout=TIMEOUT,
-               message="the inference process to answer")
+    proc, url = start_inference(services_env, log, BASE, timeout=TIMEOUT)
     yield Job(key=key, model=model, checkpoints=names, reference=Reference(tiny_model, dirs))
     _stop(proc)
 

@@ -13,7 +13,8 @@ QUESTION = {"role": "user", "content": "Write a function to add two numbers."}
 ANSWER = {"role": "assistant", "content": "def add(a, b):\n    return a + b"}
 
 
-def test_chat_prompt_without_any_template_opens_the_turn_training_learned(tiny, tmp_path):
+def _untemplated_engine(tiny, tmp_path) -> InferenceEngine:
+    """An engine on a copy of the tiny base whose tokenizer has no chat template (the plain layout)."""
     from transformers import AutoTokenizer
 
     base = tmp_path / "untemplated"
@@ -23,7 +24,11 @@ def test_chat_prompt_without_any_template_opens_the_turn_training_learned(tiny, 
     (base / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer.save_pretrained(base)
     (base / "chat_template.jinja").unlink(missing_ok=True)
-    engine = InferenceEngine(base, base_name="untemplated", warmup=False)
+    return InferenceEngine(base, base_name="untemplated", warmup=False)
+
+
+def test_chat_prompt_without_any_template_opens_the_turn_training_learned(tiny, tmp_path):
+    engine = _untemplated_engine(tiny, tmp_path)
     try:
         assert engine.tokenizer.chat_template is None
         prompt = InferenceService(engine, "untemplated").encode_chat([QUESTION], None)
@@ -81,16 +86,7 @@ def test_names_and_content_parts_render_the_same_prompt_in_serving_as_in_trainin
 
 
 def test_names_and_content_parts_render_the_same_plain_layout_in_serving_as_in_training(tiny, tmp_path):
-    from transformers import AutoTokenizer
-
-    base = tmp_path / "untemplated"
-    shutil.copytree(tiny.base, base)
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    tokenizer.chat_template = None
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer.save_pretrained(base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    engine = InferenceEngine(base, base_name="untemplated", warmup=False)
+    engine = _untemplated_engine(tiny, tmp_path)
     try:
         served = InferenceService(engine, "untemplated").encode_chat(_forwarded(NAMED_MESSAGES), None)
         trained_text, spans = chat_text_and_targets([*NAMED_MESSAGES, ANSWER], engine.tokenizer)
