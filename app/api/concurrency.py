@@ -15,12 +15,11 @@ request ends. Counts are per process: with several API processes, each holds its
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 from app.core.config import get_settings
 from app.domains.quotas.errors import TooManyInFlight
 
@@ -73,7 +72,7 @@ class InFlightMiddleware:
             name = "key:" + hashlib.sha256(secret).hexdigest()
             limit = get_settings().concurrency.per_key
             if not in_flight.enter(name, limit):
-                await _send_429(send, TooManyInFlight(
+                await send_error(send, TooManyInFlight(
                     f"Too many requests in flight for this key: at most {limit} at once. Retry after "
                     f"{RETRY_AFTER} s, or send fewer requests in parallel.", retry_after=RETRY_AFTER),
                     close=_has_body(scope))
@@ -132,13 +131,3 @@ def _bearer(scope: Scope) -> bytes | None:
             scheme, _, secret = value.partition(b" ")
             return secret.strip() or None if scheme.lower() == b"bearer" else None
     return None
-
-
-async def _send_429(send: Send, error: TooManyInFlight, *, close: bool) -> None:
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code, **error.extra)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"retry-after", str(error.retry_after).encode())]
-    if close:  # the request's body is never read, so the connection cannot carry another request
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -13,6 +13,7 @@ Nothing leaks a stack trace.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.core.errors import TuneforgeError
 from app.domains.quotas.errors import RateLimited
@@ -100,6 +102,19 @@ def _headers(exc: TuneforgeError) -> dict[str, str] | None:
     if isinstance(exc, RateLimited):
         return {"Retry-After": str(exc.retry_after)}
     return None
+
+
+async def send_error(send: Send, exc: TuneforgeError, *, close: bool) -> None:
+    """Answer exc in the one shape straight on the ASGI channel, for middleware that refuses a request
+    before any route runs. close: the request's body is left unread, so the connection cannot carry
+    another request."""
+    body = json.dumps(error_body(exc.message, exc.type, exc.param, exc.code, **exc.extra)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in (_headers(exc) or {}).items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _tuneforge_error(_: Request, exc: TuneforgeError) -> JSONResponse:

@@ -10,11 +10,9 @@ the next request, which it refuses as malformed.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 from app.core.config import get_settings
 from app.core.errors import TooLarge
 
@@ -46,7 +44,7 @@ class BodyLimitMiddleware:
                              code="request_too_large")
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_413(send, error)
+            await send_error(send, error, close=True)
             return
 
         received = 0
@@ -70,7 +68,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.response.start" and answered is None:
                 if refused:
                     answered = "ours"
-                    await _send_413(send, error)
+                    await send_error(send, error, close=True)
                     return
                 answered = "app"
             await send(message)
@@ -80,7 +78,7 @@ class BodyLimitMiddleware:
         except Exception:
             if not refused or answered is not None:
                 raise
-            await _send_413(send, error)
+            await send_error(send, error, close=True)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -89,12 +87,3 @@ def _content_length(scope: Scope) -> int | None:
             # The HTTP parser has already refused a malformed value.
             return int(value) if value.isdigit() else None
     return None
-
-
-async def _send_413(send: Send, error: TooLarge) -> None:
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
-    # The rest of the body is never read, so the connection cannot carry another request.
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
