@@ -56,6 +56,8 @@ def _principal(request: Request, authorization: Annotated[str | None, Header()] 
     try:
         with session_scope() as session:
             principal = teams.authenticate(session, key)
+            # For rate_limit, in the same short session rather than a second one per request.
+            request.state.limits = quotas.limits(session, principal.team_id)
     except InvalidApiKey:
         _count_failed_authentication(request)
         raise
@@ -94,12 +96,11 @@ AdminDep = Annotated[Principal, Depends(_admin)]
 ADMIN_ONLY = {"x-tuneforge-role": "admin"}
 
 
-def rate_limit(principal: PrincipalDep) -> None:
+def rate_limit(request: Request, principal: PrincipalDep) -> None:
     """The per-key token bucket, a dependency of every /v1 route (app.main). Raises RateLimited (429,
-    with Retry-After). Limits: the team's overrides, else TUNEFORGE_RATE_LIMIT__*, read in a short
-    session of their own."""
-    with session_scope() as session:
-        quota = quotas.limits(session, principal.team_id)
+    with Retry-After). Limits: the team's overrides, else TUNEFORGE_RATE_LIMIT__*, read by _principal
+    in its session."""
+    quota = request.state.limits
     wait = ratelimit.buckets().take(principal.key_id, rate=quota.rate_per_second, burst=quota.rate_burst)
     if wait > 0:
         retry = max(1, math.ceil(wait))
