@@ -87,6 +87,19 @@ class DatabaseSettings(BaseModel):
         "max_overflow: past the pool, threads wait for connections and time out with 503."))
 
 
+class UploadSettings(BaseModel):
+    """Multipart uploads (/v1/uploads): files past the single-request limit, sent in parts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_bytes: int = Field(default=8 * 1024**3, gt=0, description=(
+        "Largest file one upload may assemble, in bytes (OpenAI's limit: 8 GB)."))
+    part_max_bytes: int = Field(default=64 * 1024**2, gt=0, description=(
+        "Largest part, in bytes (OpenAI's limit: 64 MB)."))
+    expire_seconds: int = Field(default=3600, gt=0, description=(
+        "A pending upload expires this long after it was created; the reaper then deletes its parts."))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEFORGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -127,6 +140,7 @@ class Settings(BaseSettings):
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)  # TUNEFORGE_CONCURRENCY__PER_KEY
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # TUNEFORGE_DATABASE__POOL_SIZE
     limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
+    uploads: UploadSettings = Field(default_factory=UploadSettings)  # TUNEFORGE_UPLOADS__PART_MAX_BYTES, ...
 
     @field_validator("data_dir")
     @classmethod
