@@ -1,5 +1,7 @@
 """Streaming multipart upload: bytes go from the socket to a temporary file in
-storage while being hashed, counted and validated as JSONL, in one pass.
+storage while being hashed, counted and validated as JSONL, in one pass. A part
+of a multipart upload (/v1/uploads) is read the same way, unvalidated: its lines
+may continue in the next part.
 
 Memory stays flat whatever the size: nothing is buffered beyond one chunk and
 the validator's one-line window. A file over the limit is refused with 413 as
@@ -31,13 +33,12 @@ _MAX_FIELD_BYTES = 4096
 
 
 @dataclass
-class ReceivedUpload:
+class ReceivedFile:
     fields: dict[str, str]
     filename: str
     temp_path: str
     bytes: int
     sha256: str
-    report: ValidationReport
 
     def discard(self) -> None:
         try:
@@ -47,10 +48,16 @@ class ReceivedUpload:
 
 
 @dataclass
+class ReceivedUpload(ReceivedFile):
+    report: ValidationReport
+
+
+@dataclass
 class _State:
     storage: Storage
     max_bytes: int
-    validator: JsonlValidator
+    validator: JsonlValidator | None
+    file_field: str  # the multipart field that carries the file
     fields: dict[str, str] = field(default_factory=dict)
     header_field: bytes = b""
     header_value: bytes = b""
@@ -86,15 +93,17 @@ class _State:
             raise InvalidRequest("A multipart part has no name.", param="file", code="invalid_multipart")
         self.part_name = name.decode("utf-8", "replace")
         if b"filename" in options:
-            if self.part_name != "file":
-                raise InvalidRequest(f"Unexpected file field {self.part_name!r}; send the dataset as 'file'.",
+            if self.part_name != self.file_field:
+                raise InvalidRequest(f"Unexpected file field {self.part_name!r}; send the "
+                                     f"{'dataset' if self.file_field == 'file' else 'bytes'} as {self.file_field!r}.",
                                      param=self.part_name, code="invalid_multipart")
             if self.file is not None:
-                raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_multipart")
+                raise InvalidRequest(f"Send exactly one {self.file_field!r} per request.", param=self.file_field,
+                                     code="invalid_multipart")
             self.part_filename = options[b"filename"].decode("utf-8", "replace")
             if "\x00" in self.part_filename:
                 raise InvalidRequest("The file name contains a NUL (\\u0000) character; rename the file.",
-                                     param="file", code="invalid_filename")
+                                     param=self.file_field, code="invalid_filename")
             self.filename = self.part_filename
             self.file = self.storage.temp_file()
         elif len(self.fields) >= _MAX_FIELDS:
@@ -110,12 +119,14 @@ class _State:
             return
         self.size += len(chunk)
         if self.size > self.max_bytes:
-            raise TooLarge(f"The file exceeds the upload limit of {self.max_bytes} bytes.", param="file",
-                           code="file_too_large")
-        assert self.file is not None  # on_part_begin opened it for this file part
+            raise TooLarge(f"The {'file' if self.file_field == 'file' else 'part'} exceeds the limit of "
+                           f"{self.max_bytes} bytes.", param=self.file_field,
+                           code="file_too_large" if self.file_field == "file" else "part_too_large")
+        assert self.file is not None  # on_headers_finished opened it for this file part
         self.file.write(chunk)
         self.digest.update(chunk)
-        self.validator.feed(chunk)
+        if self.validator is not None:
+            self.validator.feed(chunk)
 
     def on_part_end(self) -> None:
         if self.part_filename is None and self.part_name is not None:
@@ -139,11 +150,24 @@ async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
                          validator: JsonlValidator) -> ReceivedUpload:
     """Read a multipart body with one 'file' part. Raises TooLarge (413) or InvalidRequest (400);
     on any error the temporary file is gone. The caller owns the returned temp file."""
+    state = _State(storage=storage, max_bytes=max_bytes, validator=validator, file_field="file")
+    received = await _receive(request, state, fields="fields 'purpose' and 'file'", what="the dataset")
+    return ReceivedUpload(**vars(received), report=validator.finish())
+
+
+async def receive_part(request: Request, *, storage: Storage, max_bytes: int) -> ReceivedFile:
+    """Read a multipart body with one 'data' part (a part of a /v1/uploads upload), unvalidated.
+    Raises as receive_upload does; the caller owns the returned temp file."""
+    state = _State(storage=storage, max_bytes=max_bytes, validator=None, file_field="data")
+    return await _receive(request, state, fields="the field 'data'", what="the part's bytes")
+
+
+async def _receive(request: Request, state: _State, *, fields: str, what: str) -> ReceivedFile:
+    name = state.file_field
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
-        raise InvalidRequest("Upload with Content-Type multipart/form-data, fields 'purpose' and 'file'.",
-                             param="file", code="invalid_content_type")
-    state = _State(storage=storage, max_bytes=max_bytes, validator=validator)
+        raise InvalidRequest(f"Upload with Content-Type multipart/form-data, {fields}.",
+                             param=name, code="invalid_content_type")
     parser = MultipartParser(params[b"boundary"], cast("MultipartCallbacks", state.callbacks()))
     try:
         async for chunk in request.stream():
@@ -151,26 +175,25 @@ async def receive_upload(request: Request, *, storage: Storage, max_bytes: int,
         parser.finalize()
     except ClientDisconnect:
         _close(state, delete=True)
-        raise InvalidRequest("The client disconnected before the upload finished.", param="file",
+        raise InvalidRequest("The client disconnected before the upload finished.", param=name,
                              code="upload_incomplete") from None
     except MultipartParseError as exc:
         _close(state, delete=True)
-        raise InvalidRequest(f"The multipart body is malformed ({exc}); send fields 'purpose' and 'file' as "
-                             "multipart/form-data.", param="file", code="invalid_multipart") from None
+        raise InvalidRequest(f"The multipart body is malformed ({exc}); send {fields} as "
+                             "multipart/form-data.", param=name, code="invalid_multipart") from None
     except BaseException:
         _close(state, delete=True)
         raise
     if not state.complete:
         _close(state, delete=True)
         raise InvalidRequest("The multipart body ends before its closing boundary: the upload was cut short. "
-                             "Send it again, complete.", param="file", code="upload_incomplete")
+                             "Send it again, complete.", param=name, code="upload_incomplete")
     if state.file is None:
-        raise InvalidRequest("No file in the upload: send the dataset in a multipart field named 'file'.",
-                             param="file", code="missing_file")
+        raise InvalidRequest(f"No file in the upload: send {what} in a multipart field named {name!r}.",
+                             param=name, code="missing_file")
     _close(state, delete=False)
-    return ReceivedUpload(fields=state.fields, filename=state.filename or "upload.jsonl",
-                          temp_path=state.file.name, bytes=state.size, sha256=state.digest.hexdigest(),
-                          report=state.validator.finish())
+    return ReceivedFile(fields=state.fields, filename=state.filename or "upload.jsonl",
+                        temp_path=state.file.name, bytes=state.size, sha256=state.digest.hexdigest())
 
 
 def _close(state: _State, *, delete: bool) -> None:
