@@ -72,6 +72,7 @@ def client() -> Celery:
 
 
 _PENDING = "tuneforge.after_commit"
+_WRITTEN = "tuneforge.delete_after_rollback"
 
 
 def after_commit(session: Session, fn: Callable[..., Any], *args: Any) -> None:
@@ -87,6 +88,12 @@ def delete_after_commit(session: Session, key: str) -> None:
     after_commit(session, _delete_blob, key)
 
 
+def delete_after_rollback(session: Session, key: str) -> None:
+    """Remove a blob written for a row of this transaction if the transaction does not commit: a
+    rollback leaves neither the row nor its blob."""
+    session.info.setdefault(_WRITTEN, []).append(key)
+
+
 def _delete_blob(key: str) -> None:
     get_storage().delete(key)
 
@@ -95,6 +102,7 @@ def _delete_blob(key: str) -> None:
 def _run_pending(session: Session) -> None:
     if session.in_nested_transaction():  # a savepoint released: the transaction goes on
         return
+    session.info.pop(_WRITTEN, None)
     for fn, args in session.info.pop(_PENDING, []):
         try:
             fn(*args)
@@ -106,6 +114,11 @@ def _run_pending(session: Session) -> None:
 def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction ended without a commit running them
         session.info.pop(_PENDING, None)
+        for key in session.info.pop(_WRITTEN, []):
+            try:
+                _delete_blob(key)
+            except Exception:
+                log.exception("deleting blob %s after rollback failed", key)
 
 
 def enqueue_training(job_id: str) -> bool:
