@@ -1,6 +1,7 @@
 """Request body caps on the raw ASGI stream, for every route.
 
-An upload (POST /v1/files) may carry `upload_max_bytes` plus room for the multipart envelope; every
+An upload (POST /v1/files) may carry `upload_max_bytes` plus room for the multipart envelope, a part
+of a multipart upload (POST /v1/uploads/{id}/parts) `uploads.part_max_bytes` plus the same room; every
 other body `request_max_bytes`. The cap holds whatever the client declares: a Content-Length over the
 cap answers 413 before a byte of the body is read, and a chunked body (no Content-Length) is counted
 as it arrives and cut off as soon as it crosses the cap. A body longer than its Content-Length never
@@ -10,6 +11,8 @@ the next request, which it refuses as malformed.
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import send_error
@@ -17,6 +20,7 @@ from app.core.config import get_settings
 from app.core.errors import TooLarge
 
 UPLOAD_ROUTES = frozenset({("POST", "/v1/files")})
+PART_ROUTE = re.compile(r"/v1/uploads/[^/]+/parts")
 # Room for the multipart envelope and the small form fields around an uploaded file.
 ENVELOPE_BYTES = 64 * 1024
 
@@ -34,10 +38,16 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         settings = get_settings()
-        if (scope["method"], scope["path"].rstrip("/")) in UPLOAD_ROUTES:
+        path = scope["path"].rstrip("/")
+        if (scope["method"], path) in UPLOAD_ROUTES:
             limit = settings.upload_max_bytes + ENVELOPE_BYTES
             error = TooLarge(f"The upload exceeds the limit of {settings.upload_max_bytes} bytes.", param="file",
                              code="file_too_large")
+        elif scope["method"] == "POST" and PART_ROUTE.fullmatch(path):
+            part_max = settings.uploads.part_max_bytes
+            limit = part_max + ENVELOPE_BYTES
+            error = TooLarge(f"An upload part may hold at most {part_max} bytes; send the file in smaller parts.",
+                             param="data", code="part_too_large")
         else:
             limit = settings.request_max_bytes
             error = TooLarge(f"The request body exceeds the limit of {limit} bytes; send less per request.",
