@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +101,21 @@ class UploadSettings(BaseModel):
         "A pending upload expires this long after it was created; the reaper then deletes its parts."))
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (README, "Metrics and logs"). The API serves GET /metrics itself; a Celery
+    worker serves its own on worker_port from its main process, its pool children's samples included
+    (prometheus_client's multiprocess mode); an inference process serves /metrics on its own port."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: SecretStr | None = Field(default=None, description=(
+        "When set, the API's GET /metrics answers 401 unless sent `Authorization: Bearer <token>`."))
+    worker_port: int = Field(default=0, ge=0, le=65535, description=(
+        "Port of a Celery worker's /metrics server; 0: none."))
+    worker_host: str = Field(default="127.0.0.1", description=(
+        "Address the worker's /metrics server listens on (0.0.0.0 in docker-compose)."))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEFORGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -141,6 +157,10 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # TUNEFORGE_DATABASE__POOL_SIZE
     limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
     uploads: UploadSettings = Field(default_factory=UploadSettings)  # TUNEFORGE_UPLOADS__PART_MAX_BYTES, ...
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # TUNEFORGE_METRICS__WORKER_PORT, ...
+    log_format: Literal["text", "json"] = Field(default="text", description=(
+        "text: the processes' usual log lines; json: one JSON object a line, with the request id, team id "
+        "and job id where known."))
 
     @field_validator("data_dir")
     @classmethod
