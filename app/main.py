@@ -18,11 +18,14 @@ from app.api.audit import AuditMiddleware
 from app.api.concurrency import InFlightMiddleware
 from app.api.deps import rate_limit
 from app.api.limits import BodyLimitMiddleware
+from app.api.metrics import MetricsMiddleware
+from app.api.metrics import router as metrics_router
+from app.api.request_log import RequestIdMiddleware, bind_log_context
 from app.api.request_checks import refuse_bad_input
 from app.api.v1 import adapters, evaluations, files, jobs, models
 from app.api.v1 import completions, inference
 from app.api.v1 import audit, keys, quotas
-from app.core import queue
+from app.core import logs, queue
 from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.storage import get_storage
@@ -46,12 +49,17 @@ def create_app() -> FastAPI:
                     "OpenAI-compatible: point the openai client at /v1 with a team key.",
         lifespan=_lifespan,
     )
+    logs.configure(get_settings().log_format)
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(InFlightMiddleware)  # the key's in-flight limit, before any database access
     app.add_middleware(AuditMiddleware)  # after the body limit, so the audit log sees its refusals too
+    # Outermost: every request gets its id, its count and its time, the inner middlewares' refusals included.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     # After the key and its rate limit, so that bad input from no key still answers 401.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limit), Depends(refuse_bad_input)],
+    v1 = APIRouter(prefix="/v1",
+                   dependencies=[Depends(rate_limit), Depends(bind_log_context), Depends(refuse_bad_input)],
                    responses=errors.RESPONSES)
     for module in (files, jobs, adapters, models, evaluations):
         v1.include_router(module.router)
@@ -60,6 +68,7 @@ def create_app() -> FastAPI:
     for module in (keys, audit, quotas):
         v1.include_router(module.router)
     app.include_router(v1)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

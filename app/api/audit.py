@@ -29,6 +29,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.routing import template as _template
 from app.core.db import utcnow
 from app.domains.audit import service as audit
 from app.domains.audit import writer
@@ -108,19 +109,6 @@ def _object_id(scope: Scope, body: bytes | None) -> str | None:
         if isinstance(value, dict) and isinstance(value.get("id"), str):
             return value["id"]
     return None
-
-
-def _template(scope: Scope) -> str | None:
-    """The matched route's full template ("/v1/files/{file_id}"). The route in the scope knows only its
-    path below the routers' prefixes; the prefix is what precedes it in the request's path."""
-    relative = getattr(scope.get("route"), "path_format", None)
-    if relative is None:
-        return None
-    rendered = relative
-    for name, value in (scope.get("path_params") or {}).items():
-        rendered = rendered.replace("{" + name + "}", str(value))
-    path = scope["path"]
-    return path[: len(path) - len(rendered)] + relative if path.endswith(rendered) else None
 
 
 def _principal(scope: Scope) -> Any:
