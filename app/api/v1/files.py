@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.blobs import stream_blob
-from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep, in_unit_of_work
+from app.api.deps import IdempotencyKey, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
 from app.api.upload import receive_upload
 from app.core.config import get_settings
@@ -27,16 +27,21 @@ router = APIRouter(prefix="/files", tags=["files"])
 _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"},
-                   "purpose": {"type": "string", "enum": list(files.PURPOSES)}}}}}}}
+                   "purpose": {"type": "string", "enum": list(files.PURPOSES)},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": files.EXPIRES_MIN_SECONDS,
+                                              "maximum": files.EXPIRES_MAX_SECONDS}}}}}}}
 
 
 @router.post("", response_model=FileRead, openapi_extra=_UPLOAD_DOC,
-             summary="Upload a JSONL dataset (multipart: purpose=fine-tune, file=@data.jsonl)")
+             summary="Upload a file (multipart: purpose=fine-tune|evals|user_data, file=@data.jsonl)")
 async def upload_file(request: Request, principal: PrincipalDep,
                       idempotency_key: IdempotencyKey = None) -> FileRead:
     """Streams the upload to storage while hashing and validating it line by line.
     400 with the first errors and their line numbers for an invalid file, 413 over the size limit,
-    409 over the team's storage or files quota; nothing is stored in any of these cases.
+    409 over the team's storage or files quota; nothing is stored in any of these cases. user_data
+    files are stored as sent, unvalidated. With expires_after (anchor created_at, seconds 3600 to
+    2592000) the file expires then: the reaper deletes it, once no unfinished job or evaluation uses it.
     No connection is held while the body streams in: the checks before it and the write after it
     each run in a short transaction of their own."""
     def seen(session: Session) -> FileRead | None:
@@ -59,12 +64,14 @@ async def upload_file(request: Request, principal: PrincipalDep,
     stored: list[str] = []  # the blob's key, once the upload is moved into storage
 
     def create(session: Session):
+        files.check_fields(upload.fields)
         purpose = files.check_purpose(upload.fields.get("purpose"))
-        files.report_errors(upload.report)
+        expires = files.expires_after(upload.fields)
+        files.check_report(purpose, upload.report, size=upload.bytes)
         quotas.check_upload(session, team_id=principal.team_id, size=upload.bytes)
         row = files.create(session, team_id=principal.team_id, storage=storage, temp_path=upload.temp_path,
                            filename=upload.filename, purpose=purpose, size=upload.bytes, sha256=upload.sha256,
-                           report=upload.report)
+                           report=upload.report, expires_after_seconds=expires)
         stored.append(row.storage_key)
         return row
 
@@ -91,9 +98,14 @@ def _drop(upload, storage, stored: list[str]) -> None:
 
 
 @router.get("", response_model=FileList)
-def list_files(session: SessionDep, principal: PrincipalDep, page: PageDep,
+def list_files(session: SessionDep, principal: PrincipalDep,
+               after: Annotated[str | None, Query(max_length=64)] = None,
+               limit: Annotated[int, Query(ge=1, le=10_000, description="1 to 10,000, as OpenAI's")] = 10_000,
+               order: Annotated[Literal["asc", "desc"], Query(description="By created_at")] = "desc",
                purpose: Annotated[str | None, Query(max_length=32)] = None) -> FileList:
-    return files.list_page(session, team_id=principal.team_id, after=page.after, limit=page.limit, purpose=purpose)
+    """The team's files, newest first (order=desc) or oldest first (asc); page with after=<last id>."""
+    return files.list_page(session, team_id=principal.team_id, after=after, limit=limit, order=order,
+                           purpose=purpose)
 
 
 @router.get("/{file_id}", response_model=FileRead)
@@ -107,7 +119,7 @@ def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> 
     """The whole file, or 404: a file deleted while this answers is still sent whole once opened."""
     row = files.get(session, team_id=principal.team_id, file_id=file_id)
     return stream_blob(row.storage_key, missing=FileNotFound(f"No such file: {file_id!r}.", param="file_id"),
-                       media_type="application/jsonl")
+                       media_type=files.media_type(row))
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -9,7 +9,9 @@ from app.core.db import Base, UTCDateTime, utcnow
 
 
 class File(Base):
-    """An uploaded dataset. Rows exist only for files that passed validation."""
+    """An uploaded file. Rows of fine-tune and evals files exist only for files that passed
+    validation; user_data files are stored as sent, and fine-tune-results files are written by
+    Tuneforge (a job's metrics CSV)."""
 
     __tablename__ = "file"
 
@@ -23,3 +25,6 @@ class File(Base):
     examples: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # expires_after at upload: the reaper deletes the file (row and blob) once this passes, unless
+    # an unfinished job or evaluation still reads it. None: kept until deleted.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)

@@ -29,6 +29,8 @@ class FineTuningJob(LeaseColumns, Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
+    # Ids of the files (purpose fine-tune-results) written when training ended: the metrics CSV.
+    result_files: Mapped[list[str] | None] = mapped_column(JSON)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)

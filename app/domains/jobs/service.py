@@ -9,9 +9,10 @@ it at its next step. Jobs that become queued here are enqueued after commit.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, String, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core import queue
@@ -75,11 +76,17 @@ def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
 
 
 def _check_file(session: Session, team_id: str, file_id: str, param: str) -> None:
+    """Raises JobInvalid unless the file exists, has not expired, and holds fine-tune records that
+    train. Locks the file's row (shared) until the job's transaction ends, so the reaper cannot
+    delete it before the job that needs it is committed."""
     try:
-        row = files.get(session, team_id=team_id, file_id=file_id)
+        row = files.get(session, team_id=team_id, file_id=file_id, lock=True)
     except FileNotFound:
         raise JobInvalid(f"{param} {file_id!r} does not exist. Upload it with POST /v1/files first.",
                          param=param, code="file_not_found") from None
+    if files.expired(row):
+        raise JobInvalid(f"{param} {file_id!r} has expired (its expires_after passed) and is being deleted; "
+                         "upload it again.", param=param, code="file_expired")
     if row.purpose != "fine-tune":
         raise JobInvalid(f"{param} {file_id!r} has purpose {row.purpose!r}; it must be 'fine-tune'.", param=param)
     if row.format not in TRAINABLE_FORMATS:
@@ -132,7 +139,8 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
     if base is None:
         raise ModelNotFound(f"Base model {body.model!r} is not registered. GET /v1/models lists the base models.",
                             param="model")
-    seed = body.seed if body.seed is not None else 42
+    # OpenAI's: a random seed when none is given, stored in the spec and reported on the job.
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     spec = resolve_spec(body, seed)
     # 429 when the team has its limit of jobs waiting
     quotas.check_can_queue(session, team_id=team_id, jobs=counts(team_id))
@@ -167,8 +175,13 @@ def get(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
 
 
 def list_page(session: Session, *, team_id: str, after: str | None, limit: int,
-              metadata: dict[str, str] | None = None) -> JobList:
+              metadata: dict[str, str] | None = None, without_metadata: bool = False) -> JobList:
+    """The team's jobs, newest first: those whose metadata holds every metadata[key] = value pair,
+    or, with without_metadata (OpenAI's metadata=null), those created without metadata."""
     stmt = select(FineTuningJob).where(FineTuningJob.team_id == team_id)
+    if without_metadata:
+        # SQL NULL, or the JSON null (and {}) a JSON column stores for None.
+        stmt = stmt.where(func.coalesce(cast(FineTuningJob.metadata_, String), "null").in_(("null", "{}")))
     for key, value in (metadata or {}).items():
         stmt = stmt.where(FineTuningJob.metadata_[key].as_string() == value)
     rows, has_more = paginate(session, stmt, FineTuningJob.id, after=after, limit=limit)
@@ -215,7 +228,8 @@ def _read(job: FineTuningJob, adapter_id: str | None) -> JobRead:
     return JobRead(
         id=job.id, created_at=unix(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
         finished_at=unix(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.team_id,
-        seed=job.seed, status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file,
+        result_files=job.result_files or [], seed=job.seed, status=job.status, trained_tokens=job.trained_tokens,
+        training_file=job.training_file,
         validation_file=job.validation_file, estimated_finish=unix(job.estimated_finish), metadata=job.metadata_,
         method={"type": "supervised", "supervised": {"hyperparameters": hp}}, user_provided_suffix=job.suffix,
         spec=job.spec, usage=job.usage, adapter_id=adapter_id,
