@@ -157,11 +157,12 @@ def test_jsonl_with_non_finite_numbers_or_duplicate_keys_is_refused_by_line(api,
         ("metadata[]=x", "metadata[]", "invalid_filter"),
         ("metadata[a]b=x", "metadata[a]b", "invalid_filter"),
         ("metadata[k]=1&metadata[k]=2", "metadata[k]", "invalid_filter"),
-        ("metadata=x", "metadata", "unknown_parameter"),
+        ("metadata=x", "metadata", "invalid_filter"),
+        ("metadata=null&metadata[k]=v", "metadata", "invalid_filter"),
         ("status=queued", "status", "unknown_parameter"),
         ("metadata[k]=%00", "metadata[k]", "invalid_value"),
     ],
-    ids=["quote", "nul-key", "empty-key", "trailing", "twice", "bare", "unknown", "nul-value"],
+    ids=["quote", "nul-key", "empty-key", "trailing", "twice", "bare", "null-and-pairs", "unknown", "nul-value"],
 )
 def test_malformed_or_unknown_job_filters_are_refused_naming_the_parameter(api, make_team, query, param, code):
     _, key = make_team()
@@ -170,7 +171,7 @@ def test_malformed_or_unknown_job_filters_are_refused_naming_the_parameter(api, 
 
 
 @pytest.mark.parametrize(("path", "param"), [
-    ("/files?purpose=fine-tune&order=asc", "order"),
+    ("/files?purpose=fine-tune&status=processed", "status"),
     ("/files?metadata[k]=v", "metadata[k]"),
     ("/models?limit=5", "limit"),
     ("/evaluations?status=running", "status"),

@@ -5,13 +5,14 @@ import time
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
 from app.api.request_checks import QueryFamily
 from app.core.config import get_settings
+from app.core.errors import InvalidRequest
 from app.domains.checkpoints import service as checkpoints
 from app.domains.checkpoints.schemas import CheckpointList
 from app.domains.jobs import service as jobs
@@ -37,10 +38,20 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep,
 
 
 @router.get("", response_model=JobList)
-def list_jobs(session: SessionDep, principal: PrincipalDep, page: PageDep, metadata: MetadataFilter) -> JobList:
-    """Newest first. Filter by metadata with metadata[key]=value query parameters (all must match);
-    a malformed filter answers 400."""
-    return jobs.list_page(session, team_id=principal.team_id, after=page.after, limit=page.limit, metadata=metadata)
+def list_jobs(session: SessionDep, principal: PrincipalDep, page: PageDep, metadata: MetadataFilter,
+              no_metadata: Annotated[str | None, Query(alias="metadata", description="'null': only jobs created "
+                                                                                    "without metadata")] = None,
+              ) -> JobList:
+    """Newest first. Filter by metadata with metadata[key]=value query parameters (all must match),
+    or, as OpenAI's metadata=null, to the jobs created without metadata; a malformed filter answers 400."""
+    if no_metadata is not None and no_metadata != "null":
+        raise InvalidRequest(f"metadata={no_metadata!r} is not a filter: give metadata=null for the jobs without "
+                             "metadata, or metadata[key]=value pairs.", param="metadata", code="invalid_filter")
+    if no_metadata is not None and metadata:
+        raise InvalidRequest("metadata=null (jobs without metadata) contradicts the metadata[key]=value filters "
+                             "given with it; give one or the other.", param="metadata", code="invalid_filter")
+    return jobs.list_page(session, team_id=principal.team_id, after=page.after, limit=page.limit, metadata=metadata,
+                          without_metadata=no_metadata is not None)
 
 
 @router.get("/{job_id}", response_model=JobRead)

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.domains.evaluations.spec import JobEvalSpec
 from app.domains.jobs.spec import AutoIterateSpec, LoraSpec, QuantizationSpec, TrainingSettings
 
-_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# OpenAI allows up to 64 characters. ':' separates the parts of a ft:base:org:suffix:job model name and
+# '/' would split it in a /v1/models/{model} path, so a suffix holds letters, digits, '.', '-' and '_'.
+_SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Characters a metadata key must not hold: a key with them could be stored but never found again by
 # a metadata[key]=value filter (SQLite's JSON paths do not unescape them), and Postgres text holds no NUL.
 _UNFILTERABLE = re.compile(r'["\\\x00-\x1f\x7f]')
@@ -78,8 +80,9 @@ class JobCreate(BaseModel):
     validation_file: str | None = Field(None, max_length=64)
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    suffix: str | None = Field(None, description="Up to 40 letters, digits, '-' or '_', added to the model name.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    suffix: str | None = Field(None, description="Up to 64 letters, digits, '.', '-' or '_', added to the model "
+                                                       "name.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Omitted: a random one, reported on the job.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs; keys <= 64, values <= 512 chars.")
     integrations: list[Any] | None = None
     lora: LoraSpec | None = None
@@ -104,7 +107,7 @@ class JobCreate(BaseModel):
     @classmethod
     def _suffix(cls, v):
         if v is not None and not _SUFFIX.match(v):
-            raise ValueError("suffix must be 1-40 letters, digits, '-' or '_'")
+            raise ValueError("suffix must be 1-64 letters, digits, '.', '-' or '_'")
         return v
 
     @field_validator("metadata")

@@ -79,11 +79,11 @@ def transition(session: Session, job_id: str, from_states: tuple[JobStatus, ...]
                **values: Any) -> bool:
     """Move the job to `to_state` only if it is in one of `from_states` (and `where` holds); write
     the event. Returns False (and writes nothing) when it did not match. Leaving running always
-    drops the lease and any pending stop request."""
+    drops the lease, any pending stop request and the training ETA (estimated_finish)."""
     if to_state in FINAL:
         values.setdefault("finished_at", utcnow())
-        values.setdefault("estimated_finish", None)
     if to_state != JobStatus.RUNNING:
+        values.setdefault("estimated_finish", None)
         values.update(leases.no_lease(), stop_request=None)
     result = session.execute(
         update(FineTuningJob)
