@@ -22,7 +22,7 @@ from app.api.metrics import MetricsMiddleware
 from app.api.metrics import router as metrics_router
 from app.api.request_log import RequestIdMiddleware, bind_log_context
 from app.api.request_checks import refuse_bad_input
-from app.api.v1 import adapters, evaluations, files, jobs, models
+from app.api.v1 import adapters, evaluations, files, jobs, models, uploads
 from app.api.v1 import completions, inference
 from app.api.v1 import audit, keys, quotas
 from app.core import logs, queue
@@ -61,7 +61,7 @@ def create_app() -> FastAPI:
     v1 = APIRouter(prefix="/v1",
                    dependencies=[Depends(rate_limit), Depends(bind_log_context), Depends(refuse_bad_input)],
                    responses=errors.RESPONSES)
-    for module in (files, jobs, adapters, models, evaluations):
+    for module in (files, uploads, jobs, adapters, models, evaluations):
         v1.include_router(module.router)
     for module in (completions, inference):
         v1.include_router(module.router)
