@@ -55,7 +55,9 @@ def test_extra_keys_are_allowed_and_do_not_change_detection() -> None:
 
 def test_optional_fields_are_accepted() -> None:
     chat = {"messages": [{"role": "user", "content": "Weather?"},
-                         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                         "function": {"name": "weather",
+                                                                                      "arguments": "{}"}}]},
                          {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
                          {"role": "assistant", "content": "draft", "weight": 0},
                          {"role": "assistant", "content": "It is sunny.", "weight": 1}]}

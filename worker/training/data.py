@@ -108,33 +108,48 @@ def format_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
 
     Raises DataFormatError for an unknown format or malformed chat messages.
     """
-    return _layout(record, tokenizer, prompt_style)[0]
+    return _layout(record, tokenizer, prompt_style).text
 
 
-def _layout(
-    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, prompt_style: str
-) -> tuple[str, list[tuple[int, int]], bool]:
-    """(training text, character spans [start, end) of what the model should write, whether the text
-    is a chat-template rendering).
+Span = tuple[int, int]  # characters [start, end) of a text
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A record's training text and what in it the model should write: `targets`, the character spans
+    of the completion (of each assistant turn with weight 1, for chat); `weighted_out`, those of the
+    assistant turns with weight 0, which no loss falls on whatever completion_only_loss says;
+    `templated`, whether the text is a chat-template rendering (tokenized without special tokens)."""
+
+    text: str
+    targets: list[Span]
+    weighted_out: list[Span]
+    templated: bool
+
+
+def _layout(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, prompt_style: str) -> _Layout:
+    """The record's _Layout.
 
     The spans are the completion of each format (everything for plain text);
     each includes the eos or end-of-turn text that follows it, so the model
-    learns to stop. A code task (mbpp, humaneval) in the chat prompt style
+    learns to stop. A chat record is rendered with its top-level "tools" (see
+    chat_text_and_targets). A code task (mbpp, humaneval) in the chat prompt style
     (formats.resolve_prompt_style) is the chat formats.task_conversation gives:
     the task as the user's turn, its fenced reference code as the assistant's.
     Raises DataFormatError like format_record.
     """
     kind = trainable_format(record)
+    tools = None
     if kind == RecordFormat.CHAT:
-        messages = record["messages"]
+        messages, tools = record["messages"], record.get("tools")
     elif kind in formats.TASK_FORMATS and prompt_style_for(tokenizer, prompt_style) == PromptStyle.CHAT:
         messages = formats.task_conversation(record, kind)
     else:
         prompt, completion = formats.prompt_and_completion(record, kind)
         text = f"{prompt}{completion}{tokenizer.eos_token}"
-        return text, [(len(prompt), len(text))], False
-    text, spans = chat_text_and_targets(messages, tokenizer)
-    return text, spans, tokenizer.chat_template is not None
+        return _Layout(text, [(len(prompt), len(text))], [], False)
+    text, targets, weighted_out = _chat_layout(messages, tokenizer, tools)
+    return _Layout(text, targets, weighted_out, tokenizer.chat_template is not None)
 
 
 def prompt_style_for(tokenizer: PreTrainedTokenizerBase, requested: str) -> PromptStyle:
@@ -144,54 +159,76 @@ def prompt_style_for(tokenizer: PreTrainedTokenizerBase, requested: str) -> Prom
 
 
 def chat_text_and_targets(
-    messages: Any, tokenizer: PreTrainedTokenizerBase
-) -> tuple[str, list[tuple[int, int]]]:
-    """(training text, assistant spans) of chat messages: the tokenizer's chat template when it has one,
-    else the plain chat layout (formats.plain_chat) ending in the eos token, which the last assistant
-    turn's span includes. Serving renders a chat prompt the same way, from the same template messages
-    (formats.template_messages: a message's name, content parts as text). Raises DataFormatError when a
-    message lacks a string role or content."""
-    messages = formats.template_messages(messages)
+    messages: Any, tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[Span]]:
+    """(training text, spans of the assistant turns the model learns) of chat messages and their tools.
+
+    The text is formats.render_chat's, the rendering serving uses for the same conversation: the
+    tokenizer's chat template when it has one (tool calls natively where the template supports them,
+    else in the plain tool layout), else the plain chat layout ending in the eos token, which the last
+    assistant turn's span includes. An assistant turn's span covers its content and its tool calls as
+    rendered; tool results, system and user turns are never targets, nor is an assistant turn with
+    "weight": 0. Raises DataFormatError when a message lacks a string role, or content (or calls)."""
+    text, targets, _ = _chat_layout(messages, tokenizer, tools)
+    return text, targets
+
+
+def _chat_layout(messages: Any, tokenizer: PreTrainedTokenizerBase,
+                 tools: list[dict[str, Any]] | None) -> tuple[str, list[Span], list[Span]]:
+    """(text, spans of assistant turns with weight 1, spans of those with weight 0); see chat_text_and_targets."""
     try:
-        formats.require_text_messages(messages)
+        text = formats.render_chat(tokenizer, messages, tools)
     except formats.RecordInvalid as e:
         raise DataFormatError(str(e)) from None
+    weights = [m.get("weight", 1) for m in messages if m.get("role") == "assistant"]
+    spans: list[Span | None]
     if tokenizer.chat_template is None:
-        text, spans = formats.plain_chat(messages)
+        turns = formats.plain_tool_messages(formats.template_messages(messages), tools)
         text += tokenizer.eos_token
-        if messages[-1]["role"] == "assistant":
-            spans[-1] = (spans[-1][0], len(text))
-        return text, spans
-    # The template emits the model's own end-of-turn tokens; no eos is appended.
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return text, _assistant_spans(messages, text, tokenizer)
+        found = formats.plain_chat(turns)[1]
+        if turns[-1]["role"] == "assistant":
+            found[-1] = (found[-1][0], len(text))
+        spans = list(found)
+    else:
+        # The template emits the model's own end-of-turn tokens; no eos is appended.
+        spans = _assistant_spans(messages, text, tokenizer, tools)
+    targets = [s for s, w in zip(spans, weights, strict=True) if s is not None and w != 0]
+    weighted_out = [s for s, w in zip(spans, weights, strict=True) if s is not None and w == 0]
+    return text, targets, weighted_out
 
 
-def _assistant_spans(messages: list[dict[str, str]], text: str,
-                     tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in a chat-template rendering, each with its end-of-turn text.
+def _assistant_spans(messages: list[dict[str, Any]], text: str, tokenizer: PreTrainedTokenizerBase,
+                     tools: list[dict[str, Any]] | None) -> list[Span | None]:
+    """Character spans of the assistant turns in a chat-template rendering, each with its end-of-turn text;
+    one per assistant message, in order, None where a turn is not found.
 
-    A turn runs from the end of the template's rendering of the messages before
-    it plus the generation prompt, to the end of the rendering through it; that
-    holds for templates whose renderings extend each other. For a template where
-    they do not, the span is the message's content found in order in the text,
-    plus an eos token right after it.
+    A turn runs from the end of the rendering of the messages before it plus
+    the generation prompt, to the end of the rendering through it (both by
+    formats.render_chat, with the same tools); that holds for templates whose
+    renderings extend each other, and takes in the turn's tool calls as the
+    template writes them. For a template where they do not, the span is the
+    message's text (its content, or its content and calls in the plain tool
+    layout) found in order in the text, plus an eos token right after it.
     """
-    spans: list[tuple[int, int]] = []
+    native = formats.template_supports_tools(tokenizer.chat_template)
+    plain = formats.plain_tool_messages(formats.template_messages(messages))
+    spans: list[Span | None] = []
     cursor = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = formats.render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        through = formats.render_chat(tokenizer, messages[: i + 1], tools)
         if i and text.startswith(through) and through.startswith(prefix) and len(prefix) >= cursor:
             spans.append((len(prefix), len(through)))
             cursor = len(through)
             continue
-        start = text.find(m["content"], cursor)
-        if start < 0:
+        needle = formats.content_text(m.get("content")) if native else formats.content_text(plain[i]["content"])
+        start = text.find(needle, cursor) if needle else -1
+        if not needle or start < 0:
+            spans.append(None)
             continue
-        end = start + len(m["content"])
+        end = start + len(needle)
         if tokenizer.eos_token and text.startswith(tokenizer.eos_token, end):
             end += len(tokenizer.eos_token)
         spans.append((start, end))
@@ -219,22 +256,32 @@ def encode_record_with_labels(
     With completion_only, a token is a target when its characters overlap the
     record's completion (see _layout); a token straddling the
     prompt/completion boundary counts as completion. Otherwise every token is.
+    Either way a token of an assistant turn with "weight": 0 is no target
+    (label IGNORE_INDEX), unless it also overlaps a learned turn.
     Raises DataFormatError for a bad record, ValueError for completion_only
-    with a tokenizer that has no character offsets (not a fast tokenizer).
+    or weights with a tokenizer that has no character offsets (not a fast tokenizer).
     """
-    text, spans, templated = _layout(record, tokenizer, prompt_style)
-    if not completion_only:
-        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    layout = _layout(record, tokenizer, prompt_style)
+    if not completion_only and not layout.weighted_out:
+        ids = tokenizer(layout.text, add_special_tokens=not layout.templated)["input_ids"]
         return ids, list(ids)
     if not tokenizer.is_fast:
-        raise ValueError("training.completion_only_loss needs a fast tokenizer (character offsets per token); "
-                         "this base model's tokenizer is not one: set training.completion_only_loss to false")
-    enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+        what = "training.completion_only_loss" if completion_only else 'a message with "weight": 0'
+        raise ValueError(f"{what} needs a fast tokenizer (character offsets per token); this base model's "
+                         "tokenizer is not one: set training.completion_only_loss to false and drop the weights")
+    enc = tokenizer(layout.text, add_special_tokens=not layout.templated, return_offsets_mapping=True)
+
+    def overlaps(start: int, end: int, spans: list[Span]) -> bool:
+        return end > start and any(end > s and start < e for s, e in spans)
+
+    def is_target(start: int, end: int) -> bool:
+        if overlaps(start, end, layout.targets):
+            return True
+        return not completion_only and not overlaps(start, end, layout.weighted_out)
+
     ids = enc["input_ids"]
-    labels = [
-        tok if end > start and any(end > s and start < e for s, e in spans) else IGNORE_INDEX
-        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
+    labels = [tok if is_target(start, end) else IGNORE_INDEX
+              for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
     return ids, labels
 
 

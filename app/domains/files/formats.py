@@ -13,6 +13,12 @@ A JSONL file holds one JSON object per line, all of one format, told apart by th
 checked in that order (detect). Other keys are allowed and ignored. A record of a format is valid
 when it has every field that format requires, of the right type (problems; require raises).
 
+A chat record is OpenAI's fine-tuning format: a message's content is a string or an array of text parts;
+an assistant message may carry "weight" (0: no loss falls on it, 1: the default) and "tool_calls", and
+then may leave its content null; a "tool" message answers an earlier call by its "tool_call_id"; the
+record's top-level "tools" define the functions called. render_chat lays a conversation out, through a
+tokenizer's chat template, as training and serving both read it.
+
 Prompt layouts: how a record becomes a prompt and the completion a model learns to write after it
 (prompt_and_completion), the prompt an evaluation gives a model for a code task (task_prompt), and
 the plain chat layout used wherever a tokenizer has no chat template (plain_chat, plain_chat_prompt,
@@ -179,6 +185,10 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
         return ['"messages" must be a non-empty array of {"role": ..., "content": ...} objects; '
                 f"got {shown(messages)}"]
     found: list[str] = []
+    tool_names = _tools_problems(record, found)
+    # tool call id -> index of the assistant message that issued it; None for a call whose id is broken
+    # (a tool message may be answering it: that call's error is enough)
+    issued: dict[str | None, int] = {}
     learnable = weighted_out = False
     for i, message in enumerate(messages):
         path = f'"messages"[{i}]'
@@ -192,15 +202,19 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
         elif not isinstance(role, str) or role not in CHAT_ROLES:
             found.append(f'{path}["role"] must be one of {", ".join(CHAT_ROLES)}; got {shown(role)}')
         content = message.get("content")
-        calls_tools = role == "assistant" and isinstance(message.get("tool_calls"), list) and bool(
-            message["tool_calls"])
+        calls = message.get("tool_calls")
+        if calls is not None:
+            found += _tool_call_problems(calls, role, path, issued, i, tool_names)
+        calls_tools = role == "assistant" and isinstance(calls, list) and bool(calls)
         if content is None:
-            if not calls_tools:
+            if not (role == "assistant" and calls is not None):  # broken calls have an error of their own
                 state = "null" if "content" in message else "missing"
                 found.append(f'{path}["content"] is {state}; give it a string (only an assistant message '
                              'with "tool_calls" may leave it null)')
         elif not isinstance(content, str):
             found += _content_part_problems(content, path)
+        if role == "tool" or "tool_call_id" in message:
+            found += _tool_result_problems(message, role, path, issued)
         if "name" in message and not (isinstance(message["name"], str) and message["name"]):
             found.append(f'{path}["name"] must be a non-empty string; got {shown(message["name"])}')
         weight = message.get("weight", 1)
@@ -210,7 +224,7 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
             elif type(weight) is not int or weight not in (0, 1):
                 found.append(f'{path}["weight"] must be 0 or 1 (1 = learn from this message); '
                              f"got {shown(weight)}")
-        if role == "assistant" and content_text(content):
+        if role == "assistant" and (content_text(content) or calls_tools):
             if weight == 0:
                 weighted_out = True
             else:
@@ -220,6 +234,117 @@ def _check_chat(record: Mapping[str, Any]) -> list[str]:
         found.append('"messages" has no assistant message with non-empty content to learn from; add one '
                      f'like {{"role": "assistant", "content": "..."}}{hint}')
     return found
+
+
+_TOOL_SHAPE = '{"type": "function", "function": {"name": "...", "description": "...", "parameters": {...}}}'
+_CALL_SHAPE = '{"id": "...", "type": "function", "function": {"name": "...", "arguments": "{...}"}}'
+
+
+def _tools_problems(record: Mapping[str, Any], found: list[str]) -> frozenset[str] | None:
+    """Check a chat record's top-level "tools" (OpenAI's function definitions), appending to `found`;
+    the names of the functions they define, or None when the record gives none or a broken one (calls
+    are then not checked against them)."""
+    if record.get("tools") is None:
+        return None
+    tools = record["tools"]
+    if not isinstance(tools, list):
+        found.append(f'"tools" must be an array of function definitions like {_TOOL_SHAPE}; got {shown(tools)}')
+        return None
+    names: set[str] = set()
+    before = len(found)
+    for j, tool in enumerate(tools):
+        path = f'"tools"[{j}]'
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            found.append(f"{path} must be a function definition like {_TOOL_SHAPE}; got {shown(tool)}")
+            continue
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            found.append(f'{path}["function"]["name"] must be a non-empty string; got {shown(name)}')
+        elif name in names:
+            found.append(f'{path}["function"]["name"] {shown(name)} is defined twice; give each tool its own name')
+        else:
+            names.add(name)
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            found.append(f'{path}["function"]["description"] must be a string; got {shown(function["description"])}')
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            found.append(f'{path}["function"]["parameters"] must be a JSON Schema object; '
+                         f'got {shown(function["parameters"])}')
+    # Calls are checked against the names only when every definition is sound (else their errors suffice).
+    return frozenset(names) if tools and len(found) == before else None
+
+
+def _tool_call_problems(calls: Any, role: Any, path: str, issued: dict[str | None, int], index: int,
+                        tool_names: frozenset[str] | None) -> list[str]:
+    """What is wrong with a message's "tool_calls"; records each valid call's id in `issued`."""
+    if role != "assistant":
+        return [f'{path}["tool_calls"] is allowed only on assistant messages; remove it']
+    if not isinstance(calls, list) or not calls:
+        issued[None] = index
+        return [f'{path}["tool_calls"] must be a non-empty array of calls like {_CALL_SHAPE}; got {shown(calls)}']
+    found: list[str] = []
+    for j, call in enumerate(calls):
+        at = f'{path}["tool_calls"][{j}]'
+        if not isinstance(call, dict):
+            found.append(f"{at} must be a call like {_CALL_SHAPE}; got {shown(call)}")
+            continue
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            issued[None] = index
+            found.append(f'{at}["id"] must be a non-empty string (the tool message answering it repeats it as '
+                         f'"tool_call_id"); got {shown(call_id)}')
+        elif call_id in issued:
+            found.append(f'{at}["id"] {shown(call_id)} was already issued by "messages"[{issued[call_id]}]; '
+                         "give each call its own id")
+        else:
+            issued[call_id] = index
+        if call.get("type") != "function":
+            found.append(f'{at}["type"] must be "function"; got {shown(call.get("type"))}')
+        function = call.get("function")
+        if not isinstance(function, dict):
+            found.append(f'{at}["function"] must be an object like {{"name": "...", "arguments": "{{...}}"}}; '
+                         f"got {shown(function)}")
+            continue
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            found.append(f'{at}["function"]["name"] must be a non-empty string; got {shown(name)}')
+        elif tool_names is not None and name not in tool_names:
+            found.append(f'{at}["function"]["name"] {shown(name)} is not one of the record\'s "tools" '
+                         f"({', '.join(sorted(tool_names))}); define it there or call one of them")
+        found += _arguments_problems(function.get("arguments"), f'{at}["function"]["arguments"]')
+    return found
+
+
+def _arguments_problems(arguments: Any, at: str) -> list[str]:
+    if not isinstance(arguments, str):
+        return [f'{at} must be a string holding a JSON object, as OpenAI writes it (e.g. "{{\\"city\\": '
+                f'\\"Paris\\"}}"); got {shown(arguments)}']
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, RecursionError):
+        return [f"{at} must be a string holding a JSON object; {shown(arguments)} does not parse as JSON"]
+    if not isinstance(parsed, dict):
+        return [f"{at} must be a string holding a JSON object; got the JSON {shown(parsed)}"]
+    return []
+
+
+def _tool_result_problems(message: Mapping[str, Any], role: Any, path: str,
+                          issued: dict[str | None, int]) -> list[str]:
+    """What is wrong with a tool message's "tool_call_id" (or with one on another role)."""
+    if role != "tool":
+        return [f'{path}["tool_call_id"] is allowed only on tool messages; remove it']
+    call_id = message.get("tool_call_id")
+    if "tool_call_id" not in message:
+        return [f'{path}["tool_call_id"] is missing; a tool message answers a call: set it to the "id" of one of '
+                'an earlier assistant message\'s "tool_calls"']
+    if not isinstance(call_id, str) or not call_id:
+        return [f'{path}["tool_call_id"] must be a non-empty string; got {shown(call_id)}']
+    if call_id not in issued and None not in issued:
+        ids = sorted(k for k in issued if k is not None)
+        known = f" (issued so far: {', '.join(ids)})" if ids else " (none was issued before it)"
+        return [f'{path}["tool_call_id"] {shown(call_id)} matches no call an earlier assistant message issued'
+                f'{known}; set it to the "id" of the call this message answers']
+    return []
 
 
 def _content_part_problems(content: Any, path: str) -> list[str]:
@@ -499,3 +624,114 @@ def require_text_messages(messages: Any) -> None:
     for m in messages:
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RecordInvalid([f"each message needs string 'role' and 'content', got {m!r:.200}"])
+
+
+# --- tool calls -----------------------------------------------------------------------------------
+# A chat record in OpenAI's tool format has top-level "tools" (function definitions), assistant messages
+# with "tool_calls" ({"id", "type": "function", "function": {"name", "arguments": a JSON string}}) and
+# "tool" messages answering a call by its "tool_call_id". A chat template that takes tools (it reads the
+# `tools` variable, as transformers templates with tool support do) renders them itself, with each
+# call's arguments as an object. For any other template, and for the plain chat layout, they are
+# written as text: the plain tool layout (plain_tool_messages), Hermes/Qwen's convention, where a call
+# is {"name": ..., "arguments": {...}} in JSON between TOOL_CALL_OPEN and TOOL_CALL_CLOSE, the form a
+# model trained on it writes and serving parses out of its answer.
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+def template_supports_tools(template: str | None) -> bool:
+    """Whether a chat template renders tools itself (it reads the `tools` variable)."""
+    return bool(template) and "tools" in str(template)
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call in the tagged form; arguments as an object, or a JSON string of one (as OpenAI writes them)."""
+    return (f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': _call_arguments(arguments)})}\n"
+            f"{TOOL_CALL_CLOSE}")
+
+
+def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The system text that offers `tools` (OpenAI function tools) to a model whose template has no tool
+    support: each function's definition as one line of JSON, and how to call one."""
+    functions = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+    return ("You may call one or more functions to answer. The functions, as JSON schemas:\n"
+            f"{functions}\n"
+            f"To call a function, write a JSON object with its name and arguments between {TOOL_CALL_OPEN} and "
+            f'{TOOL_CALL_CLOSE}, for example:\n{TOOL_CALL_OPEN}\n{{"name": "function_name", "arguments": '
+            f'{{"arg": "value"}}}}\n{TOOL_CALL_CLOSE}')
+
+
+def plain_tool_messages(messages: Sequence[Mapping[str, Any]],
+                        tools: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Messages for a template (or the plain chat layout) without tool support, the same in training and
+    serving: an assistant's calls appended to its content (after a newline, when it has text) in the
+    tagged form (tool_call_text), a null content without calls as "", tool_call_id dropped (a tool
+    message's content is its result), and the tools offered (tools_prompt) after the first message's
+    content when that is a system or developer message, else in a system message of their own first."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        turn = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
+        content = m.get("content")
+        calls = [tool_call_text(c["function"]["name"], c["function"].get("arguments"))
+                 for c in m.get("tool_calls") or ()]
+        if content is None or calls:
+            turn["content"] = "\n".join([content, *calls] if isinstance(content, str) and content else calls)
+        out.append(turn)
+    if tools:
+        offer = tools_prompt(tools)
+        if out and out[0].get("role") in ("system", "developer"):
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{offer}"}
+        else:
+            out.insert(0, {"role": "system", "content": offer})
+    return out
+
+
+def native_tool_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a template with tool support: each call's arguments as an object, as those templates
+    render them (OpenAI writes a JSON string)."""
+    out = []
+    for m in messages:
+        turn = dict(m)
+        if m.get("tool_calls"):
+            turn["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _call_arguments(
+                c["function"].get("arguments"))}} for c in m["tool_calls"]]
+        out.append(turn)
+    return out
+
+
+def _call_arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments if arguments is not None else {}
+
+
+def render_chat(tokenizer: Any, messages: Any, tools: Sequence[Mapping[str, Any]] | None = None, *,
+                add_generation_prompt: bool = False, chat_template: str | None = None) -> str:
+    """The text of a conversation as a model reads it: the one rendering training and serving share.
+
+    The messages are first given the fields a template gets (template_messages). With a chat template
+    (`chat_template`, else the tokenizer's) that supports tools (template_supports_tools), the tool
+    calls and `tools` go to it natively (native_tool_messages, tokenizer.apply_chat_template(tools=));
+    with one that does not, or with none, they are laid out as text first (plain_tool_messages). Without
+    any template the result is the plain chat layout (plain_chat; plain_chat_prompt when
+    add_generation_prompt), to which training appends the eos token. `tokenizer` is anything with
+    transformers' apply_chat_template and chat_template. Raises RecordInvalid when a message the plain
+    chat layout gets lacks a string role or content; a template's own errors propagate."""
+    template = chat_template or getattr(tokenizer, "chat_template", None) or None
+    turns = template_messages(messages)
+    # Every message needs a string role and content; an assistant's calls may stand in for its content.
+    require_text_messages(turns if not isinstance(turns, list) else [
+        {**m, "content": ""} if isinstance(m, Mapping) and m.get("content") is None and m.get("tool_calls") else m
+        for m in turns])
+    if template_supports_tools(template):
+        turns, given = native_tool_messages(turns), (list(tools) if tools else None)
+    else:
+        turns, given = plain_tool_messages(turns, tools), None
+    if template is None:
+        return plain_chat_prompt(turns) if add_generation_prompt else plain_chat(turns)[0]
+    return tokenizer.apply_chat_template(turns, tools=given, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
