@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 
 from billiard.process import active_children
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
+from app.core import logs
+from app.core.config import get_settings
 from app.core.db import get_engine, get_sessionmaker
+from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK, TRAIN_TASK
+from worker import metrics
 from worker.lifecycle import SHUTDOWN, SHUTDOWN_SIGNAL
 from worker.reaper import redispatch_stale, run_reaper
 
@@ -60,3 +75,45 @@ def _hand_back_on_shutdown(how: str | None = None, **_kwargs) -> None:
         except ProcessLookupError:
             pass
     log.info("%s shutdown: running jobs checkpoint and are handed back", how or "worker")
+
+
+@worker_ready.connect
+def _serve_metrics(**_kwargs) -> None:
+    """The worker's /metrics (settings.metrics.worker_port), served by this, the main process."""
+    metrics.serve()
+
+
+@worker_process_shutdown.connect
+def _forget_pool_child(pid: int | None = None, **_kwargs) -> None:
+    metrics.process_exited(pid or os.getpid())
+
+
+@worker_shutdown.connect
+def _remove_metrics_dir(**_kwargs) -> None:
+    """The directory worker.celery_app made for this worker's metrics; one an operator set is theirs."""
+    folder = os.environ.get(metrics.MULTIPROC_ENV, "")
+    if os.path.basename(folder).startswith("tuneforge-metrics-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger=None, **_kwargs) -> None:
+    """TUNEFORGE_LOG_FORMAT=json: Celery's handlers, set up at start, format as JSON too."""
+    logs.configure(get_settings().log_format)
+
+
+_TASK_IDS = {TRAIN_TASK: "job_id", EVALUATE_JOB_TASK: "job_id", EVALUATE_TASK: "evaluation_id"}
+
+
+@task_prerun.connect
+def _bind_task_ids(sender=None, args=None, **_kwargs) -> None:
+    """Every line a task logs carries the job (or evaluation) it works on; its argument is that id."""
+    field = _TASK_IDS.get(getattr(sender, "name", ""))
+    if field and args:
+        logs.bind(**{field: str(args[0])})
+
+
+@task_postrun.connect
+def _unbind_task_ids(**_kwargs) -> None:
+    logs.bind(job_id=None, evaluation_id=None)

@@ -23,6 +23,7 @@ from functools import cache
 from importlib import resources
 
 from app.domains.evaluations import extract
+from worker import metrics
 from worker.evaluation.errors import SamplesInvalid, SandboxUnavailable
 from worker.evaluation.passk import aggregate_pass_at_k
 from worker.evaluation.sandbox import Mode, Sandbox, SandboxResult, Status
@@ -209,7 +210,9 @@ def evaluate(
         if stop is not None:
             stop()
         program = build_program(problems[sample.task_id], sample.completion)
-        return _task_result(sample, program, sandbox.run(program, timeout_s=timeout_s))
+        result = sandbox.run(program, timeout_s=timeout_s)
+        metrics.record_program(result.status, result.wall_s)  # the sandbox's self-check programs are not counted
+        return _task_result(sample, program, result)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tuneforge-eval") as pool:
         return list(pool.map(run, samples))

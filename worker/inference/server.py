@@ -12,6 +12,8 @@ demand, safetensors only.
 
 The process registers (base model, URL) in the inference_endpoint table and refreshes a heartbeat
 there; that is how the API finds it, on SQLite and on Postgres alike.
+
+GET /metrics serves the engine's counters (worker.inference.stats.EngineCollector) to Prometheus.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from app.core import logs
+from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.errors import InvalidRequest, NotFound, TuneforgeError
 from app.domains.files import formats
@@ -37,11 +42,13 @@ from worker.inference.adapters import AdapterRef
 from worker.inference.engine import InferenceEngine
 from worker.inference.errors import AdapterNotFound
 from worker.inference.results import Completion, Delta, Generation, TokenLogprob
+from worker.inference.stats import EngineCollector
 from worker.staging import stage_tree
 
 log = logging.getLogger("tuneforge.inference")
 
 MAX_BODY_BYTES = 8 << 20
+METRICS_PATH = "/metrics"  # Prometheus scrapes it here, beside the protocol's routes
 
 
 def completion_result(completion: Completion) -> protocol.GenerateResult:
@@ -86,6 +93,8 @@ class InferenceService:
     def __init__(self, engine: InferenceEngine, base_model: str) -> None:
         self.engine = engine
         self.base_model = base_model
+        self.metrics = CollectorRegistry()
+        self.metrics.register(EngineCollector(engine.stats))
 
     def adapter_ref(self, team_id: str, adapter_id: str | None) -> AdapterRef | None:
         """The team's adapter, or its checkpoint's adapter, as the engine sees it (serving.adapter_files). Raises
@@ -155,6 +164,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, protocol.Health(base_model=service.base_model))
         elif self.path == protocol.STATS_PATH:
             self._send_json(200, service.engine.stats())
+        elif self.path == METRICS_PATH:
+            data = generate_latest(service.metrics)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._send_error(NotFound(f"Unknown route {self.path}.", code="not_found"))
 
@@ -281,6 +297,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8100, advertise_ur
           **engine_kwargs) -> int:
     """Load the registered base model `model`, listen on host:port (0 picks a free port), register the
     URL (advertise_url, or http://host:port) and serve until SIGINT/SIGTERM. Returns an exit code."""
+    logs.configure(get_settings().log_format)
     with session_scope() as session:
         base = base_models.get_base(session, model)
         if base is None:

@@ -1,14 +1,17 @@
 """The engine's counters for operators: cache behaviour, batching, throughput, per-adapter use.
 
 Updated by the engine thread, read by anyone through InferenceEngine.stats(); a lock keeps a
-snapshot consistent."""
+snapshot consistent. EngineCollector shows them to Prometheus."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 RECENT_WINDOW_S = 30.0
 
@@ -107,3 +110,48 @@ class EngineStats:
                 },
                 "per_adapter_requests": dict(self.per_adapter),
             }
+
+
+class EngineCollector:
+    """The engine's counters (InferenceEngine.stats()) in Prometheus' terms, read at scrape time; the
+    inference process serves them at GET /metrics. Per-adapter counts stay in /v1/stats: adapter ids
+    as labels would grow without bound."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield _labelled(CounterMetricFamily, "tuneforge_inference_requests",
+                        "Generation requests, by what became of them.", "outcome", s["requests"])
+        yield _labelled(CounterMetricFamily, "tuneforge_inference_adapter_cache", "Adapter cache events.", "event",
+                        {k: s["cache"][k] for k in ("hits", "misses", "loads", "load_failures", "evictions")})
+        yield GaugeMetricFamily("tuneforge_inference_adapters_loaded", "Adapters in memory.",
+                                value=s["cache"].get("adapters", 0))
+        yield GaugeMetricFamily("tuneforge_inference_adapter_cache_bytes", "Bytes of the adapters in memory.",
+                                value=s["cache"].get("bytes", 0))
+        yield CounterMetricFamily("tuneforge_inference_batches", "Admission rounds (batches prefilled together).",
+                                  value=s["batches"]["count"])
+        yield _labelled(CounterMetricFamily, "tuneforge_inference_forwards", "Forward passes, by kind.", "kind",
+                        {k: s["forwards"][k] for k in ("prefills", "decode_steps")})
+        yield _labelled(CounterMetricFamily, "tuneforge_inference_tokens", "Tokens, generated and prompted.", "kind",
+                        {k: s["tokens"][k] for k in ("generated", "prompt")})
+        yield CounterMetricFamily("tuneforge_inference_busy_seconds", "Time spent in forward passes and sampling.",
+                                  value=s["tokens"]["busy_s"])
+        yield GaugeMetricFamily("tuneforge_inference_tokens_per_second",
+                                f"Tokens generated per second over the last {RECENT_WINDOW_S:.0f} s.",
+                                value=s["tokens"]["per_s_recent"])
+        yield GaugeMetricFamily("tuneforge_inference_queue_depth", "Requests waiting for admission.",
+                                value=s.get("queue_depth", 0))
+        yield GaugeMetricFamily("tuneforge_inference_running_rows", "Rows being decoded now.",
+                                value=s.get("running_rows", 0))
+
+
+def _labelled(kind: type, name: str, documentation: str, label: str, values: dict) -> Metric:
+    family = kind(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family

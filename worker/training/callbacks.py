@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from worker import metrics
 from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 
 _STOP_LINES = {"cancel": "Stop requested", "pause": "Pause requested", "shutdown": "Worker shutting down"}
@@ -49,13 +50,13 @@ class ProgressEvents(TrainerCallback):
     def __init__(self, hooks: TrainingHooks):
         self.hooks = hooks
         self._start_time = self._last_time = 0.0
-        self._start_step = 0
+        self._start_step = self._last_step = 0
         self._last_tokens = 0
         self._epoch_ended_at: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start_time = self._last_time = time.perf_counter()
-        self._start_step = state.global_step
+        self._start_step = self._last_step = state.global_step
         self._last_tokens = state.num_input_tokens_seen
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -96,7 +97,9 @@ class ProgressEvents(TrainerCallback):
             "trained_tokens": tokens,
             "eta_seconds": seconds_per_step * max(state.max_steps - state.global_step, 0),
         }
-        self._last_time, self._last_tokens = now, tokens
+        metrics.record_training_step(steps=state.global_step - self._last_step, seconds=interval,
+                                     tokens=tokens - self._last_tokens, tokens_per_second=data["tokens_per_second"])
+        self._last_time, self._last_tokens, self._last_step = now, tokens, state.global_step
         return data
 
 
