@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from app.core.db import session_scope, utcnow
 from app.domains.files.models import File
 from app.domains.uploads.models import Upload, UploadPart
+from tests.api.servers import embedded_instance, private_api
 from tests.conftest import TEST_UPLOAD_LIMIT, _stop, start_api
 from tests.factories import demo_tasks, jsonl, wait_for_job
 
@@ -353,3 +354,34 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def test_expires_after_reaches_the_file_and_an_idempotency_key_returns_the_same_upload(oai):
+    client, _, _ = oai
+    headers = {"Idempotency-Key": "upload-once"}
+    upload = _new(client, CHAT, expires_after={"anchor": "created_at", "seconds": 7200}, extra_headers=headers)
+    assert _new(client, CHAT, extra_headers=headers).id == upload.id
+    part = client.uploads.parts.create(upload_id=upload.id, data=CHAT)
+    done = client.uploads.complete(upload_id=upload.id, part_ids=[part.id])
+    assert done.file is not None and done.file.expires_at == done.file.created_at + 7200
+
+
+def test_uploads_work_on_the_embedded_default(services_env, tmp_path, tiny_model, make_team):
+    from worker.reaper import expire_uploads
+
+    with embedded_instance(tmp_path, tiny_model) as env, private_api(services_env, **env) as base:
+        _, key = make_team()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        try:
+            done = client.uploads.upload_file_chunked(file=bytes(CHAT), filename="chat.jsonl", bytes=len(CHAT),
+                                                      mime_type="application/jsonl", purpose="fine-tune",
+                                                      part_size=700)
+            assert done.status == "completed" and done.file is not None
+            assert client.files.content(done.file.id).content == CHAT
+            left = _new(client, CHAT)
+            client.uploads.parts.create(upload_id=left.id, data=CHAT)
+            assert left.id in expire_uploads(now=utcnow() + dt.timedelta(hours=2))
+            with pytest.raises(openai.ConflictError):
+                client.uploads.cancel(left.id)
+        finally:
+            client.close()
