@@ -91,6 +91,8 @@ class ProgressEvents(TrainerCallback):
             "step": state.global_step,
             "total_steps": state.max_steps,
             "epoch": state.epoch,
+            # OpenAI's name, and the one this service had before it (clients may read either).
+            "train_loss": logs["loss"],
             "loss": logs["loss"],
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_second": (tokens - self._last_tokens) / interval if interval > 0 else 0.0,

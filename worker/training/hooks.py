@@ -44,8 +44,8 @@ class TrainingHooks(Protocol):
 
         type "message": a human-readable line (data may be None).
         type "metrics": data holds numbers, either a training log
-        {step, total_steps, epoch, loss, learning_rate, tokens_per_second,
-        trained_tokens, eta_seconds} or a validation result {valid_loss, step}.
+        {step, total_steps, epoch, train_loss, loss (the same value), learning_rate,
+        tokens_per_second, trained_tokens, eta_seconds} or a validation result {valid_loss, step}.
         """
 
     def should_stop(self) -> StopReason | None:

@@ -24,6 +24,7 @@ from app.core.db import utcnow
 from app.domains.adapters import service as adapters
 from app.domains.evaluations import service as evaluations
 from app.domains.files import service as files
+from app.domains.jobs import results
 from app.domains.jobs.models import FineTuningJob
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.service import counts, model_name
@@ -227,9 +228,10 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
     """Record a trained job, by its lease holder, in one transaction: succeeded (or evaluating, when
     its spec asks for an evaluation: the evaluations of the roles its eval spec asks for, base and
     tuned, and tuned_4bit with compare_quantization, are created and enqueued after commit) with its
-    adapter row. When a cancel arrived after the last step (it wins) the job ends cancelled, and
-    when the lease was lost nothing is recorded; either way the adapter's files are deleted after
-    commit. Returns the new status, or None when the lease was lost."""
+    adapter row and its metrics CSV in result_files (jobs.results). When a cancel arrived after the
+    last step (it wins) the job ends cancelled, and when the lease was lost nothing is recorded;
+    either way the adapter's files are deleted after commit. Returns the new status, or None when
+    the lease was lost."""
     spec, job_id = inputs.spec, inputs.job_id
     evaluation = spec.evaluation
     done = start_evaluating if evaluation is not None else succeed
@@ -238,6 +240,7 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
         queue.delete_after_commit(session, adapter.storage_prefix)
         return release(session, job_id=job_id, lease_token=lease_token, reason="cancel",
                        message="Training finished, but the job was cancelled first; no adapter was kept.")
+    results.attach(session, job_id=job_id, team_id=inputs.team_id)
     adapters.create(session, adapter_id=adapter.id, team_id=inputs.team_id, job_id=job_id,
                     base_model=inputs.base_model, name=inputs.fine_tuned_model, storage_prefix=adapter.storage_prefix,
                     archive_key=adapter.archive_key, size=adapter.bytes, sha256=adapter.sha256)
@@ -251,7 +254,8 @@ def finish_training(session: Session, *, inputs: TrainingInputs, lease_token: st
 def fail(session: Session, *, job_id: str, code: str, message: str, param: str | None = None,
          lease_token: str | None = None) -> bool:
     """Final state. A running job fails only by its lease holder (pass lease_token); without one,
-    only a job with no holder (validating_files, queued, evaluating) fails. A failed round ends its
+    only a job with no holder (validating_files, queued, evaluating) fails. A job failed by its
+    holder gets the metrics CSV of the steps it logged (jobs.results). A failed round ends its
     auto_iterate loop. Returns False (nothing written) otherwise."""
     states: tuple[JobStatus, ...] = FAILABLE_UNHELD
     where: tuple[ColumnElement[bool], ...] = ()
@@ -260,6 +264,9 @@ def fail(session: Session, *, job_id: str, code: str, message: str, param: str |
     if not transition(session, job_id, states, JobStatus.FAILED, f"The job failed: {message}", level="error",
                       where=where, error={"code": code, "message": message, "param": param}):
         return False
+    if lease_token is not None:  # failed while training: the steps it logged go to its result_files
+        job = existing_job(session, job_id)
+        results.attach(session, job_id=job_id, team_id=job.team_id)
     end_round(session, job_id=job_id)
     return True
 
@@ -283,8 +290,9 @@ def reap(session: Session, *, max_attempts: int) -> list[str]:
     )
     requeued: list[str] = []
     for where, status, values in outcomes:
+        values = {**values, "estimated_finish": None}  # none of them is running: no training ETA
         if status in FINAL:
-            values = {**values, "finished_at": now, "estimated_finish": None}
+            values["finished_at"] = now
         rows = leases.reap(session, FineTuningJob, running=RUNNING, status=status, where=where,
                            returning=(FineTuningJob.attempts, FineTuningJob.worker_id), stop_request=None, **values)
         for job_id, attempts, worker in rows:
