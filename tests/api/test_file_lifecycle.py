@@ -185,3 +185,23 @@ def test_other_purposes_are_refused_naming_those_that_exist(oai, purpose):
     assert exc.value.body["param"] == "purpose"
     assert "fine-tune, evals, user_data" in exc.value.message
     assert list(oai.files.list()) == []
+
+
+def test_a_results_file_whose_transaction_rolls_back_leaves_no_blob(services_env, make_team):
+    from app.core.db import session_scope
+    from app.core.storage import get_storage
+    from app.domains.files import service as files
+    from app.domains.files.models import File
+
+    team_id, _ = make_team()
+    keys: list[str] = []
+    with pytest.raises(RuntimeError):
+        with session_scope() as session:
+            row = files.create_results(session, team_id=team_id, storage=get_storage(),
+                                       rows=[(1, 0.5, None, None, None)])
+            keys.append(row.storage_key)
+            assert get_storage().exists(row.storage_key)
+            raise RuntimeError("the transaction fails after the file was written")
+    assert not get_storage().exists(keys[0])
+    with session_scope() as session:
+        assert session.get(File, row.id) is None

@@ -114,9 +114,10 @@ def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> File
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/jsonl": {}}}})
+            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}, "application/octet-stream": {}}}})
 def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
-    """The whole file, or 404: a file deleted while this answers is still sent whole once opened."""
+    """The whole file, or 404: a file deleted while this answers is still sent whole once opened. JSONL
+    datasets as application/jsonl, a job's metrics CSV as text/csv, user_data as application/octet-stream."""
     row = files.get(session, team_id=principal.team_id, file_id=file_id)
     return stream_blob(row.storage_key, missing=FileNotFound(f"No such file: {file_id!r}.", param="file_id"),
                        media_type=files.media_type(row))
