@@ -5,9 +5,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app.domains.files.schemas import FileRead
+from app.domains.files.service import EXPIRES_MAX_SECONDS, EXPIRES_MIN_SECONDS
 
-# OpenAI's range for expires_after.seconds: one hour to 30 days.
-EXPIRES_MIN_SECONDS, EXPIRES_MAX_SECONDS = 3600, 30 * 24 * 3600
 MAX_PARTS = 10_000
 
 
