@@ -13,6 +13,8 @@
                                    [--job-wall-seconds N] [--evaluation-wall-seconds N]   ("default" clears one)
     tuneforge audit prune --before DATE   delete audit rows (and unauthenticated counts) older than DATE
     tuneforge models register NAME PATH | import NAME FILE.gguf | fetch smollm2-135m-instruct | make-tiny PATH | list
+    tuneforge jobs follow ID          a job's progress (steps, loss, tokens/s, ETA) until it ends, through the API
+                                      (TUNEFORGE_API_URL, TUNEFORGE_API_KEY); exit 0 succeeded, 1 failed, 2 cancelled
     tuneforge demo                    the whole path on a fresh embedded instance
 
 Configuration comes from TUNEFORGE_* environment variables (see README). A command that uses the
@@ -281,6 +283,31 @@ def _list_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _follow_job(args: argparse.Namespace) -> int:
+    import httpx
+
+    from tuneforge.follow import EXIT_CODES, FollowError, follow
+
+    if args.interval <= 0:
+        print("error: --interval must be a positive number of seconds", file=sys.stderr)
+        return 1
+    if not args.api_key:
+        print("error: no API key: set TUNEFORGE_API_KEY (or pass --api-key) to a key of the job's team",
+              file=sys.stderr)
+        return 1
+    base = args.api_url.rstrip("/").removesuffix("/v1") + "/v1"
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=30) as client:
+        try:
+            job = follow(client, args.job_id, interval=args.interval)
+        except FollowError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopped following; the job goes on", file=sys.stderr)
+            return 130
+    return EXIT_CODES[job["status"]]
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tuneforge.demo import run_demo
 
@@ -374,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the random model this many steps on Python's sources first (about 0.2 s each)")
     p.set_defaults(func=_make_tiny)
     mdl.add_parser("list", help="list base models").set_defaults(func=_list_models, database=STRICT)
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs, through the API").add_subparsers(dest="jobs", required=True)
+    p = jobs.add_parser("follow", help="show a job's progress until it ends (exit 0 succeeded, 1 failed, 2 cancelled)")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("--api-url", default=os.environ.get("TUNEFORGE_API_URL", "http://127.0.0.1:8000"),
+                   help="the API's base URL (default: TUNEFORGE_API_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
+                   help="a key of the job's team (default: TUNEFORGE_API_KEY; prefer it: arguments show in ps)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    p.set_defaults(func=_follow_job)
 
     p = sub.add_parser("demo", help="run the whole path end to end on a fresh embedded instance")
     p.add_argument("--data-dir", default=".tuneforge-demo")

@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from tuneforge import processes
+from tuneforge.follow import follow
 
 _T0 = time.monotonic()
 
@@ -236,29 +237,14 @@ def _check_code(answer: str) -> str:
 
 def _follow(client: httpx.Client, job_id: str, procs: list[subprocess.Popen], logs: Path,
             deadline_s: float = 1800) -> dict:
-    seen: set[str] = set()
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
+    """`tuneforge jobs follow`'s progress line and events, while the demo's API and worker stay up."""
+    def alive() -> None:
         for proc, name in zip(procs, ("api", "worker"), strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"the {name} process exited with code {proc.returncode}; "
                                    f"see {logs / (name + '.log')}")
-        events = client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-        for e in reversed(events):
-            if e["id"] in seen:
-                continue
-            seen.add(e["id"])
-            d = e.get("data") or {}
-            if e["type"] == "metrics" and "loss" in d:
-                print(f"    step {d['step']}/{d.get('total_steps')}  loss {d['loss']:.4f}  "
-                      f"lr {d.get('learning_rate', 0):.2e}  {d.get('tokens_per_second', 0):.0f} tok/s")
-            else:
-                print(f"    [{e['level']}] {e['message']}")
-        job = client.get(f"/fine_tuning/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} did not finish within {deadline_s} s")
+
+    return follow(client, job_id, interval=0.5, prefix="    ", check=alive, timeout=deadline_s)
 
 
 def _wait_serving(client: httpx.Client, model: str, proc: subprocess.Popen, logs: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,9 @@ def test_demo_runs_the_whole_path_without_postgres_or_redis(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "generated: 'def add(" in out.stdout and "Demo finished" in out.stdout
+    # The job is followed as `tuneforge jobs follow` shows it: a full progress bar, then its final status.
+    assert re.search(r"^    \[#{24}\] step (\d+)/\1  loss ", out.stdout, re.M), out.stdout[-3000:]
+    assert re.search(r"^    job ftjob-\S+ succeeded: model ft:tiny-llama:", out.stdout, re.M), out.stdout[-3000:]
     db = sqlite3.connect(data_dir / "tuneforge.db")
     statuses = db.execute("SELECT status FROM fine_tuning_job").fetchall()
     adapters = db.execute("SELECT count(*) FROM adapter").fetchone()[0]
