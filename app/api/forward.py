@@ -38,10 +38,12 @@ class Forwarded:
         finally:
             await self.aclose()
 
-    async def events(self, *, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, *, model: str, chat: bool, include_usage: bool,
+                     parse_tools: bool = False) -> AsyncIterator[str]:
         """The process's stream as OpenAI stream chunks (server-sent events), ending with
-        `data: [DONE]`, or with an error event when the request failed after the stream began."""
-        encoder = ChunkEncoder(model=model, chat=chat, created=int(time.time()))
+        `data: [DONE]`, or with an error event when the request failed after the stream began. With
+        parse_tools, tool calls in a chat answer stream as tool_calls deltas (ChunkEncoder)."""
+        encoder = ChunkEncoder(model=model, chat=chat, created=int(time.time()), parse_tools=parse_tools)
         try:
             async for line in self._response.aiter_lines():
                 if not line:

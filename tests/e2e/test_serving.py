@@ -365,17 +365,14 @@ def test_parameters_the_engine_cannot_honour_answer_400_naming_them(client, serv
         assert info.value.body["code"] == code
 
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+FUNCTION = {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"tools": [TOOL]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-     "response_format"),
+@pytest.mark.parametrize(("kwargs", "param"), [  # the deprecated forms of tools and tool_choice
+    ({"functions": [FUNCTION]}, "functions"),
+    ({"function_call": {"name": "get_weather"}}, "function_call"),
 ])
-def test_chat_parameters_not_honoured_yet_answer_400_naming_them(client, served, kwargs, param):
+def test_chat_parameters_not_honoured_answer_400_naming_them(client, served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
         _chat(client, served, "a", **kwargs)
     assert info.value.body["param"] == param and info.value.body["code"] == "unsupported_parameter"

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.errors import TuneforgeError
+from app.domains.files import formats
 from app.domains.serving.protocol import BASE_ADAPTER_KEY
 from worker.inference.adapters import (
     AdapterCache,
@@ -58,6 +59,7 @@ from worker.inference.errors import (
     GenerationInvalid,
     InferenceFailed,
 )
+from worker.inference.grammar import Constraint, Grammars
 from worker.inference.lora import BatchedLora, load_lora
 from worker.inference.results import Choice, Completion, Delta, Generation, TokenLogprob, Usage
 from worker.inference.sampling import SamplingParams, TextState, adjust_logits, sample
@@ -79,6 +81,8 @@ class _Request:
     rows_left: int = 0
     choices: dict[int, Choice] = field(default_factory=dict)
     echo: list[str] | None = None  # with echo: each prompt's text, which its choices' texts begin with
+    constraint: Constraint | None = None  # what every row's output must match (response_format, a forced tool call)
+    matchers: list | None = None  # with a constraint: one llguidance matcher per row, built at submit
 
     @property
     def rows(self) -> int:
@@ -96,6 +100,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
+    matcher: object | None = None  # llguidance LLMatcher of a constrained row: what it may write next
 
     @property
     def prompt(self) -> list[int]:
@@ -182,6 +187,7 @@ class InferenceEngine:
         self._base_linears = {name: LinearShape(m.in_features, m.out_features)
                               for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         self._eos_ids = _eos_ids(self.tokenizer, self.config, GenerationConfig, self.base_path)
+        self._grammars = Grammars(self.tokenizer, vocab_size=self.vocab_size, eos_ids=self._eos_ids)
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (min(self._eos_ids) if self._eos_ids else 0)
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -216,7 +222,9 @@ class InferenceEngine:
                stop: str | Sequence[str] | None = None, n: int = 1, seed: int | None = None,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                logit_bias: Mapping[int | str, float] | None = None, logprobs: int | None = None,
-               best_of: int | None = None, echo: bool = False) -> Generation:
+               best_of: int | None = None, echo: bool = False, response_format: Mapping | None = None,
+               tools: Sequence[Mapping] | None = None, tool_choice: str | Mapping | None = None,
+               parallel_tool_calls: bool | None = None) -> Generation:
         """Queue a completion of `prompt` (text, tokenized with the base tokenizer, or token ids) with the
         adapter (None: the base model). A list of texts or of token-id lists is several prompts in one
         request: n choices each, indexed prompt-major (prompt p's choice i is index p*n + i), all of
@@ -226,6 +234,9 @@ class InferenceEngine:
         the k most likely tokens' (TokenLogprob), from the forward pass that chose it. best_of > n
         generates best_of candidates per prompt (rows of the batch, as its deltas are) and keeps the n
         with the highest mean token logprob, reindexed p*n + i; usage counts every candidate's tokens.
+        response_format (OpenAI's json_object / json_schema) and tools with tool_choice "required" or a
+        named function constrain every row's tokens to the grammar (worker/inference/grammar.py), each row
+        with its matcher, so the text parses; a row ends ("stop") when its grammar is complete.
         Returns at once; adapter problems surface through the handle.
         Raises GenerationInvalid for out-of-range parameters or a prompt that does not fit the context,
         AdapterBaseMismatch when adapter.base names another base, EngineOverloaded when the queue is
@@ -251,6 +262,10 @@ class InferenceEngine:
                 f"{len(prompts)} prompts with n={params.candidates} make {len(prompts) * params.candidates} choices, "
                 f"more than the engine's batch of {self.max_batch_size} rows; send fewer prompts per request or "
                 "lower n (or best_of).", param="prompt")
+        constraint = self._grammars.constraint(response_format=response_format, tools=tools,
+                                               tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
+        matchers = [self._grammars.matcher(constraint) for _ in range(len(prompts) * params.candidates)] \
+            if constraint is not None else None
         longest = max(len(ids) for ids in prompts)
         if longest + params.max_tokens > self.context_length:
             raise GenerationInvalid(
@@ -262,7 +277,7 @@ class InferenceEngine:
         echoed = [p if isinstance(p, str) else self._decode(ids)
                   for p, ids in zip(given, prompts, strict=True)] if echo else None
         request = _Request(id=request_id, prompts=prompts, params=params, adapter=adapter, handle=handle,
-                           echo=echoed)
+                           echo=echoed, constraint=constraint, matchers=matchers)
         with self._cond:
             if self._closing:
                 raise EngineClosed("The inference engine is shut down; it accepts no requests.")
@@ -279,8 +294,13 @@ class InferenceEngine:
         template = _adapter_chat_template(adapter.path) if adapter is not None else None
         return template or getattr(self.tokenizer, "chat_template", None) or None
 
-    def encode_chat(self, messages: Sequence[dict], adapter: AdapterRef | None = None) -> list[int]:
-        """Token ids of a chat prompt rendered with chat_template(adapter), with the assistant turn opened."""
+    def encode_chat(self, messages: Sequence[dict], adapter: AdapterRef | None = None,
+                    tools: Sequence[Mapping] | None = None) -> list[int]:
+        """Token ids of a chat prompt rendered with chat_template(adapter), with the assistant turn opened.
+        With tools (OpenAI function tools), a template that takes tools gets them as its `tools` argument and
+        earlier calls as transformers templates read them; any other template gets them described in a
+        system message, with earlier calls written as the model is asked to write them: training's rendering,
+        formats.render_chat."""
         template = self.chat_template(adapter)
         if not template:
             raise GenerationInvalid(f"Neither the adapter nor the base model {self.base_name!r} has a chat template; "
@@ -288,8 +308,8 @@ class InferenceEngine:
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise GenerationInvalid("messages must be a non-empty list of {role, content} objects.", param="messages")
         with self._tok_lock:
-            text = self.tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = formats.render_chat(self.tokenizer, list(messages), tools, add_generation_prompt=True,
+                                       chat_template=template)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def preload(self, adapter: AdapterRef, timeout: float | None = None) -> dict:
@@ -493,7 +513,8 @@ class InferenceEngine:
                     generator = torch.Generator(device=self.device).manual_seed(request.params.row_seed(index))
                 rows.append(_Row(request=request, index=index, slot=slot, generator=generator,
                                  text=TextState(self._decode, request.params.stop),
-                                 logprobs=[] if request.params.scores_tokens else None))
+                                 logprobs=[] if request.params.scores_tokens else None,
+                                 matcher=request.matchers[index] if request.matchers is not None else None))
             capacity -= request.rows
         if not requests:
             return []
@@ -645,10 +666,14 @@ class InferenceEngine:
 
     def _choose(self, logits, rows: list[_Row]) -> list[int]:
         """Greedy rows take the argmax (as generate(do_sample=False)); sampled rows draw with their own generator.
-        Rows with penalties or a logit_bias have their own logits adjusted first; the others' are untouched."""
+        Rows with penalties or a logit_bias have their own logits adjusted first, then constrained rows' logits
+        are masked to what their grammar allows next; the others' are untouched."""
         for i, row in enumerate(rows):
             if row.request.params.adjusts_logits:
                 logits[i] = adjust_logits(logits[i], row.tokens, row.request.params)
+        constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.matcher is not None]
+        if constrained:
+            self._grammars.mask(logits, constrained)
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
@@ -668,7 +693,8 @@ class InferenceEngine:
             top: tuple[tuple[str, float], ...] = ()
             if k := row.request.params.logprobs:
                 values, ids = torch.topk(logprobs, k)
-                top = tuple((self._decode([t]), v) for t, v in zip(ids.tolist(), values.tolist(), strict=True))
+                top = tuple((self._decode([t]), v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+                            if v != float("-inf"))  # a constrained row may allow fewer than k tokens
             token = tokens[i]
             row.logprobs.append(TokenLogprob(self._decode([token]), token, float(logprobs[token]), top))
 
@@ -716,8 +742,15 @@ class InferenceEngine:
             finish = None
             if token in self._eos_ids:
                 finish = "stop"
+            elif row.matcher is not None and not row.matcher.consume_token(token):
+                row.finish_reason = "stop"  # retired with its request, which fails
+                self._fail_request(request, InferenceFailed(
+                    f"Constrained decoding went wrong: {row.matcher.get_error()}"))
+                continue
             elif row.text.add(row.tokens):
                 finish = "stop"
+            elif row.matcher is not None and row.matcher.is_stopped():
+                finish = "stop"  # the grammar is complete: nothing more may be written
             if finish is None and len(row.tokens) >= params.max_tokens:
                 finish = "length"
             row.finish_reason = finish

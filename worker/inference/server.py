@@ -114,7 +114,7 @@ class InferenceService:
                                   param="model") from None
         return AdapterRef(id=adapter_id, path=path, base=base)
 
-    def encode_chat(self, messages: list, ref: AdapterRef | None) -> str | list[int]:
+    def encode_chat(self, messages: list, ref: AdapterRef | None, tools: list | None = None) -> str | list[int]:
         """The chat prompt rendered as training rendered it: token ids from the engine's chat template for
         the adapter, or, where neither the adapter nor the base has one, the text of the plain chat layout
         with the assistant turn opened (formats.plain_chat_prompt; tokenized with special tokens, as
@@ -122,9 +122,9 @@ class InferenceService:
         (formats.template_messages: a name, content parts as text)."""
         messages = formats.template_messages(messages)
         if self.engine.chat_template(ref):
-            return self.engine.encode_chat(messages, ref)
+            return self.engine.encode_chat(messages, ref, tools=tools)
         try:
-            return formats.plain_chat_prompt(messages)
+            return formats.plain_chat_prompt(formats.plain_tool_messages(messages, tools))
         except formats.RecordInvalid:
             raise InvalidRequest("messages must be a non-empty list of {role, content} objects.",
                                  param="messages") from None
@@ -134,7 +134,7 @@ class InferenceService:
         full queue)."""
         ref = self.adapter_ref(request.team_id, request.adapter_id)
         if request.messages is not None:
-            prompt = self.encode_chat([m.model_dump() for m in request.messages], ref)
+            prompt = self.encode_chat([m.model_dump() for m in request.messages], ref, request.tools)
         else:
             prompt = request.prompt
         return self.engine.submit(prompt, adapter=ref, **request.sampling())

@@ -35,7 +35,10 @@ async def create_completion(body: CompletionCreate, principal: PrincipalDep):
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_STREAM_RESPONSE)
 async def create_chat_completion(body: ChatCompletionCreate, principal: PrincipalDep):
     """Answer the conversation. The prompt is rendered with the chat template saved with the fine-tuned
-    model's tokenizer, the one its training used."""
+    model's tokenizer, the one its training used, with `tools` given to it (or described in a system message
+    when the template has no tool support). Tool calls are read from the answer in the Hermes/Qwen form, a JSON
+    `{"name", "arguments"}` between `<tool_call>` tags; `tool_choice` required or a named function, and
+    `response_format` json_object / json_schema, constrain decoding to a grammar so the answer always parses."""
     return await _answer(principal.team_id, body, chat=True)
 
 
@@ -45,8 +48,11 @@ async def _answer(team_id: str, body: CompletionCreate | ChatCompletionCreate, *
     route = await in_unit_of_work(lambda session: serving.route(session, team_id=team_id, model=body.model))
     request = body.generate_request(team_id=team_id, adapter_id=route.adapter_id)
     forwarded = await forward.generate(route.urls, request, base_model=route.base_model)
+    parse_tools = isinstance(body, ChatCompletionCreate) and body.parses_tool_calls
     if not request.stream:
         result = await forwarded.result()
-        return ChatCompletion.of(result, body.model) if chat else Completion.of(result, body.model)
-    events = forwarded.events(model=body.model, chat=chat, include_usage=body.include_usage)
+        if chat:
+            return ChatCompletion.of(result, body.model, parse_tools=parse_tools)
+        return Completion.of(result, body.model)
+    events = forwarded.events(model=body.model, chat=chat, include_usage=body.include_usage, parse_tools=parse_tools)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

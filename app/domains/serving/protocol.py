@@ -15,7 +15,7 @@ An error answers ErrorBody with the error's own status, so the API relays it as 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
@@ -33,8 +33,10 @@ BASE_ADAPTER_KEY = "__base__"
 
 class ChatTurn(BaseModel):
     role: str
-    content: str
+    content: str | None = None  # None only for an assistant's turn with tool_calls
     name: str | None = None  # the message's name, which the chat template may render
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, in OpenAI's shape (arguments a JSON string)
+    tool_call_id: str | None = None  # a tool turn's answer to that call
 
 
 class GenerateRequest(BaseModel):
@@ -63,6 +65,12 @@ class GenerateRequest(BaseModel):
     logprobs: int | None = None  # k: each token's logprob and the k most likely tokens'
     best_of: int | None = None  # candidates per prompt, the n best of them returned
     echo: bool = False  # each choice's text begins with its prompt's
+    # OpenAI's shapes, validated by the API: json_object / json_schema constrain the output to JSON; tools
+    # are rendered into the chat prompt, and tool_choice "required" or a named function constrains it to a call.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     stream: bool = False
 
     @model_validator(mode="after")
@@ -76,7 +84,9 @@ class GenerateRequest(BaseModel):
         values = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "stop": self.stop, "n": self.n, "seed": self.seed, "presence_penalty": self.presence_penalty,
                   "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias,
-                  "logprobs": self.logprobs, "best_of": self.best_of, "echo": self.echo or None}
+                  "logprobs": self.logprobs, "best_of": self.best_of, "echo": self.echo or None,
+                  "response_format": self.response_format, "tools": self.tools, "tool_choice": self.tool_choice,
+                  "parallel_tool_calls": self.parallel_tool_calls}
         return {k: v for k, v in values.items() if v is not None}
 
 

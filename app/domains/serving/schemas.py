@@ -5,16 +5,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.domains.files import formats
 from app.domains.serving import protocol
+from app.domains.serving import tools as tool_calls
 from app.domains.serving.errors import ParametersDisagree, UnsupportedParameter
 
 # OpenAI's chat default is "up to the context"; a bound keeps an omitted max_tokens from running long.
 CHAT_MAX_TOKENS = 256
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 class StreamOptions(BaseModel):
@@ -98,17 +102,100 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: FunctionName
+    arguments: str = Field(description="The arguments as a JSON object's text.")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant made (in a request's messages, or in an answer)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # Given to the chat template as the message's name, as training gives it (formats.template_messages).
     name: Annotated[str, Field(min_length=1)] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None,
+                                              description="An assistant's calls; content may then be null.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
+    # After role and tool_calls, which its validator reads.
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
 
-    def text(self) -> str:
+    @field_validator("content")
+    @classmethod
+    def _content_given(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            # "missing", as for any required field: the error names the field even when the body leaves it out.
+            raise PydanticCustomError("missing", "content is required (only an assistant message with tool_calls "
+                                                 "may leave it null)")
+        return content
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def text(self) -> str | None:
         """The content as the chat template gets it: content parts joined as training joins them."""
-        return formats.content_text(self.model_dump()["content"]) or ""
+        return formats.content_text(self.model_dump()["content"]) if self.content is not None else None
+
+    def turn(self) -> protocol.ChatTurn:
+        calls = [c.model_dump() for c in self.tool_calls] if self.tool_calls else None
+        return protocol.ChatTurn(role=self.role, content=self.text(), name=self.name, tool_calls=calls,
+                                 tool_call_id=self.tool_call_id)
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class ChatCompletionCreate(SamplingOptions):
@@ -118,41 +205,72 @@ class ChatCompletionCreate(SamplingOptions):
     logprobs: bool | None = Field(default=False, description="Each generated token's logprob in the choice.")
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         default=None, description="With logprobs: the logprobs of this many most likely tokens at each position.")
-    # Not honoured yet: taken so that a request giving them is refused by name (unsupported), not
-    # answered as if they had been applied.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(
+        default=None, description="Functions the model may call, rendered into the prompt through the chat template.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="auto (the default with tools): the answer is parsed for calls; required or a named "
+                                  "function: decoding is constrained to a valid call.")
+    parallel_tool_calls: bool | None = Field(default=None,
+                                             description="Whether a forced answer may hold several calls.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object or json_schema: decoding is constrained so the answer parses (and "
+                                  "validates against the schema).")
+    # The deprecated forms of tools: taken so that a request giving them is refused by name (unsupported).
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> dict[str, str]:
         found: dict[str, str] = {}
-        if self.tools:
-            found["tools"] = "no tools"
-        if self.tool_choice not in (None, "none", "auto"):
-            found["tool_choice"] = '"none"'
         if self.functions:
-            found["functions"] = "no functions"
+            found["functions"] = "tools instead"
         if self.function_call not in (None, "none", "auto"):
-            found["function_call"] = '"none"'
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            found["response_format"] = '{"type": "text"}'
+            found["function_call"] = "tool_choice instead"
         return found | super().unsupported()
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether answers are read for tool calls: tools were given and tool_choice is not none."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ParametersDisagree(f"Two tools are named {name!r}; give each function its own name.",
+                                         param=f"tools.{i}.function.name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ParametersDisagree("tool_choice asks for a tool call, but no tools are given.", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ParametersDisagree(f"tool_choice names {choice.function.name!r}, which is not one of the tools "
+                                     f"({', '.join(names)}).", param="tool_choice.function.name")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ParametersDisagree("A forced tool call (tool_choice required or a named function) is its own "
+                                     "format; drop response_format or let tool_choice be auto.",
+                                     param="response_format")
 
     def generate_request(self, *, team_id: str, adapter_id: str | None) -> protocol.GenerateRequest:
         """The request the inference process gets for this one: the messages' text (content parts
-        joined), rendered there with the fine-tuned model's chat template."""
-        messages = [protocol.ChatTurn(role=m.role, content=m.text(), name=m.name) for m in self.messages]
+        joined), rendered there with the fine-tuned model's chat template, and the tools and response_format
+        that constrain its decoding. Raises ParametersDisagree for contradicting values."""
+        messages = [m.turn() for m in self.messages]
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
             raise ParametersDisagree(
                 f"max_completion_tokens ({self.max_completion_tokens}) and max_tokens ({self.max_tokens}) name the "
                 "same limit with different values; send only max_completion_tokens.", param="max_completion_tokens")
         if self.top_logprobs and not self.logprobs:
             raise ParametersDisagree("top_logprobs needs logprobs: true.", param="top_logprobs")
+        self._check_tools()
         max_tokens = self.max_completion_tokens or self.max_tokens or CHAT_MAX_TOKENS
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        response_format = self.response_format.model_dump(by_alias=True, exclude_none=True) \
+            if self.response_format is not None else None
         return self._generate(team_id=team_id, adapter_id=adapter_id, messages=messages, max_tokens=max_tokens,
-                              logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+                              logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                              response_format=response_format, tools=tools, tool_choice=choice,
+                              parallel_tool_calls=self.parallel_tool_calls)
 
 
 class Usage(BaseModel):
@@ -238,14 +356,25 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: Annotated[list[ToolCall] | None, Field(exclude_if=lambda v: v is None)] = None
+
+    @classmethod
+    def of(cls, text: str, *, parse_tools: bool) -> AssistantMessage:
+        """The answer's text as a message: with parse_tools, its tagged tool calls (serving.tools) taken out of
+        the content into tool_calls."""
+        if not parse_tools:
+            return cls(content=text)
+        content, calls = tool_calls.parse(text)
+        return cls(content=content, tool_calls=[ToolCall(id=tool_calls.call_id(), function=FunctionCall(
+            name=c.name, arguments=c.arguments)) for c in calls] or None)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -257,10 +386,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
     @classmethod
-    def of(cls, result: protocol.GenerateResult, model: str) -> ChatCompletion:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=ChatLogprobs.of(c.logprobs), finish_reason=c.finish_reason)
-                   for c in result.choices]
+    def of(cls, result: protocol.GenerateResult, model: str, *, parse_tools: bool = False) -> ChatCompletion:
+        """With parse_tools (tools given, tool_choice not none), a choice whose text holds calls answers them as
+        tool_calls, with finish_reason tool_calls when it ended by itself."""
+        choices = []
+        for c in result.choices:
+            message = AssistantMessage.of(c.text, parse_tools=parse_tools)
+            finish = "tool_calls" if message.tool_calls and c.finish_reason == "stop" else c.finish_reason
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=ChatLogprobs.of(c.logprobs),
+                                      finish_reason=finish))
         return cls(id=chat_id(result.id), created=result.created, model=model, choices=choices,
                    usage=Usage.of(result))
 
@@ -282,16 +416,32 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
+class FunctionDelta(BaseModel):
+    name: Annotated[str | None, Field(exclude_if=lambda v: v is None)] = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A call as OpenAI streams it: the first piece carries its id, type and name, every piece a part of its
+    arguments' text (here the whole of it, once the call is complete)."""
+
+    index: int
+    id: Annotated[str | None, Field(exclude_if=lambda v: v is None)] = None
+    type: Annotated[Literal["function"] | None, Field(exclude_if=lambda v: v is None)] = None
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Annotated[Literal["assistant"] | None, Field(exclude_if=lambda v: v is None)] = None
-    content: str
+    content: str | None
+    tool_calls: Annotated[list[ToolCallDelta] | None, Field(exclude_if=lambda v: v is None)] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class CompletionChunk(BaseModel):
@@ -323,10 +473,14 @@ class ChunkEncoder:
     choices have begun (a chat choice's first chunk carries the assistant role) and, for completions'
     logprobs, how far into its text each choice is."""
 
-    def __init__(self, *, model: str, chat: bool, created: int) -> None:
+    def __init__(self, *, model: str, chat: bool, created: int, parse_tools: bool = False) -> None:
         self.model, self.chat, self.created = model, chat, created
         self._started: set[int] = set()
         self._offsets: dict[int, int] = {}
+        # With parse_tools, each chat choice's text goes through a CallParser: content streams as it comes
+        # (less what may be the start of a call), each call as one tool_calls delta once it is complete.
+        self._parsers: dict[int, tool_calls.CallParser] | None = {} if parse_tools else None
+        self._calls: dict[int, int] = {}  # choice index -> calls streamed so far
 
     def delta(self, item: protocol.DeltaChunk) -> CompletionChunk | ChatCompletionChunk:
         if not self.chat:
@@ -335,11 +489,33 @@ class ChunkEncoder:
             text = CompletionChunkChoice(index=item.index, text=item.text, finish_reason=item.finish_reason,
                                          logprobs=CompletionLogprobs.of(item.logprobs, start))
             return CompletionChunk(id=item.id, created=self.created, model=self.model, choices=[text])
-        role = None if item.index in self._started else "assistant"
+        role: Literal["assistant"] | None = None if item.index in self._started else "assistant"
         self._started.add(item.index)
-        choice = ChatChunkChoice(index=item.index, delta=ChatDelta(role=role, content=item.text),
-                                 logprobs=ChatLogprobs.of(item.logprobs), finish_reason=item.finish_reason)
+        delta = ChatDelta(role=role, content=item.text)
+        finish: ChatFinishReason | None = item.finish_reason
+        if self._parsers is not None:
+            delta, finish = self._tool_delta(item, role)
+        choice = ChatChunkChoice(index=item.index, delta=delta, logprobs=ChatLogprobs.of(item.logprobs),
+                                 finish_reason=finish)
         return ChatCompletionChunk(id=chat_id(item.id), created=self.created, model=self.model, choices=[choice])
+
+    def _tool_delta(self, item: protocol.DeltaChunk, role: Literal["assistant"] | None
+                    ) -> tuple[ChatDelta, ChatFinishReason | None]:
+        assert self._parsers is not None
+        parser = self._parsers.setdefault(item.index, tool_calls.CallParser())
+        pieces = parser.feed(item.text) + (parser.finish() if item.finish_reason is not None else [])
+        text = "".join(p for p in pieces if isinstance(p, str))
+        calls = []
+        for piece in pieces:
+            if isinstance(piece, tool_calls.ParsedCall):
+                index = self._calls.get(item.index, 0)
+                self._calls[item.index] = index + 1
+                calls.append(ToolCallDelta(index=index, id=tool_calls.call_id(), type="function",
+                                           function=FunctionDelta(name=piece.name, arguments=piece.arguments)))
+        finish: ChatFinishReason | None = item.finish_reason
+        if finish == "stop" and self._calls.get(item.index):
+            finish = "tool_calls"
+        return ChatDelta(role=role, content=text if text or not calls else None, tool_calls=calls or None), finish
 
     def usage(self, result: protocol.GenerateResult) -> CompletionChunk | ChatCompletionChunk:
         """The last chunk of a stream asked to include usage: no choices, the request's usage."""
