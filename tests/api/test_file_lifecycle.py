@@ -133,6 +133,16 @@ def test_a_job_on_an_expired_file_is_refused(oai, tiny_model):
     assert list(oai.fine_tuning.jobs.list()) == []
 
 
+def test_an_evaluation_on_an_expired_task_file_is_refused(oai, tiny_model):
+    f = oai.files.create(file=("tasks.jsonl", demo_tasks()), purpose="fine-tune",
+                         expires_after={"anchor": "created_at", "seconds": HOUR})
+    _expire_now(f.id)
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.post("/evaluations", cast_to=object, body={"model": "tiny-llama", "tasks": f.id})
+    assert exc.value.body["param"] == "tasks" and exc.value.body["code"] == "file_expired"
+    assert oai.get("/evaluations", cast_to=object)["data"] == []
+
+
 def test_the_list_follows_order_and_pages_both_ways(oai):
     ids = [oai.files.create(file=(f"{i}.jsonl", demo_tasks()), purpose="fine-tune").id for i in range(3)]
     assert [f.id for f in oai.files.list()] == ids[::-1]  # newest first by default

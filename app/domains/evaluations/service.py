@@ -50,10 +50,16 @@ def check_task_file(session: Session, *, team_id: str, file_id: str, param: str)
 
 
 def _team_file(session: Session, team_id: str, file_id: str, param: str, formats: tuple[str, ...]):
+    """The team's file, row-locked (shared) until the transaction ends, so the reaper cannot delete
+    it before the evaluation (or job) that reads it is committed. An expired file is refused: the
+    reaper is about to delete it."""
     try:
-        row = files.get(session, team_id=team_id, file_id=file_id)
+        row = files.get(session, team_id=team_id, file_id=file_id, lock=True)
     except FileNotFound:
         raise EvaluationInvalid(f"{param} {file_id!r} does not exist.", param=param, code="file_not_found") from None
+    if files.expired(row):
+        raise EvaluationInvalid(f"{param} {file_id!r} has expired (its expires_after passed) and is being deleted; "
+                                "upload it again.", param=param, code="file_expired")
     if row.format not in formats:
         raise EvaluationInvalid(f"{param} {file_id!r} holds {row.format} records; it must hold "
                                 f"{' or '.join(formats)} records.", param=param)
