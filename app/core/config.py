@@ -116,6 +116,40 @@ class MetricsSettings(BaseModel):
         "Address the worker's /metrics server listens on (0.0.0.0 in docker-compose)."))
 
 
+class S3Settings(BaseModel):
+    """Where the S3-compatible store is and how to sign for it, when TUNEFORGE_STORAGE_URL is s3://...
+    Unset fields fall back to boto3's own configuration (AWS_ACCESS_KEY_ID, AWS_REGION,
+    AWS_ENDPOINT_URL, ~/.aws/config, an instance role)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_url: str | None = Field(default=None, description=(
+        "The S3 API's URL, e.g. http://minio:9000; unset: AWS S3 (or boto3's AWS_ENDPOINT_URL)."))
+    public_endpoint_url: str | None = Field(default=None, description=(
+        "The URL clients reach the store at, for presigned download URLs; unset: endpoint_url."))
+    region: str | None = Field(default=None, description="Region to sign for; unset: boto3's default.")
+    access_key_id: str | None = Field(default=None)
+    secret_access_key: SecretStr | None = Field(default=None)
+    addressing_style: Literal["auto", "path", "virtual"] = Field(default="auto", description=(
+        "path for MinIO and most self-hosted stores whose bucket names are not DNS names."))
+
+
+class StorageSettings(BaseModel):
+    """How blobs move (either backend); TUNEFORGE_STORAGE_URL picks the backend."""
+
+    model_config = ConfigDict(frozen=True)
+
+    presigned_downloads: bool = Field(default=False, description=(
+        "With S3 storage, file and adapter downloads answer 302 to a presigned URL of the object instead "
+        "of streaming it through the API. The local backend always streams."))
+    presign_seconds: int = Field(default=300, ge=1, le=7 * 24 * 3600, description=(
+        "How long a presigned download URL stays valid."))
+    part_bytes: int = Field(default=16 * 1024**2, ge=5 * 1024**2, le=5 * 1024**3, description=(
+        "Part size of multipart transfers to and from S3 (S3's minimum part is 5 MiB)."))
+    transfer_threads: int = Field(default=4, ge=1, le=32, description=(
+        "Parts in flight at once per transfer; memory per transfer is about part_bytes x this."))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEFORGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -125,6 +159,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir when unset.")
     broker_url: str | None = Field(default=None,
                                    description="Celery broker URL; filesystem broker in data_dir when unset.")
+    storage_url: str | None = Field(default=None, description=(
+        "Blob storage: s3://bucket/prefix for an S3-compatible store (TUNEFORGE_S3__*); unset: the "
+        "directory data_dir/storage."))
 
     upload_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted upload, in bytes.")
     upload_max_line_bytes: int = Field(default=8 * 1024 * 1024, gt=0, description="Longest accepted JSONL line.")
@@ -158,6 +195,8 @@ class Settings(BaseSettings):
     limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
     uploads: UploadSettings = Field(default_factory=UploadSettings)  # TUNEFORGE_UPLOADS__PART_MAX_BYTES, ...
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # TUNEFORGE_METRICS__WORKER_PORT, ...
+    storage: StorageSettings = Field(default_factory=StorageSettings)  # TUNEFORGE_STORAGE__PRESIGNED_DOWNLOADS
+    s3: S3Settings = Field(default_factory=S3Settings)  # TUNEFORGE_S3__ENDPOINT_URL, ...
     log_format: Literal["text", "json"] = Field(default="text", description=(
         "text: the processes' usual log lines; json: one JSON object a line, with the request id, team id "
         "and job id where known."))
@@ -166,6 +205,25 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        scheme, sep, rest = v.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if scheme != "s3" or not sep or not bucket:
+            raise ValueError(f"storage_url must look like s3://bucket or s3://bucket/prefix; got {v!r}")
+        return v
+
+    @property
+    def s3_location(self) -> tuple[str, str] | None:
+        """(bucket, key prefix without slashes at its ends) of S3 storage, or None for the local directory."""
+        if self.storage_url is None:
+            return None
+        bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
     @property
     def effective_database_url(self) -> str:
