@@ -8,6 +8,7 @@ installed: SQLite in the data dir and kombu's filesystem transport as the broker
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
@@ -150,6 +151,28 @@ class StorageSettings(BaseModel):
         "Parts in flight at once per transfer; memory per transfer is about part_bytes x this."))
 
 
+class WebhookSettings(BaseModel):
+    """Signed webhooks (app/domains/webhooks): where deliveries are sent from, how they are retried,
+    and which addresses an endpoint may reach. A URL that resolves to a private, loopback,
+    link-local, multicast or reserved address is refused at create and again at every delivery,
+    unless allowed here."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queue: str = Field(default="webhooks", min_length=1, description=(
+        "Celery queue of the delivery task; kept apart from training and evaluation, whose tasks run for hours."))
+    max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts of one delivery before it is failed.")
+    retry_base_seconds: float = Field(default=30.0, gt=0, description=(
+        "Wait after the first failed attempt; each further one waits twice as long."))
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Longest wait for one attempt's answer.")
+    allow_private: bool = Field(default=False, description=(
+        "Let endpoints reach private, loopback and link-local addresses (a receiver on the operator's own network)."))
+    allowed_networks: tuple[IPv4Network | IPv6Network, ...] = Field(default=(), description=(
+        "Networks an endpoint may reach although they are private, as a JSON list: '[\"10.1.0.0/16\"]'."))
+    secret_grace_seconds: int = Field(default=24 * 3600, ge=0, description=(
+        "After a secret rotation, deliveries are signed with the old secret too for this long."))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEFORGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -195,6 +218,7 @@ class Settings(BaseSettings):
     limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
     uploads: UploadSettings = Field(default_factory=UploadSettings)  # TUNEFORGE_UPLOADS__PART_MAX_BYTES, ...
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # TUNEFORGE_METRICS__WORKER_PORT, ...
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)  # TUNEFORGE_WEBHOOKS__ALLOW_PRIVATE, ...
     storage: StorageSettings = Field(default_factory=StorageSettings)  # TUNEFORGE_STORAGE__PRESIGNED_DOWNLOADS
     s3: S3Settings = Field(default_factory=S3Settings)  # TUNEFORGE_S3__ENDPOINT_URL, ...
     log_format: Literal["text", "json"] = Field(default="text", description=(
