@@ -26,6 +26,7 @@ log = logging.getLogger("tuneforge.queue")
 TRAIN_TASK = "jobs.train"
 EVALUATE_TASK = "evaluations.run"
 EVALUATE_JOB_TASK = "evaluations.run_job"
+DELIVER_WEBHOOK_TASK = "webhooks.deliver"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -59,7 +60,8 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "task_routes": {TRAIN_TASK: {"queue": settings.training_queue},
                         EVALUATE_TASK: {"queue": settings.evaluation_queue},
-                        EVALUATE_JOB_TASK: {"queue": settings.evaluation_queue}},
+                        EVALUATE_JOB_TASK: {"queue": settings.evaluation_queue},
+                        DELIVER_WEBHOOK_TASK: {"queue": settings.webhooks.queue}},
         "task_default_queue": settings.training_queue,
     }
 
@@ -135,9 +137,15 @@ def enqueue_job_evaluation(job_id: str) -> bool:
     return _send(EVALUATE_JOB_TASK, job_id, get_settings().evaluation_queue)
 
 
-def _send(task: str, object_id: str, queue: str) -> bool:
+def enqueue_webhook(delivery_id: str, countdown: float = 0) -> bool:
+    """Send a webhook delivery's id to the webhooks queue, to be attempted `countdown` seconds from
+    now (a retry's backoff). A delivery whose message is lost is re-sent by the reaper."""
+    return _send(DELIVER_WEBHOOK_TASK, delivery_id, get_settings().webhooks.queue, countdown=countdown)
+
+
+def _send(task: str, object_id: str, queue: str, countdown: float = 0) -> bool:
     try:
-        client().send_task(task, args=[object_id], queue=queue,
+        client().send_task(task, args=[object_id], queue=queue, countdown=countdown or None,
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
         return True
     except Exception as exc:  # broker down: the database keeps the object queued
