@@ -4,6 +4,8 @@ evaluation and serving share. Pure Python: no I/O, no model library, no web fram
 A JSONL file holds one JSON object per line, all of one format, told apart by their keys:
 
     chat               {"messages": [{"role": ..., "content": ...}, ...]}
+    preference         {"input": {"messages": [...], "tools": [...]}, "preferred_output": [...],
+                        "non_preferred_output": [...]}   (OpenAI's DPO format; "input" + either output)
     humaneval          {"prompt", "canonical_solution", "test", "entry_point"}   ("prompt" + any of the others)
     mbpp               {"text", "code", "test_list"}                            ("text" + "code" or "test_list")
     prompt_completion  {"prompt", "completion"}
@@ -18,6 +20,11 @@ an assistant message may carry "weight" (0: no loss falls on it, 1: the default)
 then may leave its content null; a "tool" message answers an earlier call by its "tool_call_id"; the
 record's top-level "tools" define the functions called. render_chat lays a conversation out, through a
 tokenizer's chat template, as training and serving both read it.
+
+A preference record is OpenAI's DPO format: the conversation so far ("input", its messages and tools as a
+chat record has them) and two answers to it, each an array of one assistant message. Each answer must make
+a valid chat record when appended to the input (preference_conversations); DPO jobs train on them, and
+supervised jobs refuse them.
 
 Prompt layouts: how a record becomes a prompt and the completion a model learns to write after it
 (prompt_and_completion), the prompt an evaluation gives a model for a code task (task_prompt), and
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -53,6 +61,7 @@ class RecordFormat(StrEnum):
     MBPP = "mbpp"
     HUMANEVAL = "humaneval"
     COMPLETIONS = "completions"
+    PREFERENCE = "preference"
 
 
 FORMATS: tuple[RecordFormat, ...] = tuple(RecordFormat)
@@ -71,14 +80,19 @@ REQUIRED_FIELDS: dict[RecordFormat, tuple[str, ...]] = {
     RecordFormat.MBPP: ("text", "code", "test_list"),
     RecordFormat.HUMANEVAL: ("prompt", "canonical_solution", "test", "entry_point"),
     RecordFormat.COMPLETIONS: ("task_id", "completion"),
+    RecordFormat.PREFERENCE: ("input", "preferred_output", "non_preferred_output"),
 }
+# Formats a DPO job (method.type "dpo") learns from.
+PREFERENCE_FORMATS: tuple[RecordFormat, ...] = (RecordFormat.PREFERENCE,)
 
 SHAPES = ('{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
           '{"prompt": ..., "completion": ...} (prompt_completion), '
           '{"task_id": ..., "completion": ...} (completions), '
           '{"text": ...} (text), '
           '{"text": ..., "code": ..., "test_list": [...]} (mbpp), '
-          '{"prompt": ..., "canonical_solution": ..., "test": ..., "entry_point": ...} (humaneval)')
+          '{"prompt": ..., "canonical_solution": ..., "test": ..., "entry_point": ...} (humaneval), '
+          '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
+          '"non_preferred_output": [{"role": "assistant", ...}]} (preference)')
 
 _NEEDS = {
     RecordFormat.HUMANEVAL: 'a humaneval record needs "prompt", "canonical_solution", "test" and "entry_point", '
@@ -113,6 +127,8 @@ def detect(record: Mapping[str, Any]) -> RecordFormat | None:
     """
     if "messages" in record:
         return RecordFormat.CHAT
+    if "input" in record and ("preferred_output" in record or "non_preferred_output" in record):
+        return RecordFormat.PREFERENCE
     if "prompt" in record and any(key in record for key in REQUIRED_FIELDS[RecordFormat.HUMANEVAL][1:]):
         return RecordFormat.HUMANEVAL
     if "text" in record and ("code" in record or "test_list" in record):
@@ -415,8 +431,72 @@ def _check_completions(record: Mapping[str, Any]) -> list[str]:
     return found
 
 
+_PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
+_ANSWER_SHAPE = '[{"role": "assistant", "content": "..."}]'
+
+
+def preference_conversations(record: Mapping[str, Any]) -> tuple[list[Any], list[Any], Any]:
+    """(preferred conversation, non-preferred conversation, tools) of a valid preference record: each
+    conversation is the input's messages followed by that answer's assistant message."""
+    messages = list(record["input"]["messages"])
+    return ([*messages, *record["preferred_output"]], [*messages, *record["non_preferred_output"]],
+            record["input"].get("tools"))
+
+
+def _check_preference(record: Mapping[str, Any]) -> list[str]:
+    """Each answer appended to the input must be a valid chat record (_check_chat), its problems
+    reported at the preference record's own paths."""
+    given = record["input"]
+    if not isinstance(given, dict) or not isinstance(given.get("messages"), list) or not given["messages"]:
+        return ['"input" must be an object with "messages", a non-empty array of {"role": ..., "content": ...} '
+                f'objects (and optionally "tools"); got {shown(given)}']
+    found: list[str] = []
+    for key in ("input", *_PREFERENCE_OUTPUTS):
+        if key not in record:
+            found.append(f'"{key}" is missing; a preference record needs "input", "preferred_output" and '
+                         '"non_preferred_output"')
+    extra = sorted(set(given) - {"messages", "tools", "parallel_tool_calls"})
+    if extra:
+        found.append(f'"input" holds {", ".join(json.dumps(k) for k in extra)}; it takes "messages", "tools" and '
+                     '"parallel_tool_calls" only')
+    n = len(given["messages"])
+    for key in _PREFERENCE_OUTPUTS:
+        answer = record.get(key)
+        if key not in record:
+            continue
+        if (not isinstance(answer, list) or len(answer) != 1 or not isinstance(answer[0], dict)
+                or answer[0].get("role") != "assistant"):
+            found.append(f'"{key}" must be an array of one assistant message like {_ANSWER_SHAPE}; got {shown(answer)}')
+            continue
+        if "weight" in answer[0]:
+            found.append(f'"{key}"[0]["weight"] is not allowed: DPO learns from both answers; remove it')
+            continue
+        content, calls = answer[0].get("content"), answer[0].get("tool_calls")
+        if not (isinstance(calls, list) and calls) and content_text(content) == "":
+            found.append(f'"{key}"[0]["content"] is empty; give the answer some text (or "tool_calls")')
+        chat = {"messages": [*given["messages"], answer[0]], **({"tools": given["tools"]} if "tools" in given else {})}
+        for problem in _check_chat(chat):
+            if problem.startswith('"messages" has no assistant message'):
+                continue  # the answer's own emptiness is reported above
+            problem = _at_preference_paths(problem, n, key)
+            if problem not in found:
+                found.append(problem)
+    return found
+
+
+def _at_preference_paths(problem: str, n_input: int, key: str) -> str:
+    """A problem of the chat record _check_preference builds, at the preference record's paths."""
+    def path(match: re.Match[str]) -> str:
+        i = int(match.group(1))
+        return f'"{key}"[0]' if i == n_input else f'"input"["messages"][{i}]'
+
+    problem = re.sub(r'"messages"\[(\d+)\]', path, problem)
+    return re.sub(r'(^|[^\]])"tools"', lambda m: f'{m.group(1)}"input"["tools"]', problem)
+
+
 _CHECKS = {
     RecordFormat.CHAT: _check_chat,
+    RecordFormat.PREFERENCE: _check_preference,
     RecordFormat.PROMPT_COMPLETION: _check_prompt_completion,
     RecordFormat.TEXT: _check_text,
     RecordFormat.MBPP: _check_mbpp,
