@@ -13,5 +13,6 @@ from app.domains.quotas import models as _quotas  # noqa: F401
 from app.domains.serving import models as _serving  # noqa: F401
 from app.domains.teams import models as _teams  # noqa: F401
 from app.domains.uploads import models as _uploads  # noqa: F401
+from app.domains.webhooks import models as _webhooks  # noqa: F401
 
 metadata = Base.metadata
