@@ -82,6 +82,7 @@ def services_env(tmp_path_factory) -> dict[str, str]:
         "TUNEFORGE_DATA_DIR": str(data_dir),
         "TUNEFORGE_TRAINING_QUEUE": f"training-test-{RUN_ID}",
         "TUNEFORGE_EVALUATION_QUEUE": f"evaluation-test-{RUN_ID}",
+        "TUNEFORGE_WEBHOOKS__QUEUE": f"webhooks-test-{RUN_ID}",
         "TUNEFORGE_UPLOAD_MAX_BYTES": str(TEST_UPLOAD_LIMIT),
         # The shared server's per-key and per-address limits are out of the way of tests that send
         # bursts from one key or address; tests of those limits start an API of their own with them.
@@ -106,7 +107,7 @@ def services_env(tmp_path_factory) -> dict[str, str]:
     get_engine.cache_clear()
     drop_database(dbname)
     r = redis.Redis.from_url(REDIS_URL)
-    r.delete(env["TUNEFORGE_TRAINING_QUEUE"], env["TUNEFORGE_EVALUATION_QUEUE"])
+    r.delete(env["TUNEFORGE_TRAINING_QUEUE"], env["TUNEFORGE_EVALUATION_QUEUE"], env["TUNEFORGE_WEBHOOKS__QUEUE"])
 
 
 def _clear_caches() -> None:
@@ -224,7 +225,7 @@ def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subpro
     """A real Celery worker on this session's queue; returns once it is ready."""
     proc = _spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
                    "--concurrency", str(concurrency), "-Q",
-                   f"{env['TUNEFORGE_TRAINING_QUEUE']},{env['TUNEFORGE_EVALUATION_QUEUE']}",
+                   f"{env['TUNEFORGE_TRAINING_QUEUE']},{env['TUNEFORGE_EVALUATION_QUEUE']},{env['TUNEFORGE_WEBHOOKS__QUEUE']}",
                    "--hostname", f"test-{secrets.token_hex(3)}@%h", "--without-mingle", "--without-gossip"],
                   env, log)
 

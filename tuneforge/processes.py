@@ -24,11 +24,11 @@ def serve_command(host: str, port: int) -> list[str]:
 
 
 def worker_command(concurrency: int, queues: str | None = None) -> list[str]:
-    """One Celery worker; by default on the training and evaluation queues."""
+    """One Celery worker; by default on the training, evaluation and webhook delivery queues."""
     from app.core.config import get_settings
 
     settings = get_settings()
-    queues = queues or f"{settings.training_queue},{settings.evaluation_queue}"
+    queues = queues or f"{settings.training_queue},{settings.evaluation_queue},{settings.webhooks.queue}"
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
             "--concurrency", str(concurrency), "-Q", queues, "--hostname", f"worker-{os.getpid()}@%h"]
 
