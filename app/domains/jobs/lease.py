@@ -90,11 +90,12 @@ class TrainingInputs:
     fine_tuned_model: str  # the name the adapter gets if training succeeds
     trained_tokens_limit: int  # the team's cost limits (quotas): tokens per job, wall seconds per run
     wall_seconds_limit: int
+    init_adapter_prefix: str | None = None  # storage prefix of the peft directory to start from (spec.init_adapter)
 
 
 def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
     """Read a claimed job's inputs. Raises LookupError when its base model is no longer
-    registered, FileNotFound when one of its files was deleted."""
+    registered or the adapter it starts from was deleted, FileNotFound when one of its files was deleted."""
     job = existing_job(session, job_id)
     base = base_models.get_base(session, job.model)
     if base is None:
@@ -104,11 +105,19 @@ def training_inputs(session: Session, *, job_id: str) -> TrainingInputs:
                  if job.validation_file else None)
     team_name = session.get_one(Team, job.team_id).name  # a job's team exists (the job cascades with it)
     limits = quotas.limits(session, job.team_id)
+    spec = TrainingSpec.model_validate(job.spec)
+    init_prefix = None
+    if spec.init_adapter is not None:
+        start = adapters.get_by_name(session, team_id=job.team_id, name=spec.init_adapter.model)
+        if start is None or start.id != spec.init_adapter.id:
+            raise LookupError(f"the model this job continues from, {spec.init_adapter.model!r}, was deleted")
+        init_prefix = adapters.files_prefix(start.storage_prefix)
     return TrainingInputs(
-        job_id=job.id, team_id=job.team_id, spec=TrainingSpec.model_validate(job.spec), base_model=job.model,
+        job_id=job.id, team_id=job.team_id, spec=spec, base_model=job.model,
         base_path=Path(base.path), train_key=train_key, valid_key=valid_key,
         fine_tuned_model=model_name(base=job.model, team_name=team_name, suffix=job.suffix, job_id=job.id),
-        trained_tokens_limit=limits.trained_tokens, wall_seconds_limit=limits.job_wall_seconds)
+        trained_tokens_limit=limits.trained_tokens, wall_seconds_limit=limits.job_wall_seconds,
+        init_adapter_prefix=init_prefix)
 
 
 # -- what the holder records -------------------------------------------------------------------

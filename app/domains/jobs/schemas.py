@@ -61,21 +61,53 @@ class Hyperparameters(BaseModel):
         return v
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and beta (auto = 0.1)."""
+
+    beta: float | Literal["auto"] = Field("auto", description="The DPO loss's beta; auto = 0.1. Higher keeps the "
+                                                              "tuned model closer to the reference.")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v):
+        if v != "auto" and not 0 < v <= 10:
+            raise ValueError("beta must be > 0 and <= 10")
+        return v
+
+
 class _Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters | None = None
 
 
+class _Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is supported.")
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised: learn the assistant turns of chat (or other trainable) records; dpo: Direct "
+                    "Preference Optimization on preference records. reinforcement is not supported.")
     supervised: _Supervised | None = None
+    dpo: _Dpo | None = None
+
+    @model_validator(mode="after")
+    def _block_matches_type(self) -> Method:
+        for name in ("supervised", "dpo"):
+            if name != self.type and getattr(self, name) is not None:
+                raise ValueError(f"method.{name} is given but method.type is {self.type!r}; give the settings of "
+                                 f"the method you train with (method.{self.type})")
+        return self
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=128, description="A registered base model (GET /v1/models).")
+    model: str = Field(min_length=1, max_length=255, description="A registered base model (GET /v1/models), or a "
+                                                                 "fine-tuned model of the team (ft:...) to continue "
+                                                                 "from, as DPO after supervised fine-tuning does.")
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(None, max_length=64)
     hyperparameters: Hyperparameters | None = None

@@ -24,12 +24,14 @@ from app.domains.adapters import service as adapters
 from app.domains.evaluations import service as evaluations
 from app.domains.files import service as files
 from app.domains.files.errors import FileNotFound
+from app.domains.files.formats import PREFERENCE_FORMATS, RecordFormat
 from app.domains.files.validation import TRAINABLE_FORMATS
 from app.domains.jobs.errors import IllegalTransition, JobInvalid, JobNotFound, ModelNotFound
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
-from app.domains.jobs.spec import TrainingSettings, TrainingSpec, validation_conflict
+from app.domains.jobs.spec import (DPO_DEFAULT_BETA, DpoSpec, InitAdapter, TrainingSettings, TrainingSpec,
+                                   validation_conflict)
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, RUNNING, UNHELD, WAITING, JobStatus, StopRequest, add_event,
                                      transition)
 from app.domains.base_models import service as base_models
@@ -42,17 +44,32 @@ DEFAULT_LR = TrainingSettings().learning_rate
 
 # -- creation -----------------------------------------------------------------
 
-def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
-    """Merge OpenAI's hyperparameters into Tuneforge's training settings.
-    Raises JobInvalid when they contradict each other."""
+def resolve_spec(body: JobCreate, seed: int, init_adapter: InitAdapter | None = None) -> TrainingSpec:
+    """Merge OpenAI's method and hyperparameters into Tuneforge's training settings; init_adapter is
+    the fine-tuned model the job starts from (see resolve_model). Raises JobInvalid when they
+    contradict each other."""
     training = body.training or TrainingSettings()
-    hp = body.hyperparameters
-    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
+    hp: Hyperparameters | None = body.hyperparameters
+    method = body.method.type if body.method else "supervised"
+    block = getattr(body.method, method, None) if body.method else None
+    if block is not None and block.hyperparameters is not None:
         if hp is not None:
-            raise JobInvalid("Give hyperparameters either at the top level or in method.supervised, not both.",
-                             param="method.supervised.hyperparameters")
-        hp = body.method.supervised.hyperparameters
+            raise JobInvalid(f"Give hyperparameters either at the top level or in method.{method}, not both.",
+                             param=f"method.{method}.hyperparameters")
+        hp = block.hyperparameters
     hp = hp or Hyperparameters()
+    dpo = None
+    if method == "dpo":
+        beta = getattr(hp, "beta", "auto")
+        dpo = DpoSpec(beta=DPO_DEFAULT_BETA if beta == "auto" else beta)
+        _check_dpo_settings(body, training)
+    if init_adapter is not None and body.lora is not None:
+        raise JobInvalid(f"lora cannot be given when continuing from {init_adapter.model}: training goes on with "
+                         "that adapter's own LoRA configuration. Omit lora, or start from a base model.",
+                         param="lora")
+    if body.auto_iterate is not None and (dpo is not None or init_adapter is not None):
+        raise JobInvalid("auto_iterate retrains supervised jobs from a base model; it does not apply to DPO jobs or "
+                         "to jobs that continue from a fine-tuned model. Omit auto_iterate.", param="auto_iterate")
     changes: dict[str, Any] = {}
     if hp.n_epochs != "auto":
         changes["epochs"] = hp.n_epochs
@@ -72,13 +89,46 @@ def resolve_spec(body: JobCreate, seed: int) -> TrainingSpec:
         raise JobInvalid(conflict[0], param=conflict[1])
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
-                        training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed)
+                        training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed,
+                        dpo=dpo, init_adapter=init_adapter)
 
 
-def _check_file(session: Session, team_id: str, file_id: str, param: str) -> None:
+def _check_dpo_settings(body: JobCreate, training: TrainingSettings) -> None:
+    """Refuse the training settings a DPO job cannot honour: its loss always falls on the two answers
+    (never the prompt), and each micro-batch is a padded batch of answer pairs, never packed."""
+    given = body.training.model_fields_set if body.training is not None else set()
+    if "completion_only_loss" in given and not training.completion_only_loss:
+        raise JobInvalid("A DPO job compares the log-likelihoods of the two answers only; "
+                         "training.completion_only_loss false does not apply. Omit it.",
+                         param="training.completion_only_loss")
+    if training.packing is True:
+        raise JobInvalid("A DPO job runs each micro-batch as padded pairs of answers; training.packing true does "
+                         "not apply. Omit it.", param="training.packing")
+
+
+def resolve_model(session: Session, *, team_id: str, model: str) -> tuple[RegisteredModel, InitAdapter | None]:
+    """(the base model, the adapter to start from) that a job's `model` names: a registered base model, or
+    one of the team's fine-tuned models (ft:..., its adapter's name). Raises ModelNotFound."""
+    init = None
+    name = model
+    if model.startswith("ft:"):
+        adapter = adapters.get_by_name(session, team_id=team_id, name=model)
+        if adapter is None:
+            raise ModelNotFound(f"Fine-tuned model {model!r} is not one of your team's models; GET /v1/models lists "
+                                "them (a checkpoint's model cannot be trained on; use its job's).", param="model")
+        init, name = InitAdapter(id=adapter.id, model=model), adapter.base_model
+    base = base_models.get_base(session, name)
+    if base is None:
+        raise ModelNotFound(f"Base model {name!r} is not registered. GET /v1/models lists the base models.",
+                            param="model")
+    return base, init
+
+
+def _check_file(session: Session, team_id: str, file_id: str, param: str, method: str = "supervised") -> None:
     """Raises JobInvalid unless the file exists, has not expired, and holds fine-tune records that
-    train. Locks the file's row (shared) until the job's transaction ends, so the reaper cannot
-    delete it before the job that needs it is committed."""
+    the job's method trains on (preference records for DPO, the others for supervised). Locks the
+    file's row (shared) until the job's transaction ends, so the reaper cannot delete it before the
+    job that needs it is committed."""
     try:
         row = files.get(session, team_id=team_id, file_id=file_id, lock=True)
     except FileNotFound:
@@ -89,7 +139,14 @@ def _check_file(session: Session, team_id: str, file_id: str, param: str) -> Non
                          "upload it again.", param=param, code="file_expired")
     if row.purpose != "fine-tune":
         raise JobInvalid(f"{param} {file_id!r} has purpose {row.purpose!r}; it must be 'fine-tune'.", param=param)
-    if row.format not in TRAINABLE_FORMATS:
+    if method == "dpo" and row.format not in PREFERENCE_FORMATS:
+        raise JobInvalid(f"{param} {file_id!r} holds {row.format} records; a DPO job (method.type 'dpo') trains on "
+                         'preference records: {"input": {"messages": [...]}, "preferred_output": [...], '
+                         '"non_preferred_output": [...]}.', param=param)
+    if method != "dpo" and row.format == RecordFormat.PREFERENCE:
+        raise JobInvalid(f"{param} {file_id!r} holds preference records, which DPO trains on: give method "
+                         '{"type": "dpo"}, or a file of chat records for supervised fine-tuning.', param=param)
+    if method != "dpo" and row.format not in TRAINABLE_FORMATS:
         raise JobInvalid(f"{param} {file_id!r} holds {row.format} records, which cannot be trained on; "
                          f"use one of {', '.join(TRAINABLE_FORMATS)}.", param=param)
 
@@ -135,26 +192,23 @@ def _check_cost(session: Session, *, team_id: str, base: RegisteredModel, spec: 
 def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
     """Validate the request and create the job in 'queued'; it is enqueued after commit. Raises
     ModelNotFound, JobInvalid, CostLimitExceeded, QueueFull."""
-    base = base_models.get_base(session, body.model)
-    if base is None:
-        raise ModelNotFound(f"Base model {body.model!r} is not registered. GET /v1/models lists the base models.",
-                            param="model")
+    base, init = resolve_model(session, team_id=team_id, model=body.model)
     # OpenAI's: a random seed when none is given, stored in the spec and reported on the job.
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    spec = resolve_spec(body, seed)
+    spec = resolve_spec(body, seed, init)
     # 429 when the team has its limit of jobs waiting
     quotas.check_can_queue(session, team_id=team_id, jobs=counts(team_id))
     job = FineTuningJob(
-        id=new_id("ftjob"), team_id=team_id, model=body.model, training_file=body.training_file,
+        id=new_id("ftjob"), team_id=team_id, model=base.id, training_file=body.training_file,
         validation_file=body.validation_file, status=JobStatus.VALIDATING_FILES, spec=spec.model_dump(mode="json"),
         suffix=body.suffix, seed=seed, metadata_=body.metadata, attempts=0,
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Validating training file: {body.training_file}")
-    _check_file(session, team_id, body.training_file, "training_file")
+    _check_file(session, team_id, body.training_file, "training_file", spec.method)
     if body.validation_file:
-        _check_file(session, team_id, body.validation_file, "validation_file")
+        _check_file(session, team_id, body.validation_file, "validation_file", spec.method)
     if body.eval and body.eval.tasks != "humaneval":
         evaluations.check_task_file(session, team_id=team_id, file_id=body.eval.tasks, param="eval.tasks")
     _check_cost(session, team_id=team_id, base=base, spec=spec, training_file=body.training_file)
@@ -223,15 +277,19 @@ def to_read(session: Session, job: FineTuningJob) -> JobRead:
 def _read(job: FineTuningJob, adapter_id: str | None) -> JobRead:
     spec = TrainingSpec.model_validate(job.spec)
     t = spec.training
-    hp = {"n_epochs": t.epochs, "batch_size": t.batch_size * t.gradient_accumulation_steps,
-          "learning_rate_multiplier": round(t.learning_rate / DEFAULT_LR, 6)}
+    hp: dict[str, Any] = {"n_epochs": t.epochs, "batch_size": t.batch_size * t.gradient_accumulation_steps,
+                          "learning_rate_multiplier": round(t.learning_rate / DEFAULT_LR, 6)}
+    method = {"type": "supervised", "supervised": {"hyperparameters": hp}}
+    if spec.dpo is not None:
+        method = {"type": "dpo", "dpo": {"hyperparameters": {**hp, "beta": spec.dpo.beta}}}
     return JobRead(
         id=job.id, created_at=unix(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
-        finished_at=unix(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.team_id,
+        finished_at=unix(job.finished_at), hyperparameters=hp,
+        model=spec.init_adapter.model if spec.init_adapter is not None else job.model, organization_id=job.team_id,
         result_files=job.result_files or [], seed=job.seed, status=job.status, trained_tokens=job.trained_tokens,
         training_file=job.training_file,
         validation_file=job.validation_file, estimated_finish=unix(job.estimated_finish), metadata=job.metadata_,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}}, user_provided_suffix=job.suffix,
+        method=method, user_provided_suffix=job.suffix,
         spec=job.spec, usage=job.usage, adapter_id=adapter_id,
         parent_job_id=job.parent_job_id, round=job.round,
     )

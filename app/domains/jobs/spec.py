@@ -222,6 +222,28 @@ class AutoIterateSpec(_Frozen):
     max_rounds: int = Field(3, ge=1, le=10)
 
 
+# beta when a DPO job gives "auto": TRL's default, the value of the DPO paper's experiments.
+DPO_DEFAULT_BETA = 0.1
+
+
+class DpoSpec(_Frozen):
+    """Direct Preference Optimization (method.type "dpo"): the loss of Rafailov et al. 2023 on preference
+    records, against the reference the job starts from (see TrainingSpec.init_adapter)."""
+
+    beta: float = Field(DPO_DEFAULT_BETA, gt=0.0, le=10.0,
+                        description="How far the tuned model may move from the reference: the DPO loss is "
+                                    "-log sigmoid(beta x (the preferred answer's log-ratio - the other's)). Higher "
+                                    "keeps it closer.")
+
+
+class InitAdapter(_Frozen):
+    """The fine-tuned model a job starts from instead of a fresh LoRA adapter (OpenAI's `model` naming an
+    ft: model): its adapter is loaded trainable, with its own LoRA configuration, on its base."""
+
+    id: str = Field(description="The adapter (ftadapter-...).")
+    model: str = Field(description="The ft: model name the job was created with, as the job reports it.")
+
+
 class TrainingSpec(_Frozen):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
@@ -229,3 +251,12 @@ class TrainingSpec(_Frozen):
     evaluation: JobEvalSpec | None = Field(None, description="Evaluate base and tuned model after training.")
     auto_iterate: AutoIterateSpec | None = None
     seed: int = 42
+    dpo: DpoSpec | None = Field(None, description="Set: the job trains with DPO on preference records; null: "
+                                                  "supervised fine-tuning.")
+    init_adapter: InitAdapter | None = Field(None, description="Start from this fine-tuned model's adapter (for "
+                                                               "DPO also the reference); null: a fresh adapter.")
+
+    @property
+    def method(self) -> str:
+        """OpenAI's method.type: "dpo" or "supervised"."""
+        return "dpo" if self.dpo is not None else "supervised"
