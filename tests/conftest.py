@@ -268,3 +268,43 @@ def api(server):
     yield _make
     for c in clients:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> str:
+    """A real S3-protocol server of this session's own: moto's standalone server (`moto[server]`
+    from PyPI; MinIO's server is neither on PyPI nor packaged by Debian here), on a free port,
+    holding its objects in its own memory. Yields its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {}, log)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            pytest.fail(f"moto server exited:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/moto-api/", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout=60, message="the S3 server to start")
+    yield url
+    _stop(proc)
+
+
+def s3_storage_env(endpoint: str, bucket: str, prefix: str = "tuneforge") -> dict[str, str]:
+    """Settings that select S3 storage in a new bucket of the test S3 server (created here)."""
+    import boto3
+
+    env = {
+        "TUNEFORGE_STORAGE_URL": f"s3://{bucket}/{prefix}",
+        "TUNEFORGE_S3__ENDPOINT_URL": endpoint,
+        "TUNEFORGE_S3__REGION": "us-east-1",
+        "TUNEFORGE_S3__ACCESS_KEY_ID": "tuneforge-test",
+        "TUNEFORGE_S3__SECRET_ACCESS_KEY": "tuneforge-test-secret",
+        "TUNEFORGE_S3__ADDRESSING_STYLE": "path",
+    }
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="tuneforge-test",
+                 aws_secret_access_key="tuneforge-test-secret").create_bucket(Bucket=bucket)
+    return env
