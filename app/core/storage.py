@@ -1,12 +1,14 @@
-"""Blob storage under per-team prefixes (a local directory by default).
+"""Blob storage under per-team prefixes: a local directory by default, an
+S3-compatible bucket when TUNEFORGE_STORAGE_URL is s3://bucket/prefix (app.core.s3).
 
 Keys are relative POSIX paths built by the services from ids, never from user
 input: each domain owns the layout of its keys (files.service.storage_key,
 adapters.service.storage_prefix, checkpoints.service.storage_prefix,
-evaluations.service.results_key). Every key is checked to resolve inside its
-prefix (the team's folder for teams/<team_id>/..., else the root), symlinks
-followed. Writes go to a temporary name first and are renamed into place, so a
-reader never sees half a file.
+evaluations.service.results_key). Every key is checked by one function,
+check_key, on either backend: a plain relative path confined to its prefix (the
+team's folder for teams/<team_id>/..., else the root); the local backend also
+follows symlinks. Writes go to a temporary name first and are put into place
+whole (a rename; S3's completed upload), so a reader never sees half a file.
 
 Other layers reach blobs only through the Storage interface: stream them
 (open, iter_bytes) or stage them into a local directory of their own
@@ -40,9 +42,22 @@ class StoredBlob:
     sha256: str
 
 
+def check_key(key: str) -> str:
+    """The prefix a key is confined to: "teams/<team_id>" for a team's key, else "" (the root).
+    Raises StorageKeyError for a key that is not a plain relative path (empty, absolute, `.` or `..`
+    parts, empty parts, a backslash or NUL): such a key could name something outside its prefix."""
+    parts = key.split("/")
+    if (not key or key.startswith("/") or "\\" in key or "\0" in key
+            or any(p in ("", ".", "..") for p in parts)):
+        raise StorageKeyError(f"invalid storage key {key!r}")
+    return f"teams/{parts[1]}" if parts[0] == "teams" and len(parts) > 2 else ""
+
+
 class Storage(Protocol):
     """What the services and workers may do with blobs."""
 
+    def check(self) -> None: ...
+    def download_url(self, key: str, *, filename: str | None = None) -> str | None: ...
     def temp_file(self) -> tempfile._TemporaryFileWrapper: ...
     def commit(self, temp_path: str | Path, key: str) -> None: ...
     def put_file(self, src: Path, key: str) -> StoredBlob: ...
@@ -66,16 +81,23 @@ class LocalStorage:
         """The file of a key. Raises StorageKeyError for a key that is not a plain relative path, or
         that resolves (through `..`, an absolute part or a symlink) outside its prefix: the storage
         root, and for a team's key (teams/<team_id>/...) that team's folder."""
-        parts = key.split("/")
-        if (not key or key.startswith("/") or "\\" in key or "\0" in key
-                or any(p in ("", ".", "..") for p in parts)):
-            raise StorageKeyError(f"invalid storage key {key!r}")
-        prefix = self.root / "teams" / parts[1] if parts[0] == "teams" and len(parts) > 2 else self.root
+        prefix = self.root / check_key(key)
         path = (self.root / key).resolve()
         # The prefix is not resolved: a team folder that is itself a symlink elsewhere is refused too.
         if prefix not in path.parents:
             raise StorageKeyError(f"storage key {key!r} escapes its prefix {prefix.relative_to(self.root)}")
         return path
+
+    def check(self) -> None:
+        """Raises unless a blob can be written (the readiness probe)."""
+        with self.temp_file() as tmp:
+            tmp.write(b"ok")
+        os.unlink(tmp.name)
+
+    def download_url(self, key: str, *, filename: str | None = None) -> str | None:
+        """None: a directory has no URL of its own; downloads stream through the API."""
+        self.path(key)
+        return None
 
     def temp_file(self) -> tempfile._TemporaryFileWrapper:
         """A named temporary file on the same filesystem, for commit()."""
@@ -157,4 +179,10 @@ class LocalStorage:
 
 @lru_cache
 def get_storage() -> Storage:
-    return LocalStorage(get_settings().storage_dir)
+    """The configured backend, made once per process."""
+    settings = get_settings()
+    if settings.s3_location is not None:
+        from app.core.s3 import S3Storage  # boto3 loads only where S3 is configured
+
+        return S3Storage.from_settings(settings)
+    return LocalStorage(settings.storage_dir)
