@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI
@@ -106,7 +105,4 @@ def _check_broker() -> None:
 
 
 def _check_storage() -> None:
-    storage = get_storage()
-    with storage.temp_file() as tmp:
-        tmp.write(b"ok")
-    Path(tmp.name).unlink()
+    get_storage().check()
