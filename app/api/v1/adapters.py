@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from app.api.blobs import stream_blob
+from app.api.blobs import REDIRECT_RESPONSE, stream_blob
 from app.api.deps import PageDep, PrincipalDep, SessionDep
 from app.domains.adapters import service as adapters
 from app.domains.adapters.errors import AdapterNotFound
@@ -23,17 +23,16 @@ def get_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -
 
 
 @router.get("/{adapter_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/gzip": {}}}})
-def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
+            responses={200: {"content": {"application/gzip": {}}}, **REDIRECT_RESPONSE})
+def download_adapter(adapter_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     """A .tar.gz of the peft adapter directory (adapter_config.json, adapter_model.safetensors and
     the tokenizer): extract it and pass the folder to peft.PeftModel.from_pretrained."""
     row = adapters.get(session, team_id=principal.team_id, adapter_id=adapter_id)
     # An adapter deleted while this answers is still sent whole once opened, else 404.
     return stream_blob(row.archive_key, missing=AdapterNotFound(f"No such adapter: {adapter_id!r}.",
                                                                 param="adapter_id"),
-                       media_type="application/gzip", headers={
-                           "Content-Disposition": f'attachment; filename="{row.id}.tar.gz"',
-                           "X-Adapter-SHA256": row.sha256})
+                       media_type="application/gzip", filename=f"{row.id}.tar.gz",
+                       headers={"X-Adapter-SHA256": row.sha256})
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)

@@ -3,10 +3,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.api.blobs import stream_blob
+from app.api.blobs import REDIRECT_RESPONSE, stream_blob
 from app.api.deps import IdempotencyKey, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
 from app.api.upload import receive_upload
@@ -114,8 +114,9 @@ def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> File
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}, "application/octet-stream": {}}}})
-def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> StreamingResponse:
+            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}, "application/octet-stream": {}}},
+                       **REDIRECT_RESPONSE})
+def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     """The whole file, or 404: a file deleted while this answers is still sent whole once opened. JSONL
     datasets as application/jsonl, a job's metrics CSV as text/csv, user_data as application/octet-stream."""
     row = files.get(session, team_id=principal.team_id, file_id=file_id)
