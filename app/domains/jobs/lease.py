@@ -34,6 +34,7 @@ from app.domains.jobs.states import (FAILABLE_UNHELD, FINAL, JobStatus, StopReas
 from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import Team
+from app.domains.webhooks import service as webhooks
 
 RUNNING = JobStatus.RUNNING
 
@@ -303,8 +304,9 @@ def reap(session: Session, *, max_attempts: int) -> list[str]:
         if status in FINAL:
             values["finished_at"] = now
         rows = leases.reap(session, FineTuningJob, running=RUNNING, status=status, where=where,
-                           returning=(FineTuningJob.attempts, FineTuningJob.worker_id), stop_request=None, **values)
-        for job_id, attempts, worker in rows:
+                           returning=(FineTuningJob.attempts, FineTuningJob.worker_id, FineTuningJob.team_id),
+                           stop_request=None, **values)
+        for job_id, attempts, worker, team_id in rows:
             if status == JobStatus.FAILED:
                 text = f"{lost} on all {attempts} attempts (max_attempts {max_attempts})"
                 session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(
@@ -320,6 +322,7 @@ def reap(session: Session, *, max_attempts: int) -> list[str]:
                 add_event(session, job_id, f"Job {status} ({lost}; it had been asked to "
                                            f"{'cancel' if status == JobStatus.CANCELLED else 'pause'})")
             if status in FINAL:
+                webhooks.job_ended(session, team_id=team_id, job_id=job_id, status=status)
                 end_round(session, job_id=job_id)
     return requeued
 

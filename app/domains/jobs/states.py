@@ -18,6 +18,7 @@ from app.core import leases
 from app.core.db import utcnow
 from app.core.ids import new_id
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
+from app.domains.webhooks import service as webhooks
 
 
 class JobStatus(StrEnum):
@@ -79,7 +80,8 @@ def transition(session: Session, job_id: str, from_states: tuple[JobStatus, ...]
                **values: Any) -> bool:
     """Move the job to `to_state` only if it is in one of `from_states` (and `where` holds); write
     the event. Returns False (and writes nothing) when it did not match. Leaving running always
-    drops the lease, any pending stop request and the training ETA (estimated_finish)."""
+    drops the lease, any pending stop request and the training ETA (estimated_finish). A final
+    state also sends the team's webhooks, after commit."""
     if to_state in FINAL:
         values.setdefault("finished_at", utcnow())
     if to_state != JobStatus.RUNNING:
@@ -89,10 +91,11 @@ def transition(session: Session, job_id: str, from_states: tuple[JobStatus, ...]
         update(FineTuningJob)
         .where(FineTuningJob.id == job_id, FineTuningJob.status.in_(from_states), *where)
         .values(status=to_state, **values)
-        .returning(FineTuningJob.id)
+        .returning(FineTuningJob.team_id)
         .execution_options(synchronize_session=False)
     ).first()
     if result is None:
         return False
     add_event(session, job_id, message, level=level, data=data)
+    webhooks.job_ended(session, team_id=result.team_id, job_id=job_id, status=to_state)
     return True
