@@ -217,12 +217,14 @@ def _prune_audit(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     from app.core.db import session_scope
+    from app.core.storage import get_storage
     from app.core.errors import TuneforgeError
     from app.domains.base_models import service as base_models
 
     try:
         with session_scope() as session:
-            row = base_models.register(session, name=args.name, path=args.path, replace=args.replace)
+            row = base_models.register(session, name=args.name, path=args.path, replace=args.replace,
+                                       storage=get_storage() if getattr(args, "store", False) else None)
     except TuneforgeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -384,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("path")
     p.add_argument("--replace", action="store_true")
+    p.add_argument("--store", action="store_true", help=(
+        "copy the directory into blob storage, so that workers on other hosts stage it from there"))
     p.set_defaults(func=_register, database=STRICT)
     p = mdl.add_parser("import", help="convert a GGUF file (Llama, Mistral, Qwen2, ...) once and register it")
     p.add_argument("name")

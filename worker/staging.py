@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app.core.config import get_settings
 from app.core.storage import get_storage
+from app.domains.base_models.service import STORED
 
 
 def _cached(key: str) -> Path:
@@ -35,3 +36,12 @@ def stage_tree(prefix: str) -> Path:
         get_storage().fetch_tree_to(prefix, target)
     return target
 
+
+
+def stage_base(path: str | Path) -> Path:
+    """The local directory of a registered base model: staged from storage (once per revision; a
+    replaced model gets a new prefix) when it was registered into storage, else its own path."""
+    recorded = str(path)
+    if recorded.startswith(STORED):
+        return stage_tree(recorded.removeprefix(STORED))
+    return Path(recorded)

@@ -35,7 +35,7 @@ from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 from worker.evaluation.errors import EvaluationStopped
 from worker.lease import DB_DOWN, Lease
-from worker.staging import stage_file, stage_tree
+from worker.staging import stage_base, stage_file, stage_tree
 
 if TYPE_CHECKING:
     from worker.evaluation.tasks_io import Task
@@ -189,7 +189,8 @@ def _evaluate(plan: Plan, stop: Callable[[], None]) -> tuple[dict, str]:
             samples = [s for s in harness.read_samples(f, problems=None) if s.task_id in problems]
     else:
         adapter_dir = stage_tree(plan.adapter_prefix) if plan.adapter_prefix else None
-        model, tokenizer = generate.load(plan.base_path, adapter_dir, quantized=plan.quantized)
+        base_dir = stage_base(plan.base_path) if plan.base_path is not None else None
+        model, tokenizer = generate.load(base_dir, adapter_dir, quantized=plan.quantized)
         summary["base_weights"] = generate.base_weights(model)
         summary["prompt_style"] = generate.prompt_style(tokenizer, plan.settings)
         samples, summary["generation_seconds"] = generate.generate(model, tokenizer, prompts, plan.settings,

@@ -43,7 +43,7 @@ from worker.inference.engine import InferenceEngine
 from worker.inference.errors import AdapterNotFound
 from worker.inference.results import Completion, Delta, Generation, TokenLogprob
 from worker.inference.stats import EngineCollector
-from worker.staging import stage_tree
+from worker.staging import stage_base, stage_tree
 
 log = logging.getLogger("tuneforge.inference")
 
@@ -304,7 +304,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8100, advertise_ur
             raise ModelNotFound(f"No base model named {model!r} is registered; register it with "
                                 "`tuneforge models register NAME PATH`.", param="model")
         base_path = base.path
-    engine = InferenceEngine(base_path, base_name=model, **engine_kwargs)
+    engine = InferenceEngine(stage_base(base_path), base_name=model, **engine_kwargs)
     server = _Server((host, port), _Handler)
     server.service = InferenceService(engine, model)
     bound_port = server.server_address[1]

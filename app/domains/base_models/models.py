@@ -9,7 +9,8 @@ from app.core.db import Base, UTCDateTime, utcnow
 
 
 class RegisteredModel(Base):
-    """A base model an operator registered from a local directory."""
+    """A base model an operator registered from a local directory. path: that directory, or
+    "storage:<prefix>" for one copied into blob storage (base_models.service.STORED)."""
 
     __tablename__ = "base_model"
 

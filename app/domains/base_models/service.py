@@ -1,5 +1,9 @@
 """Base models: directories an operator registered. Read without importing transformers:
-config.json tells the architecture; the worker loads the weights."""
+config.json tells the architecture; the worker loads the weights.
+
+A model is registered either where it is (a path every worker can read) or copied into blob storage
+(`storage=`), recorded as STORED + its storage prefix: workers on other hosts stage it into their
+own cache (worker.staging.stage_base), and nothing assumes a shared filesystem."""
 
 from __future__ import annotations
 
@@ -10,10 +14,15 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core import queue
+from app.core.ids import new_id
+from app.core.storage import Storage
 from app.domains.base_models.errors import InvalidModelDirectory, InvalidModelName, ModelExists
 from app.domains.base_models.models import RegisteredModel
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# A registered path that starts with this names a storage prefix, not a local directory.
+STORED = "storage:"
 # A name is a route segment (/v1/models/NAME), part of every fine-tuned model's name (ft:NAME:...)
 # and a directory under the data dir (models import): one safe path component, nothing else.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -28,10 +37,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def register(session: Session, *, name: str, path: str | Path, replace: bool = False) -> RegisteredModel:
-    """Record a local model directory under `name`. Raises InvalidModelName for an unsafe name (check_name),
-    InvalidModelDirectory when the directory lacks config.json, weights or a tokenizer; ModelExists when
-    the name is taken and replace is False."""
+def register(session: Session, *, name: str, path: str | Path, replace: bool = False,
+             storage: Storage | None = None) -> RegisteredModel:
+    """Record a local model directory under `name`; with `storage`, copy its files into blob storage
+    first (under a prefix of their own, models/<name>/<revision>, so a replaced model never changes
+    under a worker that staged the old one) and record that prefix. Raises InvalidModelName for an
+    unsafe name (check_name), InvalidModelDirectory when the directory lacks config.json, weights or a
+    tokenizer; ModelExists when the name is taken and replace is False. Stored files of a transaction
+    that rolls back are deleted."""
     check_name(name)
     root = Path(path).expanduser().resolve()
     config_file = root / "config.json"
@@ -51,11 +64,17 @@ def register(session: Session, *, name: str, path: str | Path, replace: bool = F
     row = session.get(RegisteredModel, name)
     if row is not None and not replace:
         raise ModelExists(f"A base model named {name!r} is registered already ({row.path}).", param="name")
+    recorded = str(root)
+    if storage is not None:
+        prefix = f"models/{name}/{new_id('rev')}"
+        queue.delete_after_rollback(session, prefix)
+        storage.put_tree(root, prefix)
+        recorded = f"{STORED}{prefix}"
     if row is None:
-        row = RegisteredModel(id=name, path=str(root), architecture=architecture, context_length=context)
+        row = RegisteredModel(id=name, path=recorded, architecture=architecture, context_length=context)
         session.add(row)
     else:
-        row.path, row.architecture, row.context_length = str(root), architecture, context
+        row.path, row.architecture, row.context_length = recorded, architecture, context
     session.flush()
     return row
 
