@@ -24,7 +24,7 @@ from app.domains.jobs import lease as job_lease
 from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
 from worker.lease import Lease, retry_db, worker_id
-from worker.staging import stage_file
+from worker.staging import stage_base, stage_file
 from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
 from worker.training.hooks import CostLimits, StopReason
@@ -76,7 +76,8 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
     spec = inputs.spec
     hooks = JobHooks(inputs.job_id, inputs.team_id, lease, spec.training.keep_checkpoints)
     latest = checkpoints.download_latest(job_id=inputs.job_id, dest=work_dir / "resume")
-    recipe = LoraRecipe(spec=spec, base_model_path=inputs.base_path, train_file=stage_file(inputs.train_key),
+    base_dir = stage_base(inputs.base_path)  # staged from storage when registered there
+    recipe = LoraRecipe(spec=spec, base_model_path=base_dir, train_file=stage_file(inputs.train_key),
                         validation_file=stage_file(inputs.valid_key) if inputs.valid_key else None,
                         work_dir=work_dir, hooks=hooks, resume_from=latest[1] if latest else None,
                         limits=CostLimits(trained_tokens=inputs.trained_tokens_limit,
