@@ -130,6 +130,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
                    "Send one JSON object with Content-Type: application/json.")
         return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_json"), status_code=400)
     body = exc.body if exc.body is not None else _MISSING
+    # OpenAI's answer to a top-level field its API does not have, whatever else is wrong. A nested one may be
+    # pydantic trying the wrong member of a union, so it is reported as any other error is.
+    unknown = [e for e in errors if e.get("type") == "extra_forbidden" and len(e.get("loc", ())) == 2
+               and e["loc"][0] == "body"]
+    if unknown:
+        param = _loc_to_param(tuple(unknown[0].get("loc", ())), body)
+        return JSONResponse(error_body(f"Unrecognized request argument supplied: {param}", "invalid_request_error",
+                                       param, "unknown_parameter"), status_code=400)
     named = [(_loc_to_param(tuple(e.get("loc", ())), body, missing=e.get("type") == "missing"), e.get("msg"))
              for e in errors]
     # A value that fits no member of a union fails once per member; the member that matched the input

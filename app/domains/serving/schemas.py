@@ -26,9 +26,14 @@ class StreamOptions(BaseModel):
 
 
 class SamplingOptions(BaseModel):
-    """What completions and chat completions share: the model and how to sample from it."""
+    """What completions and chat completions share: the model and how to sample from it.
 
-    model_config = ConfigDict(extra="ignore")
+    A field OpenAI's API does not have answers 400 unknown_parameter, as OpenAI answers it ("Unrecognized request
+    argument supplied"). Of OpenAI's fields that change nothing here, the end-user and cache identifiers are
+    taken, as they never change an OpenAI answer either; the others are refused unless null or their default
+    (unsupported())."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=255, description="A fine-tuned model of the team, or a base model.")
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -42,6 +47,9 @@ class SamplingOptions(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None, description="Token id (of the base model's tokenizer) -> bias added to its logit.")
+    # Taken and not used for the answer: OpenAI uses them for abuse monitoring and prompt-cache routing only.
+    user: Annotated[str, Field(max_length=512)] | None = Field(
+        default=None, description="An end-user id; accepted for compatibility, it does not change the answer.")
 
     @property
     def include_usage(self) -> bool:
@@ -218,6 +226,27 @@ class ChatCompletionCreate(SamplingOptions):
     # The deprecated forms of tools: taken so that a request giving them is refused by name (unsupported).
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # Taken and not used for the answer, as in OpenAI's API, where they only tag the request or route it to a
+    # prompt cache (this server keeps none).
+    safety_identifier: Annotated[str, Field(max_length=512)] | None = Field(
+        default=None, description="An end-user id; accepted for compatibility, it does not change the answer.")
+    prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Accepted for compatibility; there is no prompt cache to route to.")
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(
+        default=None, description="Accepted for compatibility; there is no prompt cache to keep.")
+    # OpenAI's features this server does not have: accepted at the value that asks for nothing (see unsupported()).
+    store: bool | None = Field(default=None, description="Only false: completions are not stored.")
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = Field(
+        default=None, description="Only auto or default: there is one processing tier.")
+    modalities: list[Literal["text", "audio"]] | None = Field(default=None, description='Only ["text"].')
+    metadata: dict[str, str] | None = Field(default=None, description="Only null: it tags stored completions.")
+    audio: Any = Field(default=None, description="Only null: no audio output.")
+    prediction: Any = Field(default=None, description="Only null: no predicted outputs.")
+    reasoning_effort: Any = Field(default=None, description="Only null: the served models do not reason.")
+    verbosity: Any = Field(default=None, description="Only null.")
+    web_search_options: Any = Field(default=None, description="Only null: no web search.")
+    moderation: Any = Field(default=None, description="Only null: no moderation.")
+    prompt_cache_options: Any = Field(default=None, description="Only null: there is no prompt cache.")
 
     def unsupported(self) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -225,6 +254,18 @@ class ChatCompletionCreate(SamplingOptions):
             found["functions"] = "tools instead"
         if self.function_call not in (None, "none", "auto"):
             found["function_call"] = "tool_choice instead"
+        if self.store:
+            found["store"] = "false (completions are not stored)"
+        if self.service_tier not in (None, "auto", "default"):
+            found["service_tier"] = "auto (there is one processing tier)"
+        if self.modalities is not None and self.modalities != ["text"]:
+            found["modalities"] = '["text"]'
+        if self.metadata is not None:
+            found["metadata"] = "null (metadata tags stored completions, which this server does not keep)"
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation",
+                     "prompt_cache_options"):
+            if getattr(self, name) is not None:
+                found[name] = "null"
         return found | super().unsupported()
 
     @property
