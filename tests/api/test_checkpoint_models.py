@@ -39,6 +39,22 @@ def test_a_listed_checkpoint_name_is_a_model_of_the_team(api, server, job_model)
         assert sdk.models.retrieve(names[8]).id == names[8]
 
 
+def test_the_models_list_shows_the_teams_checkpoint_models(api, server, make_team, job_model):
+    key, _, model, names = job_model
+    with openai.OpenAI(base_url=f"{server}/v1", api_key=key, max_retries=0) as sdk:
+        raw = sdk.models.with_raw_response.list().http_response.json()
+    listed = {m["id"]: m for m in raw["data"]}
+    for name in names.values():
+        assert openai.types.Model.model_validate(listed[name], strict=True).id == name
+        assert listed[name]["kind"] == "checkpoint" and listed[name]["base_model"] == "tiny-llama"
+        assert api(key).get(f"/models/{name}").json() == listed[name]  # the list says what retrieve says
+    assert listed[model]["kind"] == "fine-tuned"
+    _, other_key = make_team()
+    assert not set(names.values()) & {m["id"] for m in api(other_key).get("/models").json()["data"]}
+    assert api(key).delete(f"/models/{model}").status_code == 200
+    assert not set(names.values()) & {m["id"] for m in api(key).get("/models").json()["data"]}
+
+
 @pytest.mark.parametrize("change", [lambda n: n.replace("ckpt-step-4", "ckpt-step-5"),
                                     lambda n: n.replace(":ckpt:", ":other:"),
                                     lambda n: n.replace("ftjob-", "ftjob-x"),

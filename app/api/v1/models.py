@@ -11,6 +11,7 @@ from app.domains.adapters import service as adapters
 from app.domains.base_models import service as base_models
 from app.domains.base_models.errors import ModelNotFound
 from app.domains.checkpoints import service as checkpoints
+from app.domains.checkpoints.models import FineTuningCheckpoint
 from app.domains.serving import service as serving
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -38,8 +39,7 @@ class ModelDeleted(BaseModel):
     deleted: bool = True
 
 
-def _all(session, team_id: str) -> list[ModelRead]:
-    live = serving.serving_bases(session)
+def _bases_and_fine_tuned(session, team_id: str, live: set[str]) -> list[ModelRead]:
     out = [ModelRead(id=m.id, created=unix(m.created_at), owned_by="tuneforge", kind="base", serving=m.id in live)
            for m in base_models.list_base(session)]
     out += [ModelRead(id=a.name, created=unix(a.created_at), owned_by=team_id, kind="fine-tuned",
@@ -48,26 +48,34 @@ def _all(session, team_id: str) -> list[ModelRead]:
     return out
 
 
+def _checkpoint(name: str, checkpoint: FineTuningCheckpoint, base_model: str, team_id: str,
+                live: set[str]) -> ModelRead:
+    return ModelRead(id=name, created=unix(checkpoint.created_at), owned_by=team_id, kind="checkpoint",
+                     base_model=base_model, serving=base_model in live)
+
+
 @router.get("", response_model=ModelList)
 def list_models(session: SessionDep, principal: PrincipalDep) -> ModelList:
-    """The registered base models and the team's fine-tuned models; `serving` tells which answer completions
-    now (an inference process serves their base)."""
-    return ModelList(data=_all(session, principal.team_id))
+    """The registered base models, the team's fine-tuned models and its jobs' checkpoints (each by the
+    `fine_tuned_model_checkpoint` name its job's checkpoints list shows, `kind: "checkpoint"`); `serving` tells
+    which answer completions now (an inference process serves their base)."""
+    team_id, live = principal.team_id, serving.serving_bases(session)
+    return ModelList(data=_bases_and_fine_tuned(session, team_id, live) + [
+        _checkpoint(name, checkpoint, base_model, team_id, live)
+        for name, checkpoint, base_model in checkpoints.list_models(session, team_id=team_id)])
 
 
 @router.get("/{model_id:path}", response_model=ModelRead)
 def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelRead:
     """A base model, one of the team's fine-tuned models, or one of its jobs' checkpoints by the
     `fine_tuned_model_checkpoint` name that the job's checkpoints list shows."""
-    for m in _all(session, principal.team_id):
+    live = serving.serving_bases(session)
+    for m in _bases_and_fine_tuned(session, principal.team_id, live):
         if m.id == model_id:
             return m
     found = checkpoints.get_by_model_name(session, team_id=principal.team_id, name=model_id)
     if found is not None:
-        checkpoint, base_model = found
-        return ModelRead(id=model_id, created=unix(checkpoint.created_at), owned_by=principal.team_id,
-                         kind="checkpoint", base_model=base_model,
-                         serving=base_model in serving.serving_bases(session))
+        return _checkpoint(model_id, *found, principal.team_id, live)
     raise ModelNotFound(f"No such model: {model_id!r}.", param="model")
 
 

@@ -22,6 +22,7 @@ from app.domains.checkpoints.models import FineTuningCheckpoint
 from app.domains.checkpoints.schemas import CheckpointList, CheckpointMetrics, CheckpointRead
 from app.domains.jobs import service as jobs
 from app.domains.jobs.errors import JobNotFound
+from app.domains.jobs.models import FineTuningJob
 from app.domains.teams.models import Team
 
 # A checkpoint's model name: its job's fine-tuned model name (jobs.model_name, ending in the job id), then the step.
@@ -108,6 +109,21 @@ def get_by_model_name(session: Session, *, team_id: str, name: str) -> tuple[Fin
     row = session.scalar(select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job.id,
                                                             FineTuningCheckpoint.step == int(match["step"])))
     return (row, job.model) if row is not None else None
+
+
+def list_models(session: Session, *, team_id: str) -> list[tuple[str, FineTuningCheckpoint, str]]:
+    """The team's checkpoints as models, newest first: (model name, checkpoint, its job's base model), each name
+    one that get_by_model_name resolves."""
+    team = session.get(Team, team_id)
+    if team is None:
+        return []
+    rows = session.execute(select(FineTuningCheckpoint, FineTuningJob)
+                           .join(FineTuningJob, FineTuningJob.id == FineTuningCheckpoint.job_id)
+                           .where(FineTuningCheckpoint.team_id == team_id, FineTuningJob.team_id == team_id)
+                           .order_by(FineTuningCheckpoint.created_at.desc(), FineTuningCheckpoint.id.desc()))
+    return [(model_name(job_model=jobs.model_name(base=job.model, team_name=team.name, suffix=job.suffix,
+                                                  job_id=job.id), step=row.step), row, job.model)
+            for row, job in rows.tuples()]
 
 
 def get(session: Session, *, team_id: str, checkpoint_id: str) -> tuple[FineTuningCheckpoint, str] | None:
