@@ -1,5 +1,6 @@
-"""Check the bundled code tasks: shape, every reference solution passing its tests in the
-evaluation sandbox, and no duplicates or overlap with the demo tasks or HumanEval.
+"""Check the bundled code tasks (the pool's and the easy tier's splits): shape, every reference
+solution passing its tests in the evaluation sandbox, and no duplicates or overlap with the demo
+tasks or HumanEval.
 
     python scripts/check_code_tasks.py [--allow-weak-sandbox]
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     except SandboxUnavailable as exc:
         print(f"cannot check the references: {exc.message}", file=sys.stderr)
         return 2
-    print(f"train: {counts['train']} tasks, held-out: {counts['heldout']} tasks "
+    print(f"train: {counts['train']} tasks, held-out: {counts['heldout']} tasks, "
+          f"easy train: {counts['easy_train']} tasks, easy held-out: {counts['easy_heldout']} tasks "
           f"(checked against {counts['demo']} demo tasks and HumanEval's 164) "
           f"in {time.monotonic() - start:.1f} s")
     if problems:

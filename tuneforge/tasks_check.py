@@ -1,13 +1,17 @@
-"""Checks for the bundled code tasks (data/code_tasks_train.jsonl and data/code_tasks_heldout.jsonl).
+"""Checks for the bundled code tasks: the pool (data/code_tasks_train.jsonl and
+data/code_tasks_heldout.jsonl) and its easy tier (data/code_tasks_easy_train.jsonl and
+data/code_tasks_easy_heldout.jsonl).
 
 A task is an MBPP-style record {"task_id", "text", "code", "test_list"}. The checks:
 
-- shape: the four keys and nothing else; an integer task_id from 1001 (clear of the demo tasks'
-  ids); a one-sentence text "Write a function to ..."; code that defines exactly one top-level
-  function; three assert lines that call it (the tests are how a model learns the name);
+- shape: the four keys and nothing else; an integer task_id from 1001 to 2000 in the pool and
+  from 2001 in the easy tier (clear of each other and of the demo tasks' ids); a one-sentence
+  text "Write a function to ..."; code that defines exactly one top-level function; three
+  assert lines that call it (the tests are how a model learns the name); at least a minimum
+  count of tasks in each of the four splits;
 - references: every reference solution passes its own tests in the evaluation sandbox, through
   the same harness an evaluation uses;
-- overlap: no two tasks, across both splits and the demo tasks, share a task id, a text, a
+- overlap: no two tasks, across the four splits and the demo tasks, share a task id, a text, a
   wording (the same content words), a function name or a solution; no function name is a
   HumanEval entry point and no text is close to a HumanEval prompt;
 - behaviour (in the sandbox): no reference of ours passes every test of another of our tasks;
@@ -25,15 +29,23 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TRAIN_FILE = DATA_DIR / "code_tasks_train.jsonl"
 HELDOUT_FILE = DATA_DIR / "code_tasks_heldout.jsonl"
+EASY_TRAIN_FILE = DATA_DIR / "code_tasks_easy_train.jsonl"
+EASY_HELDOUT_FILE = DATA_DIR / "code_tasks_easy_heldout.jsonl"
 DEMO_FILE = DATA_DIR / "demo_tasks.jsonl"
 
 MIN_TRAIN = 200
 MIN_HELDOUT = 50
+MIN_EASY_TRAIN = 100
+MIN_EASY_HELDOUT = 50
 FIRST_TASK_ID = 1001
+# The easy tier's ids start here; the pool's stay below.
+FIRST_EASY_TASK_ID = 2001
+EASY_SPLITS = ("easy_train", "easy_heldout")
 TESTS_PER_TASK = 3
 KEYS = ("task_id", "text", "code", "test_list")
 MAX_SECONDS_PER_TASK = 0.05
@@ -64,7 +76,7 @@ class Task:
     text: str
     code: str
     test_list: tuple[str, ...]
-    split: str  # "train", "heldout" or "demo"
+    split: str  # "train", "heldout", "easy_train", "easy_heldout" or "demo"
 
     @property
     def key(self) -> str:
@@ -119,13 +131,33 @@ def _type_problems(row: dict, *, strict: bool) -> str | None:
     return None
 
 
-def load_bundle(train: Path = TRAIN_FILE, heldout: Path = HELDOUT_FILE,
-                demo: Path = DEMO_FILE) -> tuple[list[Task], list[Task], list[Task], list[str]]:
-    """(train, heldout, demo) tasks and the problems found while reading them."""
+class Bundle(NamedTuple):
+    """The tasks of every bundled file, and the problems found while reading them."""
+
+    train: list[Task]
+    heldout: list[Task]
+    easy_train: list[Task]
+    easy_heldout: list[Task]
+    demo: list[Task]
+    problems: list[str]
+
+    @property
+    def ours(self) -> list[Task]:
+        """The tasks written for this project: both splits of the pool and of the easy tier."""
+        return [*self.train, *self.heldout, *self.easy_train, *self.easy_heldout]
+
+
+def load_bundle(train: Path = TRAIN_FILE, heldout: Path = HELDOUT_FILE, easy_train: Path = EASY_TRAIN_FILE,
+                easy_heldout: Path = EASY_HELDOUT_FILE, demo: Path = DEMO_FILE) -> Bundle:
+    """The tasks of the pool's and the easy tier's splits and the demo tasks, and the problems
+    found while reading them."""
     train_tasks, p1 = load_tasks(train, "train")
     heldout_tasks, p2 = load_tasks(heldout, "heldout")
-    demo_tasks, p3 = load_tasks(demo, "demo")
-    return train_tasks, heldout_tasks, demo_tasks, p1 + p2 + p3
+    easy_train_tasks, p3 = load_tasks(easy_train, "easy_train")
+    easy_heldout_tasks, p4 = load_tasks(easy_heldout, "easy_heldout")
+    demo_tasks, p5 = load_tasks(demo, "demo")
+    return Bundle(train_tasks, heldout_tasks, easy_train_tasks, easy_heldout_tasks, demo_tasks,
+                  p1 + p2 + p3 + p4 + p5)
 
 
 # --------------------------------------------------------------------------- shape
@@ -146,11 +178,22 @@ def shape_problems(tasks: Iterable[Task]) -> list[str]:
     problems = []
     for task in tasks:
         where = f"task {task.task_id} ({task.split})"
-        if task.task_id < FIRST_TASK_ID:
-            problems.append(f"{where}: task_id must be >= {FIRST_TASK_ID}, clear of the demo tasks' ids")
+        problems += [f"{where}: {p}" for p in _id_problems(task)]
         problems += [f"{where}: {p}" for p in _text_problems(task.text)]
         problems += [f"{where}: {p}" for p in _code_problems(task)]
     return problems
+
+
+def _id_problems(task: Task) -> list[str]:
+    if task.split in EASY_SPLITS:
+        if task.task_id < FIRST_EASY_TASK_ID:
+            return [f"task_id must be >= {FIRST_EASY_TASK_ID} in the easy tier, clear of the pool's and "
+                    "the demo tasks' ids"]
+    elif task.task_id < FIRST_TASK_ID:
+        return [f"task_id must be >= {FIRST_TASK_ID}, clear of the demo tasks' ids"]
+    elif task.task_id >= FIRST_EASY_TASK_ID:
+        return [f"task_id must be < {FIRST_EASY_TASK_ID} in the pool, clear of the easy tier's ids"]
+    return []
 
 
 def _text_problems(text: str) -> list[str]:
@@ -193,12 +236,15 @@ def _called_names(node: ast.AST) -> set[str]:
     return {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
-def count_problems(train: Sequence[Task], heldout: Sequence[Task]) -> list[str]:
+def count_problems(train: Sequence[Task], heldout: Sequence[Task], easy_train: Sequence[Task],
+                   easy_heldout: Sequence[Task]) -> list[str]:
     out = []
-    if len(train) < MIN_TRAIN:
-        out.append(f"the training split has {len(train)} tasks, fewer than {MIN_TRAIN}")
-    if len(heldout) < MIN_HELDOUT:
-        out.append(f"the held-out split has {len(heldout)} tasks, fewer than {MIN_HELDOUT}")
+    for label, tasks, minimum in (("training split", train, MIN_TRAIN),
+                                  ("held-out split", heldout, MIN_HELDOUT),
+                                  ("easy training split", easy_train, MIN_EASY_TRAIN),
+                                  ("easy held-out split", easy_heldout, MIN_EASY_HELDOUT)):
+        if len(tasks) < minimum:
+            out.append(f"the {label} has {len(tasks)} tasks, fewer than {minimum}")
     return out
 
 
@@ -246,8 +292,9 @@ def _name_key(name: str) -> str:
 
 
 def overlap_problems(ours: Sequence[Task], demo: Sequence[Task], humaneval: dict) -> list[str]:
-    """Duplicates among our tasks (both splits) and with the demo tasks; names and texts that
-    match HumanEval. `humaneval` maps task ids to harness.HumanEvalProblem."""
+    """Duplicates among our tasks (every split of the pool and the easy tier) and with the demo
+    tasks; names and texts that match HumanEval. `humaneval` maps task ids to
+    harness.HumanEvalProblem."""
     out = []
     seen_ids: dict[int, Task] = {}
     for task in ours:
@@ -469,24 +516,28 @@ def _run_cross(sandbox, candidates: list, checks: list, chunk: list[dict]) -> tu
 # --------------------------------------------------------------------------- all of it
 
 
-def static_problems(train: Sequence[Task], heldout: Sequence[Task], demo: Sequence[Task]) -> list[str]:
+def static_problems(bundle: Bundle) -> list[str]:
     from worker.evaluation.harness import load_humaneval
 
-    ours = [*train, *heldout]
-    return shape_problems(ours) + count_problems(train, heldout) + overlap_problems(ours, demo, load_humaneval())
+    ours = bundle.ours
+    return (shape_problems(ours)
+            + count_problems(bundle.train, bundle.heldout, bundle.easy_train, bundle.easy_heldout)
+            + overlap_problems(ours, bundle.demo, load_humaneval()))
 
 
-def sandbox_problems(sandbox, train: Sequence[Task], heldout: Sequence[Task], demo: Sequence[Task]) -> list[str]:
+def sandbox_problems(sandbox, bundle: Bundle) -> list[str]:
     from worker.evaluation.harness import load_humaneval
 
-    ours = [*train, *heldout]
-    return reference_problems(sandbox, ours) + behaviour_problems(sandbox, ours, demo, load_humaneval())
+    ours = bundle.ours
+    return reference_problems(sandbox, ours) + behaviour_problems(sandbox, ours, bundle.demo, load_humaneval())
 
 
 def check_all(sandbox=None, *, allow_weak: bool = False) -> tuple[dict[str, int], list[str]]:
     """Load the bundle and run every check. Returns the counts per split and every problem."""
-    train, heldout, demo, problems = load_bundle()
-    problems += static_problems(train, heldout, demo)
+    bundle = load_bundle()
+    problems = bundle.problems + static_problems(bundle)
     sandbox = sandbox or make_sandbox(allow_weak=allow_weak)
-    problems += sandbox_problems(sandbox, train, heldout, demo)
-    return {"train": len(train), "heldout": len(heldout), "demo": len(demo)}, problems
+    problems += sandbox_problems(sandbox, bundle)
+    counts = {"train": len(bundle.train), "heldout": len(bundle.heldout), "easy_train": len(bundle.easy_train),
+              "easy_heldout": len(bundle.easy_heldout), "demo": len(bundle.demo)}
+    return counts, problems
