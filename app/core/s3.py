@@ -106,7 +106,9 @@ class S3Storage:
     def check(self) -> None:
         """Raises unless the bucket answers with these credentials (the readiness probe)."""
         self._client().head_bucket(Bucket=self.bucket)
-        self.temp_file().close()
+        with self.temp_file() as tmp:  # and the spool has room
+            tmp.write(b"ok")
+        os.unlink(tmp.name)
 
     def download_url(self, key: str, *, filename: str | None = None) -> str | None:
         """A presigned GET of the object, valid for presign_seconds, at the public endpoint."""

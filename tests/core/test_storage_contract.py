@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import boto3
+from botocore.exceptions import ClientError
 import httpx
 import pytest
 
@@ -261,3 +262,15 @@ def test_s3_fetch_tree_refuses_an_object_name_that_would_escape_the_destination(
         storage.fetch_tree_to(prefix, tmp_path / "stage" / "tree")
     assert not (tmp_path / "stage" / "tree").exists()
     assert not list((tmp_path).rglob("escaped"))
+
+
+def test_check_passes_on_a_working_backend_and_leaves_nothing(storage):
+    storage.check()
+    assert _leftovers(storage) == []
+
+
+def test_check_fails_when_the_bucket_is_missing(s3_server, tmp_path):
+    settings = _s3_settings(s3_server, tmp_path / "data")
+    other = settings.model_copy(update={"storage_url": "s3://no-such-bucket-here/x"})
+    with pytest.raises(ClientError):
+        S3Storage.from_settings(other).check()
