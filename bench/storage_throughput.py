@@ -1,0 +1,173 @@
+"""Upload and download throughput, and the API's peak memory, for one large file on each storage backend.
+
+For each backend it starts `uvicorn app.main:create_app` on the embedded default (SQLite, filesystem
+broker) in a fresh data dir, with the upload limit raised past the file:
+- local: blobs in <data_dir>/storage;
+- s3: blobs in a bucket of moto's standalone S3 server (`moto[server]`, a subprocess on a free port,
+  holding objects in its own memory), through boto3's multipart transfers.
+
+It sends one JSONL file of --mib MiB (plain text records, generated once) as `POST /v1/files`
+(multipart/form-data, streamed by httpx), then reads it back through `GET /v1/files/{id}/content`.
+Reported per backend: upload and download MiB/s (wall time of the request, validation included),
+and the API process's peak RSS (VmHWM) before the upload and after both transfers; then the ratio
+of S3 to local. The client, the API and the S3 server share the machine's cores.
+
+    .venv/bin/python bench/storage_throughput.py [--mib 1024] [--backends local,s3] [--purpose fine-tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024**2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not start within {timeout} s")
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def make_file(path: Path, mib: int) -> None:
+    """Plain-text JSONL records of about 1 KiB each, up to mib MiB (whole lines)."""
+    line = (json.dumps({"text": "def f(x):\n    return x * 2\n" * 36}) + "\n").encode()
+    target = mib * MIB
+    with open(path, "wb") as f:
+        block = line * (MIB // len(line))
+        written = 0
+        while written + len(block) <= target:
+            f.write(block)
+            written += len(block)
+        while written + len(line) <= target:
+            f.write(line)
+            written += len(line)
+
+
+def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"tf-storage-{backend}-"))
+    env = {**os.environ, "TUNEFORGE_DATA_DIR": str(work / "data"), "TUNEFORGE_UPLOAD_MAX_BYTES": str(16 * 1024 * MIB),
+           "TUNEFORGE_UPLOAD_MAX_LINE_BYTES": str(MIB)}
+    for name in ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_BROKER_URL", "TUNEFORGE_STORAGE_URL"):
+        env.pop(name, None)
+    if backend == "s3":
+        import boto3
+
+        assert s3_endpoint is not None
+        bucket = f"bench-{secrets.token_hex(4)}"
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+        env |= {"TUNEFORGE_STORAGE_URL": f"s3://{bucket}/tuneforge", "TUNEFORGE_S3__ENDPOINT_URL": s3_endpoint,
+                "TUNEFORGE_S3__REGION": "us-east-1", "TUNEFORGE_S3__ACCESS_KEY_ID": "bench",
+                "TUNEFORGE_S3__SECRET_ACCESS_KEY": "bench", "TUNEFORGE_S3__ADDRESSING_STYLE": "path"}
+    made = subprocess.run([sys.executable, "-m", "tuneforge.cli", "admin", "create-team", f"bench-{backend}"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    key = made.stdout.split()[-1]
+    port = _free_port()
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
+                            "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(f"{base}/readyz", api, "the API")
+        client = httpx.Client(base_url=f"{base}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=3600)
+        with data.open("rb") as f:  # one small upload first: imports, pools and clients warm
+            head = f.read(4096).rsplit(b"\n", 1)[0] + b"\n"
+        client.post("/files", data={"purpose": purpose}, files={"file": ("warm.jsonl", head)}).raise_for_status()
+        before = _vm_hwm_mib(api.pid)
+        size = data.stat().st_size
+        start = time.perf_counter()
+        with data.open("rb") as f:
+            response = client.post("/files", data={"purpose": purpose}, files={"file": ("big.jsonl", f)})
+        upload_s = time.perf_counter() - start
+        response.raise_for_status()
+        file_id = response.json()["id"]
+        start = time.perf_counter()
+        received = 0
+        with client.stream("GET", f"/files/{file_id}/content") as stream:
+            stream.raise_for_status()
+            for chunk in stream.iter_bytes(MIB):
+                received += len(chunk)
+        download_s = time.perf_counter() - start
+        assert received == size, (received, size)
+        return {"backend": backend, "bytes": size, "upload_s": upload_s, "upload_mib_s": size / MIB / upload_s,
+                "download_s": download_s, "download_mib_s": size / MIB / download_s,
+                "rss_before_mib": before, "rss_peak_mib": _vm_hwm_mib(api.pid)}
+    finally:
+        api.terminate()
+        api.wait(30)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--backends", default="local,s3")
+    parser.add_argument("--purpose", default="fine-tune", choices=["fine-tune", "user_data"])
+    args = parser.parse_args()
+    backends = args.backends.split(",")
+    scratch = Path(tempfile.mkdtemp(prefix="tf-storage-bench-"))
+    moto = None
+    try:
+        data = scratch / "big.jsonl"
+        make_file(data, args.mib)
+        endpoint = None
+        if "s3" in backends:
+            port = _free_port()
+            moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            endpoint = f"http://127.0.0.1:{port}"
+            _wait(f"{endpoint}/moto-api/", moto, "the moto S3 server")
+        results = {b: run_backend(b, data, args.purpose, endpoint) for b in backends}
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait(30)
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+    print(f"{args.mib} MiB file, purpose {args.purpose}")
+    print(f"{'backend':8} {'upload MiB/s':>13} {'download MiB/s':>15} {'API RSS before':>15} {'API RSS peak':>13}")
+    for r in results.values():
+        print(f"{r['backend']:8} {r['upload_mib_s']:13.1f} {r['download_mib_s']:15.1f} "
+              f"{r['rss_before_mib']:12.0f} MiB {r['rss_peak_mib']:9.0f} MiB")
+    if {"local", "s3"} <= results.keys():
+        local, s3 = results["local"], results["s3"]
+        print(f"s3 / local: upload {s3['upload_mib_s'] / local['upload_mib_s']:.2f}, "
+              f"download {s3['download_mib_s'] / local['download_mib_s']:.2f}, "
+              f"peak RSS {s3['rss_peak_mib'] / local['rss_peak_mib']:.2f}")
+    print(json.dumps(list(results.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
