@@ -24,7 +24,7 @@ from app.domains.jobs import lease as job_lease
 from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
 from worker.lease import Lease, retry_db, worker_id
-from worker.staging import stage_base, stage_file
+from worker.staging import stage_base, stage_file, stage_tree
 from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
 from worker.training.hooks import CostLimits, StopReason
@@ -81,7 +81,8 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
                         validation_file=stage_file(inputs.valid_key) if inputs.valid_key else None,
                         work_dir=work_dir, hooks=hooks, resume_from=latest[1] if latest else None,
                         limits=CostLimits(trained_tokens=inputs.trained_tokens_limit,
-                                          wall_seconds=inputs.wall_seconds_limit))
+                                          wall_seconds=inputs.wall_seconds_limit),
+                        init_adapter=stage_tree(inputs.init_adapter_prefix) if inputs.init_adapter_prefix else None)
     adapter_dir = work_dir / "adapter"
     try:
         recipe.setup()

@@ -25,6 +25,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from worker import metrics
 from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 
+# What a DPO job logs beside its loss (worker.training.dpo), as TRL names it; validation logs prefix "eval_".
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
 _STOP_LINES = {"cancel": "Stop requested", "pause": "Pause requested", "shutdown": "Worker shutting down"}
 
 
@@ -77,10 +80,12 @@ class ProgressEvents(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             line = f"Step {state.global_step}/{state.max_steps}: training loss {logs['loss']:.4f}"
-            self.hooks.on_event("metrics", line, self._train_metrics(state, logs))
+            self.hooks.on_event("metrics", line + _rewards_line(logs, ""), self._train_metrics(state, logs))
         elif "eval_loss" in logs:
-            data = {"valid_loss": logs["eval_loss"], "step": state.global_step}
-            self.hooks.on_event("metrics", f"Step {state.global_step}: validation loss {logs['eval_loss']:.4f}", data)
+            data = {"valid_loss": logs["eval_loss"], "step": state.global_step,
+                    **{f"valid_{key}": logs[f"eval_{key}"] for key in REWARD_METRICS if f"eval_{key}" in logs}}
+            line = f"Step {state.global_step}: validation loss {logs['eval_loss']:.4f}"
+            self.hooks.on_event("metrics", line + _rewards_line(logs, "eval_"), data)
 
     def _train_metrics(self, state, logs: dict[str, float]) -> dict[str, Any]:
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -98,11 +103,20 @@ class ProgressEvents(TrainerCallback):
             "tokens_per_second": (tokens - self._last_tokens) / interval if interval > 0 else 0.0,
             "trained_tokens": tokens,
             "eta_seconds": seconds_per_step * max(state.max_steps - state.global_step, 0),
+            **{key: logs[key] for key in REWARD_METRICS if key in logs},
         }
         metrics.record_training_step(steps=state.global_step - self._last_step, seconds=interval,
                                      tokens=tokens - self._last_tokens, tokens_per_second=data["tokens_per_second"])
         self._last_time, self._last_tokens, self._last_step = now, tokens, state.global_step
         return data
+
+
+def _rewards_line(logs: dict[str, float], prefix: str) -> str:
+    """", reward margin M, accuracy A" for a DPO log entry; "" for others."""
+    margin, accuracy = logs.get(f"{prefix}rewards/margins"), logs.get(f"{prefix}rewards/accuracies")
+    if margin is None or accuracy is None:
+        return ""
+    return f", reward margin {margin:.4f}, accuracy {accuracy:.2f}"
 
 
 class BestValidation(TrainerCallback):
@@ -312,6 +326,11 @@ class StopAndCheckpoint(TrainerCallback):
         valid_loss = last_logged(state.log_history, "eval_loss")
         if valid_loss is not None:
             metrics["valid_loss"] = valid_loss
+        for key in REWARD_METRICS:
+            for logged, name in ((key, key), (f"eval_{key}", f"valid_{key}")):
+                value = last_logged(state.log_history, logged)
+                if value is not None:
+                    metrics[name] = value
         self.hooks.on_checkpoint(step, path, metrics)
         # Handed over (uploaded): the local copy only takes disk space from here on.
         shutil.rmtree(path, ignore_errors=True)

@@ -198,9 +198,10 @@ def _base_dtype(spec: TrainingSpec, device: Device, precision: Precision, quanti
 
 
 def load_base_model(
-    path: Path, spec: TrainingSpec, device: Device
+    path: Path, spec: TrainingSpec, device: Device, init_adapter: Path | None = None
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Load base model and tokenizer from a local folder and attach a fresh LoRA adapter.
+    """Load base model and tokenizer from a local folder and attach a fresh LoRA adapter, or with
+    init_adapter (a peft directory trained on this base) that adapter, trainable, with its own config.
 
     Returns (peft model with only the LoRA weights trainable, tokenizer, info)
     where info has: device (label), precision, attention, dtype (of the
@@ -258,7 +259,10 @@ def load_base_model(
                if frozen_bf16 else ""))
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
-    model = get_peft_model(model, lora_config(spec.lora))
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(spec.lora))
     cpu_dropout = use_cpu_dropout(model) if device == "cpu" else 0
     trainable, total = model.get_nb_trainable_parameters()
     info = {

@@ -29,6 +29,7 @@ from app.domains.jobs.spec import TrainingSpec, validation_conflict
 from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, plan_batches
 from worker.training.callbacks import BestValidation, ProgressEvents, StepAbandoned, StopAndCheckpoint, last_logged
 from worker.training.data import TokenizedExamples, load_examples, prompt_style_for, record_lines, split_lines
+from worker.training.dpo import DpoTrainer, PairCollator, PreferencePairs, as_pair_dataset, load_pairs, reference_logps
 from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 from worker.training.memory import PeakMemory
 from worker.training.model import Device, Precision, load_base_model, select_device
@@ -157,8 +158,10 @@ class LoraRecipe:
         hooks: TrainingHooks,
         resume_from: Path | None = None,
         limits: CostLimits | None = None,
+        init_adapter: Path | None = None,
     ):
-        """Stores the inputs only; nothing is loaded until setup().
+        """Stores the inputs only; nothing is loaded until setup(). init_adapter: the peft directory of
+        spec.init_adapter, trained on from where it is instead of a fresh adapter.
 
         Raises TypeError when the spec asks for periodic checkpoints and hooks
         has no on_checkpoint to hand them to.
@@ -173,6 +176,7 @@ class LoraRecipe:
         self.hooks = hooks
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.limits = limits or CostLimits()
+        self.init_adapter = Path(init_adapter) if init_adapter is not None else None
         self._device: Device = select_device()
         self._memory = PeakMemory(self._device)
         self._model: PeftModel | None = None
@@ -208,7 +212,8 @@ class LoraRecipe:
             raise ValueError(conflict[0])
         self._memory.reset()
         set_seed(self.spec.seed)
-        self._model, self._tokenizer, loaded = load_base_model(self.base_model_path, self.spec, self._device)
+        self._model, self._tokenizer, loaded = load_base_model(self.base_model_path, self.spec, self._device,
+                                                               init_adapter=self.init_adapter)
         self._announce_model(loaded)
 
         style = prompt_style_for(self._tokenizer, t.prompt_style)
@@ -217,8 +222,12 @@ class LoraRecipe:
 
         precision: Precision = loaded["precision"]
         model = self._model
-        plan = plan_batches(t, [len(ids) for ids in train.input_ids], self._device,
-                            fits=lambda lengths, packing: cuda_step_fits(model, lengths, packing, precision))
+        if self.spec.dpo is not None:
+            # Padded micro-batches of batch_size answer pairs (see worker.training.dpo): never packed.
+            plan = BatchPlan(t.batch_size, t.gradient_accumulation_steps, packing=False)
+        else:
+            plan = plan_batches(t, [len(ids) for ids in train.input_ids], self._device,
+                                fits=lambda lengths, packing: cuda_step_fits(model, lengths, packing, precision))
         self._announce_batches(plan)
         optimizer, note = optimizer_for(t.optimizer, self._device)
         if note:
@@ -232,11 +241,21 @@ class LoraRecipe:
         self._trainer = self._build_trainer(train, valid, plan=plan, optimizer=optimizer, precision=precision,
                                             select_best=select_best)
 
-    def _build_trainer(self, train: TokenizedExamples, valid: TokenizedExamples | None, *, plan: BatchPlan,
+    def _build_trainer(self, train: Any, valid: Any, *, plan: BatchPlan,
                        optimizer: str, precision: Precision, select_best: str) -> RowTrainer:
         """The Trainer with the hooks' callbacks: progress events, the best validation loss (with a
-        validation set), stop requests and checkpoints."""
+        validation set), stop requests and checkpoints. A DPO job's (DpoTrainer) trains on answer pairs
+        with their reference log-probabilities, computed here from the weights the job starts with."""
         t = self.spec.training
+        trainer_class: Any = RowTrainer
+        extra: dict[str, Any] = {}
+        collator: Any = collator_for(plan, self._tokenizer)
+        train_set, valid_set = as_dataset(train), as_dataset(valid) if valid is not None else None
+        if self.spec.dpo is not None:
+            trainer_class, extra = DpoTrainer, {"beta": self.spec.dpo.beta}
+            collator = PairCollator(self._tokenizer.pad_token_id or 0)
+            train_set, valid_set = self._with_reference(train, collator, precision), (
+                self._with_reference(valid, collator, precision) if valid is not None else None)
         self._stopper = StopAndCheckpoint(self.hooks, t.checkpoint_every_steps, self.limits)
         callbacks: list[Any] = [ProgressEvents(self.hooks)]
         if valid is not None:
@@ -246,29 +265,56 @@ class LoraRecipe:
                                         keep_weights=select_best == "valid_loss")
             callbacks.append(self._best)
         callbacks.append(self._stopper)
-        trainer = RowTrainer(
+        args = training_arguments(self.spec, plan=plan, optimizer=optimizer, precision=precision,
+                                  device=self._device, output_dir=self.work_dir / "checkpoints",
+                                  has_validation=valid is not None)
+        if self.spec.dpo is not None:
+            args.remove_unused_columns = False  # the pairs' columns are the collator's, not the model's inputs
+        trainer = trainer_class(
             model=self._model,
-            args=training_arguments(self.spec, plan=plan, optimizer=optimizer, precision=precision,
-                                    device=self._device, output_dir=self.work_dir / "checkpoints",
-                                    has_validation=valid is not None),
-            data_collator=collator_for(plan, self._tokenizer),
-            train_dataset=as_dataset(train),
-            eval_dataset=as_dataset(valid) if valid is not None else None,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_set,
+            eval_dataset=valid_set,
             processing_class=self._tokenizer,
             callbacks=callbacks,
             row_tokens=plan.row_tokens,
             row_multiple=t.row_length_multiple,
             pad_token_id=self._tokenizer.pad_token_id or 0,
             abandon_step=self._stopper.abandon_step,
+            **extra,
         )
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
         trainer.remove_callback(PrinterCallback)
         return trainer
 
-    def _load_data(self, style: str) -> tuple[TokenizedExamples, TokenizedExamples | None, str | None, int | None]:
+    def _with_reference(self, pairs: PreferencePairs, collator: PairCollator, precision: Precision) -> list[Any]:
+        """The pairs as a dataset, with the reference's log-probabilities: the base (the adapter disabled)
+        for a fresh adapter, the adapter the job continues from otherwise."""
+        start = time.perf_counter()
+        reference = reference_logps(self._model, as_pair_dataset(pairs, [(0.0, 0.0)] * len(pairs.input_ids)),
+                                    collator, device=self._device, precision=precision,
+                                    base_only=self.init_adapter is None)
+        start_model = self.spec.init_adapter.model if self.spec.init_adapter is not None else str(self.init_adapter)
+        which = "the base model" if self.init_adapter is None else f"the model it continues from, {start_model}"
+        self.hooks.on_event("message", f"DPO reference: log-probabilities of {len(reference)} answer pairs from "
+                                       f"{which} in {time.perf_counter() - start:.1f} s (beta {self.spec.dpo.beta})",
+                            {"pairs": len(reference), "beta": self.spec.dpo.beta})
+        return as_pair_dataset(pairs, reference)
+
+    def _load(self, path: Path, style: str, lines: Any) -> Any:
+        """A file's TokenizedExamples, or for a DPO job its PreferencePairs (with `lines`, those records only)."""
+        t = self.spec.training
+        if self.spec.dpo is not None:
+            return load_pairs(path, self._tokenizer, t.max_seq_length, lines=lines)
+        return load_examples(path, self._tokenizer, t.max_seq_length, completion_only=t.completion_only_loss,
+                             prompt_style=style, lines=lines)
+
+    def _load_data(self, style: str) -> tuple[Any, Any, str | None, int | None]:
         """(training examples, validation examples or None, where the validation set came from: "file",
-        "split" or None, how many records it holds). A validation_split holds out records of the
-        training file, drawn by the job's seed, and says so in an event."""
+        "split" or None, how many records it holds); for a DPO job answer pairs (see _load). A
+        validation_split holds out records of the training file, drawn by the job's seed, and says so
+        in an event."""
         t = self.spec.training
         max_len = t.max_seq_length
         train_lines = valid_lines = None
@@ -283,15 +329,13 @@ class LoraRecipe:
                 f"{len(train_lines)} train",
                 {"validation_split": t.validation_split, "validation_records": len(valid_lines),
                  "training_records": len(train_lines), "seed": self.spec.seed})
-        train = load_examples(self.train_file, self._tokenizer, max_len, completion_only=t.completion_only_loss,
-                              prompt_style=style, lines=train_lines)
+        train = self._load(self.train_file, style, train_lines)
         self._announce_data("Training", train, max_len)
         if self.validation_file is None and valid_lines is None:
             return train, None, None, None
         source = "file" if self.validation_file is not None else "split"
         valid_path = self.validation_file if self.validation_file is not None else self.train_file
-        valid = load_examples(valid_path, self._tokenizer, max_len, completion_only=t.completion_only_loss,
-                              prompt_style=style, lines=valid_lines)
+        valid = self._load(valid_path, style, valid_lines)
         valid_records = len(valid_lines) if valid_lines is not None else len(record_lines(valid_path))
         self._announce_data("Validation", valid, max_len)
         return train, valid, source, valid_records
