@@ -5,9 +5,11 @@ import time
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.api import sse
 from app.api.deps import IdempotencyKey, PageDep, PrincipalDep, SessionDep, in_unit_of_work
 from app.api.idempotent import create_once
 from app.api.request_checks import QueryFamily
@@ -17,7 +19,7 @@ from app.domains.checkpoints import service as checkpoints
 from app.domains.checkpoints.schemas import CheckpointList
 from app.domains.jobs import service as jobs
 from app.domains.jobs.models import FineTuningJob
-from app.domains.jobs.schemas import EventList, JobCreate, JobList, JobRead, metadata_key_problem
+from app.domains.jobs.schemas import EventList, EventRead, JobCreate, JobList, JobRead, metadata_key_problem
 from app.domains.jobs.states import JobStatus
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -99,10 +101,34 @@ async def _ask_holder(verb: Callable[..., FineTuningJob], team_id: str, job_id: 
     return job
 
 
-@router.get("/{job_id}/events", response_model=EventList)
-def list_events(job_id: str, session: SessionDep, principal: PrincipalDep, page: PageDep) -> EventList:
-    """Newest first, like OpenAI's; page with after=<last id>."""
-    return jobs.events_page(session, team_id=principal.team_id, job_id=job_id, after=page.after, limit=page.limit)
+@router.get("/{job_id}/events", response_model=EventList, responses=sse.RESPONSES)
+def list_events(job_id: str, request: Request, session: SessionDep, principal: PrincipalDep, page: PageDep,
+                stream: Annotated[bool, Query(description=(
+                    "true: the events as server-sent events, oldest first, then each new one as it is written, "
+                    "until the job ends. Each message has the event's id (id:) and its JSON (data:)."))] = False,
+                last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, description=(
+                    "With stream=true: resume after this event (EventSource sends it on reconnecting)."))] = None,
+                ) -> EventList | StreamingResponse:
+    """Newest first, like OpenAI's; page with after=<last id>. With stream=true, a live stream
+    (text/event-stream) instead: the events after Last-Event-ID (or all, from the first), then new
+    ones as they are written, with keep-alive comments, closed once the job has ended; after and
+    limit do not apply to it (400)."""
+    if not stream:
+        return jobs.events_page(session, team_id=principal.team_id, job_id=job_id, after=page.after,
+                                limit=page.limit)
+    for name in ("after", "limit"):
+        if name in request.query_params:
+            raise InvalidRequest(f"{name} pages the list; a stream (stream=true) starts after the Last-Event-ID "
+                                 "header instead. Drop it, or drop stream=true.", param=name)
+    team_id = principal.team_id
+    # Checked here, before the stream starts: another team's job answers 404 and a bad id 400.
+    jobs.events_after(session, team_id=team_id, job_id=job_id, after=last_event_id, limit=0)
+
+    async def fetch(after: str | None, limit: int) -> tuple[list[EventRead], bool]:
+        return await in_unit_of_work(
+            lambda s: jobs.events_after(s, team_id=team_id, job_id=job_id, after=after, limit=limit))
+
+    return sse.stream(fetch, after=last_event_id)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)

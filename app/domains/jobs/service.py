@@ -32,8 +32,8 @@ from app.domains.jobs.rounds import end_round
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
 from app.domains.jobs.spec import (DPO_DEFAULT_BETA, DpoSpec, InitAdapter, TrainingSettings, TrainingSpec,
                                    validation_conflict)
-from app.domains.jobs.states import (ACTIVE, CANCELLABLE, RUNNING, UNHELD, WAITING, JobStatus, StopRequest, add_event,
-                                     transition)
+from app.domains.jobs.states import (ACTIVE, CANCELLABLE, FINAL, RUNNING, UNHELD, WAITING, JobStatus, StopRequest,
+                                     add_event, transition)
 from app.domains.base_models import service as base_models
 from app.domains.base_models.models import RegisteredModel
 from app.domains.quotas import service as quotas
@@ -247,8 +247,31 @@ def events_page(session: Session, *, team_id: str, job_id: str, after: str | Non
     get(session, team_id=team_id, job_id=job_id)
     stmt = select(FineTuningJobEvent).where(FineTuningJobEvent.job_id == job_id)
     rows, has_more = paginate(session, stmt, FineTuningJobEvent.id, after=after, limit=limit)
-    return EventList(data=[EventRead(id=e.id, created_at=unix(e.created_at), level=e.level, message=e.message,
-                                     data=e.data, type=e.type) for e in rows], has_more=has_more)
+    return EventList(data=[_event_read(e) for e in rows], has_more=has_more)
+
+
+def events_after(session: Session, *, team_id: str, job_id: str, after: str | None,
+                 limit: int) -> tuple[list[EventRead], bool]:
+    """The job's events written after event `after` (None: from its first), oldest first, at most
+    `limit`; and whether the job had ended before they were read: the status is read first, and a
+    final state is written with its event, so once it shows ended no event is missed. Raises
+    JobNotFound, and JobInvalid (param Last-Event-ID, where a stream resumes) when `after` is not
+    one of the job's events."""
+    job = get(session, team_id=team_id, job_id=job_id)
+    ended = job.status in FINAL
+    if after is not None and session.scalar(select(FineTuningJobEvent.id).where(
+            FineTuningJobEvent.id == after, FineTuningJobEvent.job_id == job_id)) is None:
+        raise JobInvalid(f"Last-Event-ID {after!r} is not an event of job {job_id}. Resume with the id of the last "
+                         "event received, or send none to stream from the job's first event.",
+                         param="Last-Event-ID", code="event_not_found")
+    stmt = select(FineTuningJobEvent).where(FineTuningJobEvent.job_id == job_id)
+    rows, _ = paginate(session, stmt, FineTuningJobEvent.id, after=after, limit=limit, order="asc")
+    return [_event_read(e) for e in rows], ended
+
+
+def _event_read(e: FineTuningJobEvent) -> EventRead:
+    return EventRead(id=e.id, created_at=unix(e.created_at) or 0, level=e.level, message=e.message, data=e.data,
+                     type=e.type)
 
 
 def active_jobs_using_file(session: Session, *, team_id: str, file_id: str) -> list[str]:
