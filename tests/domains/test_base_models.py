@@ -25,3 +25,26 @@ def test_register_refuses_an_unsafe_name_before_reading_the_directory(tmp_path) 
     # No session is needed: the name is refused before anything is read or written.
     with pytest.raises(InvalidModelName):
         base_models.register(None, name="../evil", path=tmp_path)  # type: ignore[arg-type]
+
+
+def test_a_model_registered_into_storage_is_staged_from_there_and_a_rollback_deletes_its_files(
+        private_database, tiny_model, tmp_path) -> None:
+    from app.core.db import session_scope
+    from app.core.storage import get_storage
+    from worker.staging import stage_base
+
+    with session_scope() as session:
+        row = base_models.register(session, name="stored-tiny", path=tiny_model, storage=get_storage())
+        recorded = row.path
+    assert recorded.startswith(base_models.STORED + "models/stored-tiny/rev-")
+    staged = stage_base(recorded)
+    assert staged != tiny_model and (staged / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+    assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    assert stage_base(str(tiny_model)) == tiny_model  # a model registered where it is stays there
+
+    with pytest.raises(RuntimeError), session_scope() as session:
+        row = base_models.register(session, name="rolled-back", path=tiny_model, storage=get_storage())
+        prefix = row.path.removeprefix(base_models.STORED)
+        assert get_storage().exists(prefix)
+        raise RuntimeError("the transaction fails after the files were stored")
+    assert not get_storage().exists(prefix)
