@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.api import errors
+from app.api import errors, ui
 from app.api.audit import AuditMiddleware
 from app.api.concurrency import InFlightMiddleware
 from app.api.deps import rate_limit
@@ -70,6 +70,7 @@ def create_app() -> FastAPI:
     v1.include_router(webhooks.router)
     app.include_router(v1)
     app.include_router(metrics_router)
+    ui.install(app)  # the dashboard at /ui, calling /v1 from the browser
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
