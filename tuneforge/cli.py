@@ -3,7 +3,7 @@
     tuneforge up                      API + one worker + inference per base model
                                       (embedded default: SQLite, filesystem broker)
     tuneforge serve [--port 8000]     the API process alone
-    tuneforge worker                  one Celery worker (training + evaluation queues)
+    tuneforge worker                  one Celery worker (training, evaluation and webhooks queues)
     tuneforge inference --model NAME  serve a registered base model and its adapters (one per base per GPU)
     tuneforge migrate                 alembic upgrade head
     tuneforge admin create-team NAME  prints the team's first (admin) API key, once
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=_serve, database=SERVICE)
 
-    p = sub.add_parser("worker", help="a Celery worker (training and evaluation queues by default)")
+    p = sub.add_parser("worker", help="a Celery worker (training, evaluation and webhooks queues by default)")
     p.add_argument("--concurrency", type=int, default=2,
                    help="tasks at once (training slots); keep it above the per-team running-jobs quota (1)")
     p.add_argument("--queues", default=None,
