@@ -191,7 +191,8 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         logits = head(hidden[:, :-1][mask]).float()  # (labelled tokens, vocabulary)
     else:
         logits = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask].float()
-    logps = selective_log_softmax(logits, targets[mask])  # (labelled tokens,)
+    # As one (1, tokens, vocabulary) row: selective_log_softmax loops over its first dimension.
+    logps = selective_log_softmax(logits[None], targets[mask][None])[0]  # (labelled tokens,)
     return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logps.device).index_add(0, rows, logps)
 
 
