@@ -11,6 +11,21 @@ SmolLM2-135M-Instruct on CPU; a ~1B one on a GPU when CUDA is present), 64 concu
     64 > cache 64 distinct adapters through a cache of 16: batches can hold at most 16 adapters
                and every adapter is loaded again on each run (LRU churn)
 
+and, on the engine of the base alone, the structured-output arm: the cost of constrained decoding
+(llguidance, worker/inference/grammar.py) per generated token, in one batch of `requests` greedy
+requests submitted together:
+
+    unconstrained   no response_format
+    json_schema     every row masked by its own matcher to a JSON schema
+    mixed           half of the rows constrained: masking costs only the rows that ask for it
+
+(the schema, an object holding at least 100 short strings, never completes before max_tokens, so
+every arm generates the same number of tokens and tokens/s compares like with like). On the shared
+2-core CPU under a load average of 9 (64 x 32 tokens, median of 3): json_schema ran at 0.73 of
+unconstrained on the tiny model and 0.88 on the 30m one, where the forward pass weighs more against
+the per-row mask; mixed was within that run's noise of unconstrained (1.21, 1.02). Earlier, on a
+quieter machine (16 x 64 tokens, tiny, median of 5): json_schema 0.72, mixed 0.80.
+
 Each scenario runs `repeats` times, interleaved after a warm-up round; the median run is
 reported (tokens/s over the wall time from the first submit to the last result; p50/p99 of
 per-request latency, submit -> done). Then: cold adapter load time (an r=8 adapter of the 30M
@@ -59,6 +74,12 @@ MODELS = {
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8},
 }
+
+
+# The structured-output arm's response_format (see the docstring).
+SCHEMA = {"type": "object", "required": ["items"], "additionalProperties": False, "properties": {
+    "items": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 100}}}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "items", "schema": SCHEMA, "strict": True}}
 
 
 def machine() -> dict:
@@ -190,6 +211,38 @@ def run_clients(engine: InferenceEngine, jobs: list[tuple[str, AdapterRef | None
     }
 
 
+def run_batch(engine: InferenceEngine, texts: list[str], requests: int, max_tokens: int, constrained: int) -> dict:
+    """`requests` greedy requests for the base, the first `constrained` of them with JSON_SCHEMA, submitted while
+    the engine is paused so that they are admitted as one batch; tokens/s over the wall time of the batch."""
+    engine.pause()
+    start = time.perf_counter()
+    handles = [engine.submit(texts[i % len(texts)], max_tokens=max_tokens, temperature=0,
+                             response_format=JSON_SCHEMA if i < constrained else None) for i in range(requests)]
+    engine.resume()
+    results = [h.result(600) for h in handles]
+    wall = time.perf_counter() - start
+    tokens = sum(r.usage.completion_tokens for r in results)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def structured_output(engine: InferenceEngine, texts: list[str], args) -> dict:
+    """The structured-output arm (the docstring's unconstrained, json_schema and mixed), interleaved after a
+    warm-up (the first grammar also builds llguidance's view of the tokenizer); the median run of each, with its
+    ratio to unconstrained."""
+    arms = {"unconstrained": 0, "json_schema": args.requests, "mixed": args.requests // 2}
+    for constrained in arms.values():
+        run_batch(engine, texts, args.requests, 8, constrained)
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for _ in range(args.repeats):
+        for name, constrained in arms.items():
+            runs[name].append(run_batch(engine, texts, args.requests, args.max_tokens, constrained))
+    rows = {name: sorted(found, key=lambda r: r["tokens_per_s"])[len(found) // 2]
+            | {"runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in found]} for name, found in runs.items()}
+    for row in rows.values():
+        row["vs_unconstrained"] = row["tokens_per_s"] / rows["unconstrained"]["tokens_per_s"]
+    return rows
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -226,6 +279,7 @@ def bench_model(name: str, base: Path, adapters: list[Path], texts: list[str], a
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine affects all alike
         for key, (jobs, _) in plan.items():
             runs[key].append(run_clients(engine, jobs, max_tokens))
+    structured = structured_output(engine, texts, args)
     cold = cold_loads(engine, adapters[:16])
     switch = switch_cost(engine, texts[0], [AdapterRef(f"ad-{i:03d}", p) for i, p in enumerate(adapters[:2])])
     stats = engine.stats()
@@ -253,7 +307,8 @@ def bench_model(name: str, base: Path, adapters: list[Path], texts: list[str], a
         row["vs_base"] = row["tokens_per_s"] / base_tps
         row["vs_1_adapter"] = row["tokens_per_s"] / one_tps
         row["best_vs_1_adapter"] = row["best_tokens_per_s"] / rows["1 adapter"]["best_tokens_per_s"]
-    return {"model": name, "params_m": params_millions(base), "rows": rows, "cold_load": cold, "switch": switch,
+    return {"model": name, "params_m": params_millions(base), "rows": rows, "structured_output": structured,
+            "cold_load": cold, "switch": switch,
             "engine_stats": {"cache": stats["cache"], "batches": {k: v for k, v in stats["batches"].items()
                                                                  if k != "recent"}},
             "over_cache_stats": {"cache": over_stats["cache"]}}
@@ -395,6 +450,9 @@ def print_table(results: list[dict], args) -> None:
               f"max {cold['max_ms']:.1f} ms over {cold['count']}; sequential requests ({switch['max_tokens']} tokens) "
               f"same adapter {switch['same_adapter_ms']:.1f} ms, alternating two {switch['alternating_ms']:.1f} ms "
               f"(switch cost {switch['switch_cost_ms']:+.1f} ms), base {switch['base_ms']:.1f} ms")
+        arms = res["structured_output"]
+        print(f"{'':>6} structured output, {args.requests} requests in one batch: " + ", ".join(
+            f"{name} {row['tokens_per_s']:.0f} tok/s ({row['vs_unconstrained']:.2f})" for name, row in arms.items()))
         if "peft" in res:
             p, e = res["peft"], res["engine_step"]
             print(f"{'':>6} peft 0.21 on the same model: load_adapter first {p['load_first_ms']:.1f} ms, "
@@ -453,6 +511,8 @@ def main() -> None:
             "adapters_64_vs_base": round(rows[many]["vs_base"], 3),
             "over_cache_vs_64_resident": round(rows[over]["tokens_per_s"] / rows[many]["tokens_per_s"], 3),
             "cold_load_p50_ms": round(res["cold_load"]["p50_ms"], 2),
+            "json_schema_vs_unconstrained": round(res["structured_output"]["json_schema"]["vs_unconstrained"], 3),
+            "mixed_vs_unconstrained": round(res["structured_output"]["mixed"]["vs_unconstrained"], 3),
         }
         print(f"{res['model']:>6}: {args.requests} adapters at {rows[many]['vs_1_adapter']:.0%} of one adapter's "
               f"throughput (aim >= 70%); past the cache at {summary[res['model']]['over_cache_vs_64_resident']:.0%} "
