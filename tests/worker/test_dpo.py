@@ -201,3 +201,19 @@ def test_dpo_starts_from_a_given_adapter_with_its_own_config_as_the_reference(ba
         str(tmp_path / "out" / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dpo_validation_reports_loss_and_rewards_and_keeps_the_best(base_path, tmp_path):
+    train = write_jsonl(tmp_path / "prefs.jsonl", preference_records(8))
+    hooks = Hooks()
+    recipe = LoraRecipe(spec=dpo_spec(epochs=1, validation_split=0.25, eval_every_steps=1), base_model_path=base_path,
+                        train_file=train, validation_file=None, work_dir=tmp_path / "work", hooks=hooks)
+    recipe.setup()
+    result = recipe.train()
+    recipe.cleanup()
+
+    valid = [d for t, _, d in hooks.events if t == "metrics" and d and "valid_loss" in d]
+    assert len(valid) == result.steps == 3  # 6 training pairs in batches of 2, evaluated after each step
+    assert all({"valid_rewards/margins", "valid_rewards/accuracies"} <= set(d) for d in valid)
+    assert valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert result.validation_records == 2 and result.best_step is not None and result.select_best == "valid_loss"
