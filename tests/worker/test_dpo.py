@@ -217,3 +217,36 @@ def test_dpo_validation_reports_loss_and_rewards_and_keeps_the_best(base_path, t
     assert all({"valid_rewards/margins", "valid_rewards/accuracies"} <= set(d) for d in valid)
     assert valid[-1]["valid_loss"] < valid[0]["valid_loss"]
     assert result.validation_records == 2 and result.best_step is not None and result.select_best == "valid_loss"
+
+
+def test_the_loss_equals_trl_dpo_trainers_on_the_same_batch(base_path, tokenizer, tmp_path):
+    """TRL's DPOTrainer, given a peft model, keeps a copy of its adapter as the reference ("ref"): the
+    same reference a job continuing from an adapter has. Moved away from it, both losses must agree."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True),
+                           lora_config(LoraSpec(dropout=0.0)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+    data = Dataset.from_list([{"prompt": f"Add {i} to x:", "chosen": f" return x + {i}", "rejected": f" no {i}"}
+                              for i in range(4)])
+    trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=data,
+                     args=DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.3, use_cpu=True,
+                                    report_to="none"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    trainer.model.eval()
+    with torch.no_grad():
+        reference = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], labels)
+        for name, p in trainer.model.named_parameters():
+            if ".default." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        expected = trainer.compute_loss(trainer.model, batch)
+        policy = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], labels)
+    loss, _ = dpo_loss(policy, reference, beta=0.3)
+    assert abs(expected.item() - math.log(2)) > 0.05  # the policy did move from the reference
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
