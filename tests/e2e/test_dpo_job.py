@@ -87,8 +87,9 @@ def test_dpo_continues_from_a_supervised_job_s_model(trained, server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=trained["key"], max_retries=0)
     sft_model = trained["job"]["fine_tuned_model"]
     f = client.files.create(file=("prefs.jsonl", jsonl(preference_records(4))), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=sft_model, training_file=f.id, suffix="dpo-after-sft",
-                                         method=dpo(n_epochs=1))
+    job = client.fine_tuning.jobs.create(
+        model=sft_model, training_file=f.id, suffix="dpo-after-sft", method=dpo(n_epochs=1),
+        extra_body={"eval": {"tasks": trained["file_id"], "limit": 2, "max_tokens": 16, "timeout_seconds": 5}})
     assert job.model == sft_model and job.method.dpo.hyperparameters.beta == 0.1  # auto
     done = wait_for_job(trained["client"], job.id, timeout=300)
     assert done["status"] == "succeeded", done
@@ -98,6 +99,10 @@ def test_dpo_continues_from_a_supervised_job_s_model(trained, server):
     assert abs(first["rewards/margins"]) < 0.05  # the SFT model is the reference: it starts where it is
     assert done["fine_tuned_model"].startswith("ft:tiny-llama:") and done["fine_tuned_model"] != sft_model
     assert done["fine_tuned_model"] in [m.id for m in client.models.list()]
+    # The job's evaluation runs after DPO as after supervised training.
+    assert any(e["message"].startswith("Training done; evaluating") for e in events)
+    report = done["usage"]["evaluation"]
+    assert report["base"]["tasks"] == report["tuned"]["tasks"] == 2
     client.close()
 
 
