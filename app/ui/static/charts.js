@@ -47,8 +47,10 @@ export function lineChart(svg, series, { xLabel = "step", yLabel = "" } = {}) {
     axes.append(s("line", { x1: PAD.left, x2: W - PAD.right, y1: py(t), y2: py(t), class: "grid" }));
     axes.append(s("text", { x: PAD.left - 6, y: py(t) + 4, "text-anchor": "end" }, label(t)));
   }
-  for (const t of ticks(x0, x1)) {
-    axes.append(s("text", { x: px(t), y: H - PAD.bottom + 16, "text-anchor": "middle" }, label(Math.round(t))));
+  // Steps are whole numbers: label whole steps, where they are.
+  const xTicks = [...new Set(ticks(x0, x1).map(Math.round))].filter((t) => t >= x0 && t <= x1);
+  for (const t of xTicks) {
+    axes.append(s("text", { x: px(t), y: H - PAD.bottom + 16, "text-anchor": "middle" }, label(t)));
   }
   axes.append(s("text", { x: W / 2, y: H - 4, "text-anchor": "middle", class: "axis-label" }, xLabel));
   if (yLabel) {

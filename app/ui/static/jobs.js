@@ -67,13 +67,16 @@ async function newJobForm(ctx) {
   const epochs = h("input", { name: "n_epochs", id: "job-epochs", type: "number", min: 1, max: 100, placeholder: "auto" });
   const evalLimit = h("input", { name: "eval_limit", id: "job-eval-limit", type: "number", min: 1, placeholder: "all tasks" });
   const suffix = h("input", { name: "suffix", id: "job-suffix", maxlength: 64, placeholder: "optional" });
+  const checkpointEvery = h("input", { name: "checkpoint_every_steps", id: "job-checkpoint-every", type: "number", min: 1,
+                                       placeholder: "the recipe's" });
   const status = h("div");
   const form = h("form", { id: "new-job", class: "card" },
     h("h2", {}, "Start a job"),
     h("div", { class: "grid" },
       h("label", {}, "Base model", model), h("label", {}, "Training file", training),
       h("label", {}, "Validation file", validation), h("label", {}, "Epochs", epochs),
-      h("label", {}, "Suffix", suffix), h("label", {}, "Evaluate on", evalTasks),
+      h("label", {}, "Suffix", suffix), h("label", {}, "Checkpoint every (steps)", checkpointEvery),
+      h("label", {}, "Evaluate on", evalTasks),
       h("label", {}, "Evaluation tasks", evalLimit)),
     h("button", { type: "submit" }, "Start"), status);
   form.addEventListener("submit", async (e) => {
@@ -83,6 +86,7 @@ async function newJobForm(ctx) {
     if (validation.value) body.validation_file = validation.value;
     if (suffix.value.trim()) body.suffix = suffix.value.trim();
     if (epochs.value) body.hyperparameters = { n_epochs: Number(epochs.value) };
+    if (checkpointEvery.value) body.training = { checkpoint_every_steps: Number(checkpointEvery.value) };
     if (evalTasks.value) {
       body.eval = { tasks: evalTasks.value };
       if (evalLimit.value) body.eval.limit = Number(evalLimit.value);
@@ -175,7 +179,7 @@ export async function jobPage(ctx, id) {
 
   const isFinal = async () => FINAL.has(job.status);
   const following = followEvents(id, { onEvent, isFinal, signal: ctx.signal,
-                                       onMode: (m) => { mode.textContent = m === "stream" ? "live" : "polling"; } })
+                                       onMode: (m) => { mode.textContent = m === "stream" ? "live" : "polling"; mode.dataset.via = m; } })
     .then(() => { if (!ctx.signal.aborted) mode.textContent = "ended"; });
   // The job itself (status, ETA, checkpoints) is re-read while it runs.
   while (!ctx.signal.aborted && !FINAL.has(job.status)) {

@@ -1,0 +1,246 @@
+"""The dashboard in a real Chromium (Playwright driving Debian's chromium) against a live API, a real
+training worker and a live inference process. Screenshots of the job page and the evaluation page
+are written to tests/ui/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import _stop, start_inference
+from tests.factories import create_job, demo_tasks, uploaded_file_id, wait_for_job
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).parent / "screenshots"
+TIMEOUT_MS = 30_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed: scripts/system-deps.sh installs it (as root, with apt-get)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh browser context (its own sessionStorage) whose page fails the test on any script error."""
+    context = browser.new_context(base_url=server, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    # 4xx answers the page shows on purpose are logged by Chromium as console errors; scripts' own are not.
+    page.on("console", lambda msg: msg.type == "error" and "Failed to load resource" not in msg.text
+            and errors.append(f"console: {msg.text}"))
+    yield page
+    context.close()
+    assert errors == []
+
+
+def some_tasks(n: int, skip: int = 0) -> bytes:
+    """n of the bundled MBPP-style tasks: a job on them takes seconds, however busy the machine."""
+    return b"".join(demo_tasks().splitlines(keepends=True)[skip:skip + n])
+
+
+def sign_in(page, key: str) -> None:
+    page.goto("/ui/")
+    page.fill("#api-key", key)
+    page.click("#sign-in button[type=submit]")
+    page.wait_for_selector("#nav:not([hidden])")
+
+
+def points(page, series: str) -> int:
+    return page.locator(f'#loss-chart g[data-series="{series}"] circle.point').count()
+
+
+def test_signing_in_checks_the_key_and_keeps_it_in_the_tab_only(page, api, make_team):
+    _, key = make_team()
+    page.goto("/")  # the root redirects to the dashboard
+    assert page.url.endswith("/ui/")
+    page.fill("#api-key", "tf_not_a_key")
+    page.click("#sign-in button[type=submit]")
+    error = page.wait_for_selector("#sign-in-status .error")
+    assert "key" in error.inner_text().lower()
+    assert page.is_hidden("#nav")
+
+    page.fill("#api-key", key)
+    page.click("#sign-in button[type=submit]")
+    page.wait_for_selector("#jobs")
+    assert page.evaluate("sessionStorage.getItem('tuneforge.apiKey')") == key
+    assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []
+    assert key not in page.url
+    assert page.is_visible('[data-nav="keys"]')  # create_team's first key is an admin key
+
+    member = api(key).post("/keys", json={"name": "member", "role": "member"}).json()["key"]
+    page.click("#sign-out")
+    page.wait_for_selector("#sign-in")
+    assert page.evaluate("sessionStorage.getItem('tuneforge.apiKey')") is None
+    sign_in(page, member)
+    assert page.inner_text("#who") == "member key" and page.is_hidden('[data-nav="keys"]')
+
+
+def test_a_bad_upload_shows_its_errors_by_line_and_stores_nothing(page, api, make_team, tmp_path):
+    _, key = make_team()
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(good) + "\n" + json.dumps({"messages": "x"}) + "\n")
+    sign_in(page, key)
+    page.goto("/ui/#/datasets")
+    page.set_input_files("#upload-file", str(bad))
+    page.click("#upload button[type=submit]")
+    rows = page.locator("#upload-errors tr.line-error")
+    rows.first.wait_for()
+    assert [rows.nth(i).get_attribute("data-line") for i in range(rows.count())] == ["2", "4"]
+    assert "line 2" in page.inner_text("#upload-status .error")
+    assert api(key).get("/files").json()["data"] == []
+    assert page.locator("#files tr[data-file]").count() == 0
+
+
+def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, server, api, make_team, worker):
+    _, key = make_team()
+    client = api(key)
+    file_id = uploaded_file_id(client, some_tasks(32))
+    validation_id = uploaded_file_id(client, some_tasks(8, skip=32))
+    sign_in(page, key)
+    page.goto("/ui/#/jobs")
+    page.select_option("#job-training-file", file_id)
+    page.select_option("#job-validation-file", validation_id)
+    page.fill("#job-epochs", "2")
+    page.fill("#job-suffix", "ui")
+    page.fill("#job-checkpoint-every", "3")
+    # Sample the number of plotted training points from the moment the job page draws its chart.
+    page.click("#new-job button[type=submit]")
+    page.wait_for_selector("#loss-chart")
+    page.evaluate("""() => { window.counts = [];
+        setInterval(() => window.counts.push(
+            document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length), 25); }""")
+    job_id = page.url.rsplit("/", 1)[-1]
+    assert job_id.startswith("ftjob-")
+
+    job = wait_for_job(client, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+    page.wait_for_function("() => document.getElementById('stream-mode').textContent === 'ended'")
+    metrics = [e for e in client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+               if e["type"] == "metrics"]
+    train = [e for e in metrics if "train_loss" in (e["data"] or {})]
+    valid = [e for e in metrics if "valid_loss" in (e["data"] or {})]
+    page.wait_for_function(f"""() => document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length
+                               === {len(train)}""")
+    assert points(page, "train") == len(train) > 3 and points(page, "valid") == len(valid) == 2
+    # The curve grew while the job ran: points came in several deliveries, not in one at the end.
+    counts = page.evaluate("window.counts")
+    assert counts == sorted(counts), counts
+    assert len({c for c in counts if 0 < c < len(train)}) >= 2, counts
+    # The live stream where the server has one (stream=true answers server-sent events), else polling.
+    probe = httpx.get(f"{server}/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    streams = probe.headers.get("content-type", "").startswith("text/event-stream")
+    assert page.get_attribute("#stream-mode", "data-via") == ("stream" if streams else "poll")
+    assert page.locator("#lr-chart circle.point").count() == len(train)
+    assert page.locator("#events tr").count() == len(client.get(f"/fine_tuning/jobs/{job_id}/events",
+                                                                 params={"limit": 100}).json()["data"])
+    checkpoints = client.get(f"/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints and job["spec"]["training"]["checkpoint_every_steps"] == 3
+    rows = page.locator("#checkpoints tr[data-checkpoint]")
+    assert [rows.nth(i).get_attribute("data-checkpoint") for i in range(rows.count())] == [c["id"] for c in checkpoints]
+    assert page.is_disabled("#job-cancel") and page.is_disabled("#job-pause") and page.is_disabled("#job-resume")
+    assert json.loads(page.inner_text("#job-spec")) == job["spec"]
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "job.png"), full_page=True)
+
+
+def test_the_evaluation_page_shows_base_and_tuned_pass_at_1_as_bars(page, api, make_team, worker):
+    _, key = make_team()
+    client = api(key)
+    tasks = uploaded_file_id(client, some_tasks(16))
+    job = create_job(client, tasks, hyperparameters={"n_epochs": 1},
+                     eval={"tasks": tasks, "limit": 4, "max_tokens": 32, "timeout_seconds": 5})
+    done = wait_for_job(client, job["id"], timeout=600)
+    assert done["status"] == "succeeded", done
+    report = done["usage"]["evaluation"]
+    sign_in(page, key)
+    page.goto(f"/ui/#/jobs/{job['id']}")
+    page.click("#evaluation-link")
+    page.wait_for_selector("#pass-chart g.bar-tuned")
+    for role in ("base", "tuned"):
+        shown = float(page.get_attribute(f"#pass-chart g.bar-{role}", "data-value"))
+        assert shown == pytest.approx(report[role]["pass_at_k"]["1"])
+        section = page.locator(f'section[data-role="{role}"]')
+        section.locator("tr.result").first.wait_for()
+        assert section.locator("tr.result").count() == 4
+        assert section.locator("pre.program").count() == 4
+    assert page.locator("#forgetting dd").nth(2).inner_text() != "—"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "evaluation.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def inference(services_env, tiny_model) -> Iterator[str]:
+    log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "inference-ui.log"
+    proc, url = start_inference(services_env, log, "tiny-llama", timeout=180)
+    yield url
+    _stop(proc)
+
+
+def test_the_playground_streams_a_chat_answer_from_the_api(page, server, make_team, inference):
+    _, key = make_team()
+    question = "Write a function to add two numbers."
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=key)
+    expected = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": question}],
+                                              max_tokens=24, temperature=0).choices[0].message.content
+    assert expected
+    sign_in(page, key)
+    page.goto("/ui/#/playground")
+    page.select_option("#chat-model", "tiny-llama")
+    page.fill("#chat-max-tokens", "24")
+    page.fill("#chat-input", question)
+    page.evaluate("""() => { window.lengths = [];
+        new MutationObserver(() => { const a = document.querySelector('#chat-thread .role-assistant .text');
+            if (a) window.lengths.push(a.textContent.length); })
+          .observe(document.getElementById('chat-thread'), {subtree: true, childList: true, characterData: true}); }""")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-thread .role-assistant[data-done]")
+    assert page.inner_text("#chat-status") == ""
+    assert page.text_content("#chat-thread .role-assistant .text") == expected
+    # Drawn as it streamed: the answer was shown at more than one length before the last.
+    assert len({n for n in page.evaluate("window.lengths") if 0 < n < len(expected)}) >= 1
+
+
+def test_team_b_never_sees_team_a_job(page, server, api, make_team, tiny_model):
+    _, key_a = make_team()
+    _, key_b = make_team()
+    client_a = api(key_a)
+    job = create_job(client_a, uploaded_file_id(client_a), suffix="secret-of-a",
+                     metadata={"owner": "team-a-only"})
+    sign_in(page, key_a)
+    page.wait_for_selector(f'#jobs tr[data-job="{job["id"]}"]')
+
+    page.click("#sign-out")
+    sign_in(page, key_b)
+    page.wait_for_selector("#jobs")
+    assert page.locator("#jobs tr[data-job]").count() == 0
+    assert job["id"] not in page.content()
+    page.goto(f"/ui/#/jobs/{job['id']}")
+    error = page.wait_for_selector("#view .error")
+    assert error.inner_text().startswith("No such fine-tuning job") and page.locator("#job-facts").count() == 0
+    assert "secret-of-a" not in page.content() and "team-a-only" not in page.content()
+    # Nor through any page that lists what a team owns.
+    for hash_ in ("#/datasets", "#/adapters", "#/evaluations"):
+        page.goto(f"/ui/{hash_}")
+        page.wait_for_selector("#view h1")
+        page.wait_for_load_state("networkidle")
+        assert job["id"] not in page.content() and job["training_file"] not in page.content()
+    assert httpx.get(f"{server}/v1/fine_tuning/jobs/{job['id']}",
+                     headers={"Authorization": f"Bearer {key_b}"}).status_code == 404
