@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,6 @@ class Hooks:
         return self.stop if self.stop_at is not None and self.steps >= self.stop_at else None
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
-        import shutil
-
         kept = path
         if self.keep is not None:
             kept = self.keep / path.name
