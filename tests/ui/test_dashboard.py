@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import _stop, start_inference
-from tests.factories import create_job, demo_tasks, uploaded_file_id, wait_for_job
+from tests.factories import create_job, demo_tasks, stored_adapter, uploaded_file_id, wait_for_job
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).parent / "screenshots"
@@ -244,3 +244,41 @@ def test_team_b_never_sees_team_a_job(page, server, api, make_team, tiny_model):
         assert job["id"] not in page.content() and job["training_file"] not in page.content()
     assert httpx.get(f"{server}/v1/fine_tuning/jobs/{job['id']}",
                      headers={"Authorization": f"Bearer {key_b}"}).status_code == 404
+
+
+def test_the_other_pages_show_the_team_s_files_adapters_quotas_and_keys(page, api, make_team, tmp_path, tiny_model):
+    team_id, key = make_team()
+    client = api(key)
+    file_id = uploaded_file_id(client)
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(b"an adapter archive's bytes")
+    adapter_id = stored_adapter(team_id, archive)
+    sign_in(page, key)
+
+    page.goto(f"/ui/#/datasets/{file_id}")
+    page.locator("#preview .record").first.wait_for()
+    assert page.locator("#preview .record").count() == 20
+    assert "Write a function to add two numbers." in page.inner_text("#preview .record >> nth=0")
+
+    page.goto("/ui/#/adapters")
+    link = page.locator(f'a.download[data-adapter="{adapter_id}"]')
+    with page.expect_download() as download:
+        link.click()
+    assert Path(download.value.path()).read_bytes() == archive.read_bytes()
+    assert link.get_attribute("href").startswith("blob:")  # fetched with the key, never a URL holding it
+
+    page.goto("/ui/#/quotas")
+    assert "1 of" in page.inner_text("#quotas")  # the one file uploaded above
+
+    page.goto("/ui/#/keys")
+    page.locator("#keys tr[data-key]").first.wait_for()
+    page.fill("#key-name", "ci")
+    page.click("#new-key button[type=submit]")
+    created = page.inner_text("#new-key-value")
+    page.wait_for_selector("#keys tr[data-key] >> nth=1")
+    assert api(created).get("/models").status_code == 200
+    assert [k["name"] for k in client.get("/keys").json()["data"]].count("ci") == 1
+
+    page.goto("/ui/#/evaluations")
+    page.wait_for_selector("#view h1")
+    assert "No evaluations yet." in page.inner_text("#view")
