@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.api.concurrency import admit_team
 from app.core.config import get_settings
 from app.core.db import session_scope
+from app.core.strict_json import NUL_FREE_PATTERN
 from app.domains.quotas import ratelimit
 from app.domains.quotas import service as quotas
 from app.domains.quotas.errors import RateLimited, TooManyFailedAuthentications
@@ -110,7 +111,9 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 
 
 class Page:
-    def __init__(self, after: Annotated[str | None, Query(max_length=64)] = None,
+    # after's NUL is refused at the door (app/api/request_checks.py), before the list's owner is looked
+    # up: the pattern says so, so that another team's job (or webhook) answers 404 to whatever fits the schema.
+    def __init__(self, after: Annotated[str | None, Query(max_length=64, pattern=NUL_FREE_PATTERN)] = None,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20) -> None:
         self.after = after
         self.limit = limit

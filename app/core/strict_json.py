@@ -84,6 +84,11 @@ def _check(value: Any, path: Path) -> None:
             stack.extend((v, (*at, i)) for i, v in reversed(list(enumerate(item))))
 
 
+# Text without a NUL, as a JSON Schema pattern: for the OpenAPI document of a parameter or field whose
+# NUL is refused before the object it names is looked up, so that the refusal is the schema's.
+NUL_FREE_PATTERN = r"^[^\x00]*$"
+
+
 def first_nul(value: Any) -> Path | None:
     """The path of the first string, key or value, that holds a NUL (\\u0000), which Postgres text
     cannot store; None when there is none. A key's path ends with that key."""

@@ -116,13 +116,14 @@ def list_events(job_id: str, request: Request, session: SessionDep, principal: P
     if not stream:
         return jobs.events_page(session, team_id=principal.team_id, job_id=job_id, after=page.after,
                                 limit=page.limit)
+    team_id = principal.team_id
+    # Checked here, before the stream starts, and before the parameters: another team's job answers 404
+    # whatever else the request holds (a 400 first would tell that the job exists), and a bad id 400.
+    jobs.events_after(session, team_id=team_id, job_id=job_id, after=last_event_id, limit=0)
     for name in ("after", "limit"):
         if name in request.query_params:
             raise InvalidRequest(f"{name} pages the list; a stream (stream=true) starts after the Last-Event-ID "
                                  "header instead. Drop it, or drop stream=true.", param=name)
-    team_id = principal.team_id
-    # Checked here, before the stream starts: another team's job answers 404 and a bad id 400.
-    jobs.events_after(session, team_id=team_id, job_id=job_id, after=last_event_id, limit=0)
 
     async def fetch(after: str | None, limit: int) -> tuple[list[EventRead], bool]:
         return await in_unit_of_work(

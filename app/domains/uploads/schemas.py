@@ -1,13 +1,20 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from app.core.strict_json import NUL_FREE_PATTERN
 from app.domains.files.schemas import FileRead
 from app.domains.files.service import EXPIRES_MAX_SECONDS, EXPIRES_MIN_SECONDS
 
 MAX_PARTS = 10_000
+# Written into the schema so that it says what is refused before the upload is even looked up: every
+# /v1 route refuses a NUL in JSON text at the door (app/api/request_checks.py), and a malformed md5
+# is malformed whoever asks. What fits the schema is looked up first, so another team's upload
+# answers 404 to it, as a missing one does.
+MD5_HEX = r"^[0-9a-fA-F]{32}$"
+PartId = Annotated[str, Field(max_length=64, pattern=NUL_FREE_PATTERN)]
 
 
 class ExpiresAfter(BaseModel):
@@ -33,9 +40,10 @@ class UploadCreate(BaseModel):
 class UploadComplete(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    part_ids: list[str] = Field(min_length=1, max_length=MAX_PARTS,
-                                description="Every part to assemble, in order, each once.")
-    md5: str | None = Field(None, max_length=64, description="The assembled file's md5, in hex; checked when given.")
+    part_ids: list[PartId] = Field(min_length=1, max_length=MAX_PARTS,
+                                   description="Every part to assemble, in order, each once.")
+    md5: str | None = Field(None, pattern=MD5_HEX,
+                            description="The assembled file's md5, 32 hex digits; checked when given.")
 
 
 class UploadPartRead(BaseModel):

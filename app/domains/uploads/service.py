@@ -32,14 +32,14 @@ from app.domains.files.validation import JsonlValidator, ValidationReport
 from app.domains.quotas import service as quotas
 from app.domains.uploads.errors import UploadInvalid, UploadNotFound, UploadNotPending
 from app.domains.uploads.models import Upload, UploadPart
-from app.domains.uploads.schemas import UploadCreate, UploadPartRead, UploadRead
+from app.domains.uploads.schemas import MD5_HEX, UploadCreate, UploadPartRead, UploadRead
 from app.domains.uploads.states import UploadStatus
 
 # The types a JSONL file is sent as (parameters such as "; charset=utf-8" aside).
 JSONL_MIME_TYPES = ("application/jsonl", "application/x-jsonl", "application/jsonlines",
                     "application/x-jsonlines", "application/x-ndjson", "application/json", "text/jsonl",
                     "text/plain")
-_MD5 = re.compile(r"[0-9a-fA-F]{32}")
+_MD5 = re.compile(MD5_HEX)
 
 
 @dataclass
