@@ -3,20 +3,24 @@
 One run, in this process, with Tuneforge's own training (LoraRecipe) and evaluation path (generate,
 harness, the sandbox), greedy pass@1, chat prompts with the first fenced block run:
 
-  1. the base model on the held-out code tasks (tuneforge/data/code_tasks_heldout.jsonl, 60) and on
-     HumanEval (164), and its loss on general text (Python's help topics: the forgetting check);
+  1. the base model on a tier's held-out code tasks and on HumanEval (164), and its loss on general
+     text (Python's help topics: the forgetting check). --tier easy (the default): the easy tier,
+     code_tasks_easy_train.jsonl (110) and code_tasks_easy_heldout.jsonl (60), where a 135M model
+     is neither at 0 nor at the ceiling; --tier pool: the beginner-level pool, code_tasks_train.jsonl
+     (224) and code_tasks_heldout.jsonl (60), where it passes a few;
   2. round 1: the paper's recipe as Tuneforge's defaults (QLoRA 4-bit NF4, LoRA r=8 alpha 32 on
-     q/k/v/o, lr 2e-4, 4 epochs, effective batch 8) on the bundled training tasks
-     (code_tasks_train.jsonl, 224, none of them in the held-out split);
+     q/k/v/o, lr 2e-4, 4 epochs, effective batch 8) on the tier's training tasks (none of them in
+     its held-out split);
   3. the auto_iterate loop: while the target (--target, default base + 0.25 pass@1) is missed, the
      next round's settings come from jobs.iteration.adjust and its stop rule from iteration.decide,
      the functions a job's loop runs;
   4. HumanEval for round 1 and for the best round (forgetting: the tuned adapter on tasks it never
      trained on), and the best round's adapter on the 4-bit base (the cost of 4-bit).
 
-Prints a table and writes bench/results/quality-<model>.json with every number and setting.
+Prints a table and writes bench/results/quality-smollm2[-pool][-16bit].json with every number and
+setting.
 
-    .venv/bin/python bench/quality.py [--model-dir DIR] [--rounds 3] [--target 0.317]
+    .venv/bin/python bench/quality.py [--tier easy|pool] [--model-dir DIR] [--rounds 3] [--target T]
         [--no-humaneval] [--heldout-limit N] [--max-tokens 256] [--out DIR] [--resume]
 
 The report is saved after every stage (an evaluation, a round); --resume picks a run up where it
@@ -45,8 +49,9 @@ from app.domains.jobs.spec import AutoIterateSpec, TrainingSpec  # noqa: E402
 from bench.machine import describe, write_report  # noqa: E402
 
 DATA = ROOT / "tuneforge" / "data"
-TRAIN = DATA / "code_tasks_train.jsonl"
-HELDOUT = DATA / "code_tasks_heldout.jsonl"
+# The tiers' (training, held-out) files; see tuneforge/data/README.md.
+TIERS = {"easy": (DATA / "code_tasks_easy_train.jsonl", DATA / "code_tasks_easy_heldout.jsonl"),
+         "pool": (DATA / "code_tasks_train.jsonl", DATA / "code_tasks_heldout.jsonl")}
 
 
 class _Hooks:
@@ -91,13 +96,13 @@ def evaluate(model_dir: Path, adapter: Path | None, tasks: str, settings: Sampli
     return out
 
 
-def train(model_dir: Path, spec: TrainingSpec, adapter_dir: Path, label: str) -> dict[str, Any]:
-    """One training round with the recipe; the adapter is written to adapter_dir."""
+def train(model_dir: Path, spec: TrainingSpec, train_file: Path, adapter_dir: Path, label: str) -> dict[str, Any]:
+    """One training round with the recipe on train_file; the adapter is written to adapter_dir."""
     from worker.training.recipe import LoraRecipe
 
     hooks = _Hooks(label)
     with tempfile.TemporaryDirectory(prefix="quality-") as work:
-        recipe = LoraRecipe(spec=spec, base_model_path=model_dir, train_file=TRAIN, validation_file=None,
+        recipe = LoraRecipe(spec=spec, base_model_path=model_dir, train_file=train_file, validation_file=None,
                             work_dir=Path(work), hooks=hooks)
         recipe.setup()
         result = recipe.train()
@@ -118,6 +123,8 @@ def describe_spec(spec: TrainingSpec) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tier", choices=sorted(TIERS), default="easy",
+                        help="which bundled tasks to train and score on (default: easy)")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="the converted SmolLM2 directory (default: ensure_smollm2 under --data-dir)")
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -146,10 +153,12 @@ def main() -> None:
     settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat", limit=args.heldout_limit)
     he_settings = SamplingSpec(max_tokens=args.max_tokens, prompt_style="chat")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="quality-adapters-"))
+    train_file, heldout = TIERS[args.tier]
     identity = {"model_dir": str(args.model_dir), "max_tokens": args.max_tokens, "heldout_limit": args.heldout_limit,
-                "bits": args.bits}
+                "bits": args.bits, "tier": args.tier, "train_file": train_file.name, "heldout_file": heldout.name}
     report: dict[str, Any] = {**identity, "rounds": [], "stage_seconds": {}}
-    result = RESULTS / ("quality-smollm2" + ("-16bit" if args.bits == "none" else "") + ".json")
+    result = RESULTS / ("quality-smollm2" + ("-pool" if args.tier == "pool" else "")
+                        + ("-16bit" if args.bits == "none" else "") + ".json")
     if args.resume and result.is_file():
         previous = json.loads(result.read_text()).get("report") or {}
         if all(previous.get(k) == v for k, v in identity.items()):
@@ -168,7 +177,7 @@ def main() -> None:
 
     def base_heldout() -> None:
         print("base model: held-out tasks", flush=True)
-        base = evaluate(args.model_dir, None, str(HELDOUT), settings, general_loss=True)
+        base = evaluate(args.model_dir, None, str(heldout), settings, general_loss=True)
         print(f"  held-out pass@1 {base['pass_at_1']:.3f} ({base['passed']}/{base['tasks']}), "
               f"general loss {base['general_loss']:.4f}", flush=True)
         report["base"] = {"heldout": base}
@@ -194,11 +203,11 @@ def main() -> None:
         def train_round(n=n, spec=spec, change=change) -> None:
             adapter = out_dir / f"round-{n}"
             print(f"round {n}: {change}: {describe_spec(spec)}", flush=True)
-            trained = train(args.model_dir, spec, adapter, f"round {n}")
+            trained = train(args.model_dir, spec, train_file, adapter, f"round {n}")
             print(f"  trained {trained['steps']} steps, {trained['trained_tokens']:,} tokens in "
                   f"{trained['wall_seconds']:.0f} s ({trained['tokens_per_second']:.0f} tokens/s), "
                   f"final loss {trained['final_loss']:.3f}", flush=True)
-            held = evaluate(args.model_dir, adapter, str(HELDOUT), settings, general_loss=True)
+            held = evaluate(args.model_dir, adapter, str(heldout), settings, general_loss=True)
             print(f"  held-out pass@1 {held['pass_at_1']:.3f} ({held['passed']}/{held['tasks']}), "
                   f"general loss {held['general_loss']:.4f}", flush=True)
             report["rounds"].append({"round": n, "change": change, "spec": describe_spec(spec),
@@ -228,7 +237,7 @@ def main() -> None:
 
         def four_bit(entry=entry) -> None:
             print(f"round {entry['round']}: held-out tasks on the 4-bit base", flush=True)
-            entry["heldout_4bit"] = evaluate(args.model_dir, Path(entry["adapter"]), str(HELDOUT), settings,
+            entry["heldout_4bit"] = evaluate(args.model_dir, Path(entry["adapter"]), str(heldout), settings,
                                              quantized=True)
             print(f"  4-bit held-out pass@1 {entry['heldout_4bit']['pass_at_1']:.3f}", flush=True)
 

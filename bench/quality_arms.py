@@ -9,8 +9,9 @@ in the results file are skipped, so a list can be run over several invocations.
     .venv/bin/python bench/quality_arms.py --model-dir DIR '[{"name": "qkvo-1-epoch-16bit",
         "quantization": {"bits": null}, "training": {"epochs": 1}}, ...]'
 
-"train" in an arm names a file under tuneforge/data (default code_tasks_train.jsonl). Prints one line
-per arm and writes bench/results/quality-arms-smollm2.json.
+"train" in an arm names a file under tuneforge/data (default: the --tier's training file), and the
+arm is scored on the --tier's held-out file (easy, the default, or pool: see bench/quality.py). Prints
+one line per arm and writes bench/results/quality-arms-smollm2.json.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", help="a JSON list of arms: {name, train?, ...TrainingSpec fields}")
     parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--tier", choices=sorted(quality.TIERS), default="easy")
     parser.add_argument("--adapters", type=Path, default=None, help="keep the adapters here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -46,16 +48,18 @@ def main() -> None:
         name = arm.pop("name")
         if any(r["name"] == name for r in results):
             continue
-        quality.TRAIN = quality.DATA / arm.pop("train", "code_tasks_train.jsonl")
+        default_train, heldout = quality.TIERS[args.tier]
+        train_file = quality.DATA / arm.pop("train") if "train" in arm else default_train
         spec = TrainingSpec(**arm)
         adapter = adapters / name
-        print(f"{name}: {quality.describe_spec(spec)} on {quality.TRAIN.name}", flush=True)
-        trained = quality.train(args.model_dir, spec, adapter, name)
-        held = quality.evaluate(args.model_dir, adapter, str(quality.HELDOUT), settings, general_loss=True)
+        print(f"{name}: {quality.describe_spec(spec)} on {train_file.name}", flush=True)
+        trained = quality.train(args.model_dir, spec, train_file, adapter, name)
+        held = quality.evaluate(args.model_dir, adapter, str(heldout), settings, general_loss=True)
         print(f"  {trained['steps']} steps, final loss {trained['final_loss']:.3f}, "
               f"{trained['tokens_per_second']:.0f} tokens/s; held-out {held['passed']}/{held['tasks']} "
               f"{held['passed_ids']}, general loss {held['general_loss']:.4f}", flush=True)
-        results.append({"name": name, "cfg": arm, "train": quality.TRAIN.name, "training": trained, "heldout": held})
+        results.append({"name": name, "cfg": arm, "train": train_file.name, "heldout_file": heldout.name,
+                        "training": trained, "heldout": held})
         args.out.write_text(json.dumps(results, indent=1))
 
 
