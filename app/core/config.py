@@ -173,6 +173,27 @@ class WebhookSettings(BaseModel):
         "After a secret rotation, deliveries are signed with the old secret too for this long."))
 
 
+class TrackerSettings(BaseModel):
+    """Experiment trackers of training jobs (README, "Experiment trackers"). A job's wandb integration
+    logs to W&B: online where an API key is configured here, else offline to a run directory on the
+    worker that `wandb sync` uploads later. With TUNEFORGE_MLFLOW_TRACKING_URI every job logs to MLflow.
+    A tracker that fails never fails the job: an event says so and training goes on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    wandb_mode: Literal["auto", "online", "offline"] = Field(default="auto", description=(
+        "auto: online when wandb_api_key is set, else offline."))
+    wandb_api_key: SecretStr | None = Field(default=None, description="The W&B API key runs are synced with.")
+    wandb_base_url: str | None = Field(default=None, description=(
+        "A self-hosted W&B server's URL; unset: W&B's own."))
+    wandb_dir: Path | None = Field(default=None, description=(
+        "Where W&B run directories are written on the worker; unset: data_dir/trackers/wandb."))
+    wandb_init_timeout_seconds: float = Field(default=60.0, gt=0, description=(
+        "Longest wait for W&B to start a run before the job goes on without it."))
+    mlflow_experiment: str = Field(default="tuneforge", min_length=1, description=(
+        "The MLflow experiment jobs' runs are created in."))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEFORGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -221,6 +242,10 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)  # TUNEFORGE_WEBHOOKS__ALLOW_PRIVATE, ...
     storage: StorageSettings = Field(default_factory=StorageSettings)  # TUNEFORGE_STORAGE__PRESIGNED_DOWNLOADS
     s3: S3Settings = Field(default_factory=S3Settings)  # TUNEFORGE_S3__ENDPOINT_URL, ...
+    mlflow_tracking_uri: str | None = Field(default=None, description=(
+        "When set, every training job logs its spec, metrics per step and final status to this MLflow "
+        "tracking URI (a local file store file:///..., or a tracking server's http(s) URL)."))
+    trackers: TrackerSettings = Field(default_factory=TrackerSettings)  # TUNEFORGE_TRACKERS__WANDB_API_KEY, ...
     log_format: Literal["text", "json"] = Field(default="text", description=(
         "text: the processes' usual log lines; json: one JSON object a line, with the request id, team id "
         "and job id where known."))
