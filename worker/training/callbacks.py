@@ -84,6 +84,8 @@ class ProgressEvents(TrainerCallback):
         elif "eval_loss" in logs:
             data = {"valid_loss": logs["eval_loss"], "step": state.global_step,
                     **{f"valid_{key}": logs[f"eval_{key}"] for key in REWARD_METRICS if f"eval_{key}" in logs}}
+            if "eval_mean_token_accuracy" in logs:
+                data["valid_mean_token_accuracy"] = logs["eval_mean_token_accuracy"]
             line = f"Step {state.global_step}: validation loss {logs['eval_loss']:.4f}"
             self.hooks.on_event("metrics", line + _rewards_line(logs, "eval_"), data)
 
@@ -105,6 +107,8 @@ class ProgressEvents(TrainerCallback):
             "eta_seconds": seconds_per_step * max(state.max_steps - state.global_step, 0),
             **{key: logs[key] for key in REWARD_METRICS if key in logs},
         }
+        if "mean_token_accuracy" in logs:  # a supervised job's (RowTrainer.log), over the same interval as the loss
+            data["train_mean_token_accuracy"] = logs["mean_token_accuracy"]
         metrics.record_training_step(steps=state.global_step - self._last_step, seconds=interval,
                                      tokens=tokens - self._last_tokens, tokens_per_second=data["tokens_per_second"])
         self._last_time, self._last_tokens, self._last_step = now, tokens, state.global_step
@@ -331,6 +335,11 @@ class StopAndCheckpoint(TrainerCallback):
                 value = last_logged(state.log_history, logged)
                 if value is not None:
                     metrics[name] = value
+        for logged, name in (("mean_token_accuracy", "train_mean_token_accuracy"),
+                             ("eval_mean_token_accuracy", "valid_mean_token_accuracy")):
+            value = last_logged(state.log_history, logged)
+            if value is not None:
+                metrics[name] = value
         self.hooks.on_checkpoint(step, path, metrics)
         # Handed over (uploaded): the local copy only takes disk space from here on.
         shutil.rmtree(path, ignore_errors=True)

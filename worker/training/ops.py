@@ -20,9 +20,11 @@ and nothing else; other architectures train with their stock modules.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from worker.training.dequantized import DequantizedLinear4bit
 
@@ -132,8 +134,28 @@ LOSS_CHUNK_TOKENS = 1024
 HEAD_ROWS_MULTIPLE = 64
 
 
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many labelled tokens the logits' argmax predicts: logits (tokens, vocabulary), labels (tokens,),
+    already shifted (IGNORE_INDEX never matches). An int64 scalar on the logits' device, not synced."""
+    with torch.no_grad():
+        return (logits.argmax(-1) == labels).sum()
+
+
+@dataclass
+class CausalLMOutputWithTokenCounts(CausalLMOutputWithPast):
+    """The chunked loss's output: no logits, and instead the counts behind the mean token accuracy.
+
+    correct_tokens: labelled tokens whose argmax prediction equals the label; labelled_tokens: all
+    labelled tokens (int64 scalars, detached, on the model's device).
+    """
+
+    correct_tokens: torch.Tensor | None = None
+    labelled_tokens: torch.Tensor | None = None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, labels)) / divisor, a chunk of labelled tokens at a time.
+    """sum(cross_entropy(hidden @ weight.T, labels)) / divisor, a chunk of labelled tokens at a time,
+    and how many labelled tokens the head's argmax predicts (a second, non-differentiable output).
 
     The stock head materializes logits for every token (tokens x vocabulary, in the compute dtype,
     again in fp32 for the loss, and once more as their gradient): with a 32k vocabulary and a
@@ -146,13 +168,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     any gradient. On code tasks laid out through a chat template that is three tokens in four,
     and the head (vocabulary x hidden) is the largest matmul of a small model.
     Matmuls run under the caller's autocast exactly as the stock head's do; under autocast the
-    weight is cast to the autocast dtype once per call, not once per matmul.
+    weight is cast to the autocast dtype once per call, not once per matmul. The argmax is taken of
+    each chunk's logits while they exist (one reduction over the vocabulary, as logsumexp is).
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, divisor: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         device = hidden.device.type
         if torch.is_autocast_enabled(device):
@@ -169,6 +193,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             target = y.clamp(min=0)
             logits = nn.functional.linear(hidden.index_select(0, rows), weight).float()
+            correct += count_correct(logits, y)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
             if grad is not None:
@@ -177,10 +202,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_((valid.to(probs.dtype) / divisor)[:, None])
                 grad.index_copy_(0, rows, nn.functional.linear(probs, weight.t()).to(hidden.dtype))
         ctx.save_for_backward(grad)
-        return total / divisor
+        ctx.mark_non_differentiable(correct)
+        return total / divisor, correct
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_correct: torch.Tensor | None):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.to(grad.dtype), None, None, None, None
 
@@ -194,23 +220,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labelled tokens, or their sum over num_items_in_batch when the Trainer passes it (gradient
     accumulation then weighs every token alike). Not for a head whose weight trains.
     """
+    return linear_cross_entropy_and_correct(hidden, weight, labels, num_items_in_batch, chunk)[0]
+
+
+def linear_cross_entropy_and_correct(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                     num_items_in_batch: torch.Tensor | int | None = None,
+                                     chunk: int = LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_cross_entropy's loss, and how many labelled tokens the head's argmax predicts (count_correct
+    over the full logits, an int64 scalar) at no extra matmul."""
     if num_items_in_batch is None:
         divisor = (labels != IGNORE_INDEX).sum().to(torch.float32)
     else:
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, divisor, chunk)
+    loss, correct = _LinearCrossEntropy.apply(hidden, weight, labels, divisor, chunk)
+    return loss, correct
 
 
 def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                           labels=None, **kwargs):
-    """A causal LM's forward that, given labels, returns the loss and no logits (see _LinearCrossEntropy).
-    Without labels (generation, scoring) or with a head that trains it is the stock forward."""
+    """A causal LM's forward that, given labels, returns the loss and the token-accuracy counts and no
+    logits (see _LinearCrossEntropy, CausalLMOutputWithTokenCounts). Without labels (generation,
+    scoring) or with a head that trains it is the stock forward."""
     stock = type(self).forward.__get__(self)
     if labels is None or self.lm_head.weight.requires_grad or kwargs.get("use_cache"):
         return stock(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      inputs_embeds=inputs_embeds, labels=labels, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -218,11 +252,13 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
     hidden = outputs.last_hidden_state
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-                                shift_labels.reshape(-1).to(hidden.device), kwargs.get("num_items_in_batch"),
-                                chunk=LOSS_CHUNK_TOKENS)
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions)
+    flat_labels = shift_labels.reshape(-1).to(hidden.device)
+    loss, correct = linear_cross_entropy_and_correct(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                                     flat_labels, kwargs.get("num_items_in_batch"),
+                                                     chunk=LOSS_CHUNK_TOKENS)
+    return CausalLMOutputWithTokenCounts(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions, correct_tokens=correct,
+                                         labelled_tokens=(flat_labels != IGNORE_INDEX).sum())
 
 
 def apply_chunked_loss(model: nn.Module) -> bool:

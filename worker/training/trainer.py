@@ -19,6 +19,7 @@ from app.domains.jobs.spec import TrainingSpec
 from worker.training.batching import BatchPlan
 from worker.training.callbacks import StepAbandoned
 from worker.training.model import Device, Precision
+from worker.training.ops import IGNORE_INDEX, count_correct
 from worker.training.packing import split_packed_batch
 
 
@@ -128,6 +129,9 @@ class RowTrainer(Trainer):
         self.row_multiple = row_multiple
         self.pad_token_id = pad_token_id
         self.abandon_step = abandon_step
+        # (correct, labelled) token counts since the last log, per mode; tensors until logged (no sync per step).
+        self._token_counts: dict[str, tuple[torch.Tensor | int, torch.Tensor | int]] = {"train": (0, 0),
+                                                                                         "eval": (0, 0)}
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from a checkpoint at max_steps in mid-epoch (the last step's): the Trainer would skip
@@ -164,3 +168,44 @@ class RowTrainer(Trainer):
             row_loss = super().training_step(model, row, num_items_in_batch)
             loss = row_loss if loss is None else loss + row_loss
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")  # the Trainer may pop labels
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        counts = _token_counts(outputs, labels, shift_labels)
+        if counts is not None:
+            mode = "train" if model.training else "eval"
+            (correct, labelled), (more_correct, more_labelled) = self._token_counts[mode], counts
+            self._token_counts[mode] = correct + more_correct, labelled + more_labelled
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "eval_loss" in logs:
+            evaluation = "eval_loss" in logs
+            mode, key = ("eval", "eval_mean_token_accuracy") if evaluation else ("train", "mean_token_accuracy")
+            correct, labelled = self._token_counts[mode]
+            self._token_counts[mode] = 0, 0
+            if int(labelled) > 0:
+                logs[key] = int(correct) / int(labelled)
+        super().log(logs, start_time)
+
+
+def _token_counts(outputs, labels: torch.Tensor | None,
+                  shift_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(correct, labelled) tokens of one forward pass: the chunked loss's own counts, else counted from
+    its logits (batch, length, vocabulary) against the labels shifted by one as transformers' causal-LM
+    loss shifts them; None for an output with neither (a custom loss's)."""
+    if not isinstance(outputs, dict):
+        return None
+    if outputs.get("correct_tokens") is not None:
+        return outputs["correct_tokens"], outputs["labelled_tokens"]
+    logits = outputs.get("logits")
+    if logits is None:
+        return None
+    if shift_labels is None:
+        if labels is None:
+            return None
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return (count_correct(logits.detach().reshape(-1, logits.shape[-1]), shift_labels),
+            (shift_labels != IGNORE_INDEX).sum())
