@@ -44,7 +44,7 @@ def test_a_succeeded_job_has_a_metrics_csv_with_one_row_per_logged_step(team, wo
     job = client.fine_tuning.jobs.create(
         model="tiny-llama", training_file=f.id, seed=5,
         extra_body={"training": {"max_steps": 4, "gradient_accumulation_steps": 1, "validation_split": 0.1,
-                                 "eval_every_steps": 2}})
+                                 "eval_every_steps": 2, "checkpoint_every_steps": 2}})
     assert job.result_files == []
     done = wait_for_job(http, job.id)
     assert done["status"] == "succeeded", done
@@ -54,8 +54,11 @@ def test_a_succeeded_job_has_a_metrics_csv_with_one_row_per_logged_step(team, wo
     metrics = _metrics(http, job.id)
     train = {m["step"]: m for m in metrics if "train_loss" in m}
     valid = {m["step"]: m["valid_loss"] for m in metrics if "valid_loss" in m}
+    valid_accuracy = {m["step"]: m["valid_mean_token_accuracy"] for m in metrics if "valid_loss" in m}
     assert sorted(train) == [1, 2, 3, 4] and sorted(valid) == [2, 4]
     assert all(m["train_loss"] == m["loss"] for m in train.values())  # the old key stays beside OpenAI's
+    assert all(0.0 <= m["train_mean_token_accuracy"] <= 1.0 for m in train.values())
+    assert all(0.0 <= a <= 1.0 for a in valid_accuracy.values())
 
     rows = _csv(client, result)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -63,8 +66,17 @@ def test_a_succeeded_job_has_a_metrics_csv_with_one_row_per_logged_step(team, wo
         step = int(r["step"])
         assert float(r["train_loss"]) == train[step]["train_loss"]
         assert (float(r["valid_loss"]) if r["valid_loss"] else None) == valid.get(step)
-        # The trainer computes no token accuracy (its loss runs without a logits tensor): left empty.
-        assert r["train_mean_token_accuracy"] == r["valid_mean_token_accuracy"] == ""
+        # Token accuracy at every logged step, and the validation's at the steps that evaluated.
+        assert float(r["train_mean_token_accuracy"]) == train[step]["train_mean_token_accuracy"]
+        assert 0.0 <= float(r["train_mean_token_accuracy"]) <= 1.0
+        assert (float(r["valid_mean_token_accuracy"]) if r["valid_mean_token_accuracy"] else None) == \
+            valid_accuracy.get(step)
+    # Each checkpoint's metrics carry the accuracies logged at its step (evaluated before it was written).
+    checkpoints = {c.step_number: c.metrics for c in client.fine_tuning.jobs.checkpoints.list(job.id)}
+    assert sorted(checkpoints) == [2, 4]
+    for step, m in checkpoints.items():
+        assert m.train_mean_token_accuracy == train[step]["train_mean_token_accuracy"]
+        assert m.valid_mean_token_accuracy == valid_accuracy[step]
     # The file is the team's: listed under its purpose, not trained on, and another team cannot read it.
     assert [x.id for x in client.files.list(purpose="fine-tune-results")] == [result]
     with pytest.raises(openai.BadRequestError):
