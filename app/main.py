@@ -25,6 +25,7 @@ from app.api.v1 import adapters, evaluations, files, jobs, models, uploads
 from app.api.v1 import completions, inference
 from app.api.v1 import audit, keys, quotas
 from app.api.v1 import webhooks
+from app.api.v1 import exports
 from app.core import logs, queue
 from app.core.config import get_settings
 from app.core.db import get_engine
@@ -68,6 +69,7 @@ def create_app() -> FastAPI:
     for module in (keys, audit, quotas):
         v1.include_router(module.router)
     v1.include_router(webhooks.router)
+    v1.include_router(exports.router)
     app.include_router(v1)
     app.include_router(metrics_router)
     ui.install(app)  # the dashboard at /ui, calling /v1 from the browser

@@ -15,7 +15,8 @@ from celery import Celery
 from app.core.config import get_settings
 from app.core.queue import celery_config
 
-app = Celery("tuneforge", include=["worker.tasks.training", "worker.tasks.evaluation", "worker.tasks.webhooks"])
+app = Celery("tuneforge", include=["worker.tasks.training", "worker.tasks.evaluation", "worker.tasks.webhooks",
+                                    "worker.tasks.exports"])
 app.conf.update(celery_config(get_settings()))
 
 # The pool children's metrics reach the main process's /metrics server (worker.metrics) through files

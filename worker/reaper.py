@@ -16,6 +16,7 @@ from typing import NamedTuple
 from app.core.config import get_settings
 from app.core.db import session_scope, utcnow
 from app.domains.evaluations import service as evaluations
+from app.domains.exports import service as exports
 from app.domains.files import service as files
 from app.domains.jobs import lease as job_lease
 from app.domains.jobs import service as jobs
@@ -43,6 +44,9 @@ def reap_expired() -> Recovered:
         for evaluation_id, job_id in given_up:
             if job_id:
                 job_lease.give_up_evaluation(session, job_id=job_id, evaluation_id=evaluation_id)
+        requeued_exports = exports.reap(session, max_attempts=max_attempts)
+    if requeued_exports:
+        log.warning("requeued exports with expired leases: %s", ", ".join(requeued_exports))
     if jobs:
         log.warning("reaped %d job(s) with expired leases: %s", len(jobs), ", ".join(jobs))
     if requeued or given_up:
@@ -61,6 +65,9 @@ def redispatch_stale(older_than_seconds: float | None = None) -> Recovered:
         recovered = Recovered(jobs=job_lease.redispatch_stale(session, older_than=older_than),
                               evaluations=[e for e, _ in evaluations.redispatch_stale(session, older_than=older_than)])
         deliveries = webhooks.redispatch_stale(session, older_than=older_than)
+        stale_exports = exports.redispatch_stale(session, older_than=older_than)
+    if stale_exports:
+        log.info("re-dispatched queued exports: %s", stale_exports)
     if deliveries:
         log.info("re-sent webhook deliveries whose attempt never came: %s", deliveries)
     if recovered.jobs or recovered.evaluations:

@@ -27,6 +27,7 @@ TRAIN_TASK = "jobs.train"
 EVALUATE_TASK = "evaluations.run"
 EVALUATE_JOB_TASK = "evaluations.run_job"
 DELIVER_WEBHOOK_TASK = "webhooks.deliver"
+EXPORT_TASK = "exports.run"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -61,7 +62,9 @@ def celery_config(settings: Settings) -> dict:
         "task_routes": {TRAIN_TASK: {"queue": settings.training_queue},
                         EVALUATE_TASK: {"queue": settings.evaluation_queue},
                         EVALUATE_JOB_TASK: {"queue": settings.evaluation_queue},
-                        DELIVER_WEBHOOK_TASK: {"queue": settings.webhooks.queue}},
+                        DELIVER_WEBHOOK_TASK: {"queue": settings.webhooks.queue},
+                        # Merging loads the base model's weights: work for the training machines.
+                        EXPORT_TASK: {"queue": settings.training_queue}},
         "task_default_queue": settings.training_queue,
     }
 
@@ -135,6 +138,11 @@ def enqueue_evaluation(evaluation_id: str) -> bool:
 
 def enqueue_job_evaluation(job_id: str) -> bool:
     return _send(EVALUATE_JOB_TASK, job_id, get_settings().evaluation_queue)
+
+
+def enqueue_export(export_id: str) -> bool:
+    """Send an adapter export's id to the training queue (merging loads the base model)."""
+    return _send(EXPORT_TASK, export_id, get_settings().training_queue)
 
 
 def enqueue_webhook(delivery_id: str, countdown: float = 0) -> bool:

@@ -5,6 +5,7 @@ from app.domains.adapters import models as _adapters  # noqa: F401
 from app.domains.audit import models as _audit  # noqa: F401
 from app.domains.checkpoints import models as _checkpoints  # noqa: F401
 from app.domains.evaluations import models as _evaluations  # noqa: F401
+from app.domains.exports import models as _exports  # noqa: F401
 from app.domains.files import models as _files  # noqa: F401
 from app.domains.idempotency import models as _idempotency  # noqa: F401
 from app.domains.jobs import models as _jobs  # noqa: F401

@@ -1,5 +1,5 @@
-"""Per-team quotas: jobs running at once, jobs waiting, storage bytes (files and adapters) and
-number of files.
+"""Per-team quotas: jobs running at once, jobs waiting, storage bytes (files, adapters and their
+succeeded exports) and number of files.
 
 Limits are the settings' defaults (TUNEFORGE_QUOTAS__*) unless the team's team_quota row overrides
 them. Each check that precedes a write locks the team's row first (teams.lock_team), so two
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.domains.adapters.models import Adapter
+from app.domains.exports.models import AdapterExport
 from app.domains.files.models import File
 from app.domains.quotas.errors import CostLimitExceeded, QueueFull, StorageFull, TooManyFiles
 from app.domains.quotas.models import TeamQuota
@@ -74,12 +75,40 @@ def _count(session: Session, query: Select) -> int:
 
 
 def _storage(session: Session, team_id: str) -> tuple[int, int]:
-    """(files, bytes stored): uploaded files and trained adapters, the two a team can delete.
-    Checkpoints are not counted: a job keeps at most keep_checkpoints of them."""
+    """(files, bytes stored): uploaded files, trained adapters and their exports, what a team can
+    delete. Checkpoints are not counted: a job keeps at most keep_checkpoints of them. An export
+    counts once its blob is stored (bytes is set when it succeeds)."""
     count, files = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
                                    .where(File.team_id == team_id)).one()
     adapters = session.scalar(select(func.coalesce(func.sum(Adapter.bytes), 0)).where(Adapter.team_id == team_id))
-    return int(count), int(files) + int(adapters or 0)
+    exports = session.scalar(select(func.coalesce(func.sum(AdapterExport.bytes), 0))
+                             .where(AdapterExport.team_id == team_id))
+    return int(count), int(files) + int(adapters or 0) + int(exports or 0)
+
+
+def check_room(session: Session, *, team_id: str, what: str) -> None:
+    """Before work whose result is stored later (an export, whose size is known once written):
+    raises StorageFull when the team's storage is already at its limit, so nothing could be kept."""
+    quota = limits(session, team_id)
+    used = _storage(session, team_id)[1]
+    if used >= quota.storage_bytes:
+        raise StorageFull(f"Storage quota exceeded: the team's files, adapters and exports use {used} bytes and the "
+                          f"limit is {quota.storage_bytes} bytes, so {what} could not be kept. Delete files, adapters "
+                          "or exports, or ask an operator to raise the quota.", param=None,
+                          extra={"limit": quota.storage_bytes, "usage": used})
+
+
+def check_stored(session: Session, *, team_id: str, size: int, what: str) -> None:
+    """Before a worker's artifact of `size` bytes is recorded (an export). Raises StorageFull when it
+    does not fit; locks the team's row until the transaction ends."""
+    teams.lock_team(session, team_id)
+    quota = limits(session, team_id)
+    used = _storage(session, team_id)[1]
+    if used + size > quota.storage_bytes:
+        raise StorageFull(f"Storage quota exceeded: the team's files, adapters and exports use {used} bytes, "
+                          f"{what} adds {size} and the limit is {quota.storage_bytes} bytes. Delete files, adapters "
+                          "or exports (DELETE /v1/exports/{id}) or ask an operator to raise the quota.",
+                          param=None, extra={"limit": quota.storage_bytes, "usage": used})
 
 
 def may_start(session: Session, team_id: str, *, jobs: JobCounts) -> bool:
