@@ -21,6 +21,7 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.queue import TRAIN_TASK
 from app.domains.jobs import lease as job_lease
+from app.domains.jobs import results
 from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
 from worker.lease import Lease, retry_db, worker_id
@@ -29,6 +30,7 @@ from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
 from worker.training.hooks import CostLimits, StopReason
 from worker.training.job_hooks import JobHooks
+from worker.training.trackers import TrackerConfig, Trackers
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -69,12 +71,26 @@ def train(job_id: str) -> str:
 
 
 def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
-    """Setup, train, save, cleanup; then store the adapter and record the job."""
-    from worker.training.recipe import LoraRecipe  # torch loads here, in the worker only
-
+    """Train with the job's trackers around the recipe (worker.training.trackers), and end their runs
+    with the job's outcome."""
     cpu_start = _cpu_seconds()
     spec = inputs.spec
-    hooks = JobHooks(inputs.job_id, inputs.team_id, lease, spec.training.keep_checkpoints)
+    trackers = Trackers(_tracker_config(inputs, work_dir),
+                        JobHooks(inputs.job_id, inputs.team_id, lease, spec.training.keep_checkpoints))
+    trackers.start()
+    status = "failed"
+    try:
+        status = _train(inputs, lease, work_dir, trackers, cpu_start)
+        return status
+    finally:
+        trackers.close(status)
+
+
+def _train(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path, hooks: Trackers, cpu_start: float) -> str:
+    """Setup, train, save, cleanup; then store the adapter (and the TensorBoard files) and record the job."""
+    from worker.training.recipe import LoraRecipe  # torch loads here, in the worker only
+
+    spec = inputs.spec
     latest = checkpoints.download_latest(job_id=inputs.job_id, dest=work_dir / "resume")
     base_dir = stage_base(inputs.base_path)  # staged from storage when registered there
     recipe = LoraRecipe(spec=spec, base_model_path=base_dir, train_file=stage_file(inputs.train_key),
@@ -98,6 +114,9 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
         recipe.save(adapter_dir)
     finally:
         recipe.cleanup()
+    board = hooks.end_training(work_dir / "tensorboard.tar.gz")
+    if board is not None:
+        retry_db(lambda: _attach_archive(inputs, lease.token, board, "tensorboard.tar.gz"))
 
     adapter = store_adapter(adapter_dir, team_id=inputs.team_id, base_model=inputs.base_model, work_dir=work_dir)
     usage = {**dataclasses.asdict(result), "cpu_seconds": _cpu_seconds() - cpu_start}
@@ -109,6 +128,28 @@ def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
         return str(status) if status else "lost"
 
     return retry_db(finish)
+
+
+def _tracker_config(inputs: job_lease.TrainingInputs, work_dir: Path) -> TrackerConfig:
+    """The job's trackers as the operator's settings configure them (see TrackerSettings)."""
+    settings = get_settings()
+    t = settings.trackers
+    key = t.wandb_api_key.get_secret_value() if t.wandb_api_key is not None else None
+    mode = t.wandb_mode if t.wandb_mode != "auto" else ("online" if key else "offline")
+    return TrackerConfig(
+        job_id=inputs.job_id, team_id=inputs.team_id, model=inputs.base_model, spec=inputs.spec, wandb_mode=mode,
+        wandb_dir=(t.wandb_dir or settings.data_dir / "trackers" / "wandb") / inputs.job_id, wandb_api_key=key,
+        wandb_base_url=t.wandb_base_url, wandb_init_timeout=t.wandb_init_timeout_seconds,
+        mlflow_uri=settings.mlflow_tracking_uri or None, mlflow_experiment=t.mlflow_experiment,
+        tensorboard_dir=work_dir / "tensorboard")
+
+
+def _attach_archive(inputs: job_lease.TrainingInputs, token: str, path: Path, filename: str) -> None:
+    """Add a file the job wrote to its result_files, while this worker holds its lease."""
+    with session_scope() as session:
+        if job_lease.holds(session, job_id=inputs.job_id, lease_token=token):
+            results.attach_archive(session, job_id=inputs.job_id, team_id=inputs.team_id, path=path,
+                                   filename=filename)
 
 
 class CostLimitPassed(Exception):

@@ -37,6 +37,8 @@ _OTHER_APIS = {"assistants": "the Assistants API", "assistants_output": "the Ass
 # The format of a user_data file: never validated, so no job or evaluation (which check formats) takes it.
 UNVALIDATED = "unvalidated"
 RESULTS_FORMAT = "csv"
+# A result file that is a gzipped tar of a folder a job wrote (its TensorBoard event files).
+ARCHIVE_FORMAT = "tar.gz"
 # OpenAI's range for expires_after.seconds: one hour to 30 days.
 EXPIRES_MIN_SECONDS, EXPIRES_MAX_SECONDS = 3600, 30 * 24 * 3600
 # The multipart form fields an upload takes besides the file (OpenAI's, expires_after flattened).
@@ -238,6 +240,8 @@ def media_type(row: File) -> str:
     """The Content-Type its content is sent with."""
     if row.format == RESULTS_FORMAT:
         return "text/csv"
+    if row.format == ARCHIVE_FORMAT:
+        return "application/gzip"
     return "application/octet-stream" if row.format == UNVALIDATED else "application/jsonl"
 
 

@@ -1,12 +1,18 @@
-"""A job's result files: OpenAI's metrics CSV, written from its metrics events when training ends."""
+"""A job's result files: OpenAI's metrics CSV, written from its metrics events when training ends, and
+archives the worker wrote (the TensorBoard event files of a job with the tensorboard integration)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.core import queue
+from app.core.ids import new_id
 from app.core.storage import get_storage
 from app.domains.files import service as files
+from app.domains.files.models import File
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 
 # The CSV's metric columns after step (files.RESULT_COLUMNS), and the event keys each is read from:
@@ -46,7 +52,26 @@ def attach(session: Session, *, job_id: str, team_id: str) -> str | None:
     if not rows:
         return None
     row = files.create_results(session, team_id=team_id, storage=get_storage(), rows=rows)
+    _add(session, job_id, row.id)
+    return row.id
+
+
+def attach_archive(session: Session, *, job_id: str, team_id: str, path: Path, filename: str) -> str:
+    """Store the archive at `path` (a .tar.gz the worker wrote) as a fine-tune-results file of the team
+    named `filename`, and add it to the job's result_files; returns its id. The blob is written
+    before the row and removed if the transaction rolls back."""
+    file_id = new_id("file")
+    key = files.storage_key(team_id=team_id, file_id=file_id, extension=files.ARCHIVE_FORMAT)
+    blob = get_storage().put_file(path, key)
+    queue.delete_after_rollback(session, key)
+    session.add(File(id=file_id, team_id=team_id, filename=filename, purpose=files.RESULTS_PURPOSE, bytes=blob.bytes,
+                     sha256=blob.sha256, format=files.ARCHIVE_FORMAT, examples=0, storage_key=key))
+    session.flush()
+    _add(session, job_id, file_id)
+    return file_id
+
+
+def _add(session: Session, job_id: str, file_id: str) -> None:
     earlier = session.scalar(select(FineTuningJob.result_files).where(FineTuningJob.id == job_id)) or []
     session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
-                    .values(result_files=[*earlier, row.id]).execution_options(synchronize_session=False))
-    return row.id
+                    .values(result_files=[*earlier, file_id]).execution_options(synchronize_session=False))

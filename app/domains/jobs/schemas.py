@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.domains.evaluations.spec import JobEvalSpec
-from app.domains.jobs.spec import AutoIterateSpec, LoraSpec, QuantizationSpec, TrainingSettings
+from app.domains.jobs.spec import AutoIterateSpec, Integration, LoraSpec, QuantizationSpec, TrainingSettings
 
 # OpenAI allows up to 64 characters. ':' separates the parts of a ft:base:org:suffix:job model name and
 # '/' would split it in a /v1/models/{model} path, so a suffix holds letters, digits, '.', '-' and '_'.
@@ -116,7 +116,10 @@ class JobCreate(BaseModel):
                                                        "name.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Omitted: a random one, reported on the job.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs; keys <= 64, values <= 512 chars.")
-    integrations: list[Any] | None = None
+    integrations: list[Integration] | None = Field(
+        None, max_length=2, description='Experiment trackers: OpenAI\'s {"type": "wandb", "wandb": {"project", "name", '
+                                        '"entity", "tags"}}, and {"type": "tensorboard"} (the event files as a '
+                                        "result file); each type at most once.")
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
     training: TrainingSettings | None = None
@@ -158,8 +161,9 @@ class JobCreate(BaseModel):
     @field_validator("integrations")
     @classmethod
     def _integrations(cls, v):
-        if v:
-            raise ValueError("integrations are not supported by Tuneforge; omit the field")
+        types = [i.type for i in v or ()]
+        if len(set(types)) != len(types):
+            raise ValueError("each integration type may be given once")
         return v
 
 

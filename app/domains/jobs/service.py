@@ -90,7 +90,7 @@ def resolve_spec(body: JobCreate, seed: int, init_adapter: InitAdapter | None = 
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
                         training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed,
-                        dpo=dpo, init_adapter=init_adapter)
+                        dpo=dpo, init_adapter=init_adapter, integrations=tuple(body.integrations or ()))
 
 
 def _check_dpo_settings(body: JobCreate, training: TrainingSettings) -> None:
@@ -313,6 +313,7 @@ def _read(job: FineTuningJob, adapter_id: str | None) -> JobRead:
         training_file=job.training_file,
         validation_file=job.validation_file, estimated_finish=unix(job.estimated_finish), metadata=job.metadata_,
         method=method, user_provided_suffix=job.suffix,
+        integrations=[i.model_dump(mode="json", exclude_none=True) for i in spec.integrations] or None,
         spec=job.spec, usage=job.usage, adapter_id=adapter_id,
         parent_job_id=job.parent_job_id, round=job.round,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.domains.evaluations.spec import JobEvalSpec
 from app.domains.files.formats import PromptStyle
@@ -244,6 +244,62 @@ class InitAdapter(_Frozen):
     model: str = Field(description="The ft: model name the job was created with, as the job reports it.")
 
 
+# Characters W&B refuses in a project name.
+_WANDB_PROJECT = re.compile(r"^[^/\\#?%:\x00-\x1f]{1,128}$")
+
+
+class WandbIntegration(_Frozen):
+    """OpenAI's wandb settings: where the job's run is logged (see README, "Experiment trackers")."""
+
+    project: str = Field(description="The W&B project the run is created under.")
+    name: str | None = Field(None, min_length=1, max_length=128, description="The run's display name; null: the "
+                                                                             "job's id.")
+    entity: str | None = Field(None, min_length=1, max_length=128, description="The W&B team or user; null: the "
+                                                                               "API key's default entity.")
+    tags: tuple[str, ...] = Field((), max_length=64, description="Tags added to the run beside Tuneforge's own "
+                                                                 "(tuneforge/finetune, tuneforge/<model>, "
+                                                                 "tuneforge/<job id>).")
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        if not _WANDB_PROJECT.match(v):
+            raise ValueError("project must be 1-128 characters without '/', '\\', '#', '?', '%', ':' or control "
+                             "characters (W&B's rule for project names)")
+        return v
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _no_tags(cls, v: object) -> object:
+        return () if v is None else v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in v:
+            if not 1 <= len(tag) <= 64:
+                raise ValueError(f"tag {tag[:70]!r}: W&B tags are 1-64 characters")
+        return v
+
+
+class Integration(_Frozen):
+    """One of a job's integrations: OpenAI's wandb, or Tuneforge's tensorboard (the job's TensorBoard
+    event files as a result file, tensorboard.tar.gz)."""
+
+    type: Literal["wandb", "tensorboard"] = Field(description="wandb: log the run to Weights & Biases; "
+                                                              "tensorboard: attach TensorBoard event files to the "
+                                                              "job's result_files.")
+    wandb: WandbIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> Integration:
+        if self.type == "wandb" and self.wandb is None:
+            raise ValueError('type "wandb" needs its settings: {"type": "wandb", "wandb": {"project": "..."}}')
+        if self.type != "wandb" and self.wandb is not None:
+            raise ValueError(f"wandb settings are given but type is {self.type!r}; omit wandb")
+        return self
+
+
 class TrainingSpec(_Frozen):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
@@ -255,6 +311,7 @@ class TrainingSpec(_Frozen):
                                                   "supervised fine-tuning.")
     init_adapter: InitAdapter | None = Field(None, description="Start from this fine-tuned model's adapter (for "
                                                                "DPO also the reference); null: a fresh adapter.")
+    integrations: tuple[Integration, ...] = Field((), description="Experiment trackers the job logs to.")
 
     @property
     def method(self) -> str:
