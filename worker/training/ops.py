@@ -136,9 +136,16 @@ HEAD_ROWS_MULTIPLE = 64
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many labelled tokens the logits' argmax predicts: logits (tokens, vocabulary), labels (tokens,),
-    already shifted (IGNORE_INDEX never matches). An int64 scalar on the logits' device, not synced."""
+    already shifted. An int64 scalar on the logits' device, not synced.
+
+    A label counts when its logit is the row's maximum (a label tied for the maximum counts too, where
+    argmax would pick one of the tied tokens). Compared by value because amax is vectorized where
+    argmax is not: on CPU, for 1,536 x 4,096 fp32 logits, 0.5 ms against 13 ms (logsumexp: 15 ms).
+    """
     with torch.no_grad():
-        return (logits.argmax(-1) == labels).sum()
+        target = labels.clamp(min=0)[..., None]
+        hit = logits.gather(-1, target).squeeze(-1) >= logits.amax(-1)
+        return (hit & (labels != IGNORE_INDEX)).sum()
 
 
 @dataclass
@@ -168,8 +175,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     any gradient. On code tasks laid out through a chat template that is three tokens in four,
     and the head (vocabulary x hidden) is the largest matmul of a small model.
     Matmuls run under the caller's autocast exactly as the stock head's do; under autocast the
-    weight is cast to the autocast dtype once per call, not once per matmul. The argmax is taken of
-    each chunk's logits while they exist (one reduction over the vocabulary, as logsumexp is).
+    weight is cast to the autocast dtype once per call, not once per matmul. Argmax hits are counted
+    from each chunk's logits while they exist (count_correct: one max over the vocabulary, a gather).
     """
 
     @staticmethod
