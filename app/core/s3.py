@@ -29,7 +29,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from app.core.storage import StoredBlob, check_key
+from app.core.blob_keys import StoredBlob, check_key
 
 if TYPE_CHECKING:
     from app.core.config import Settings

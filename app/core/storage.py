@@ -23,34 +23,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from app.core.blob_keys import StorageKeyError, StoredBlob, check_key
 from app.core.config import get_settings
 
-
-class StorageKeyError(ValueError):
-    pass
-
-
-@dataclass
-class StoredBlob:
-    key: str
-    bytes: int
-    sha256: str
-
-
-def check_key(key: str) -> str:
-    """The prefix a key is confined to: "teams/<team_id>" for a team's key, else "" (the root).
-    Raises StorageKeyError for a key that is not a plain relative path (empty, absolute, `.` or `..`
-    parts, empty parts, a backslash or NUL): such a key could name something outside its prefix."""
-    parts = key.split("/")
-    if (not key or key.startswith("/") or "\\" in key or "\0" in key
-            or any(p in ("", ".", "..") for p in parts)):
-        raise StorageKeyError(f"invalid storage key {key!r}")
-    return f"teams/{parts[1]}" if parts[0] == "teams" and len(parts) > 2 else ""
+__all__ = ["LocalStorage", "Storage", "StorageKeyError", "StoredBlob", "check_key", "get_storage"]
 
 
 class Storage(Protocol):
