@@ -5,6 +5,7 @@ needs nothing of the module that chooses it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class StorageKeyError(ValueError):
@@ -27,3 +28,10 @@ def check_key(key: str) -> str:
             or any(p in ("", ".", "..") for p in parts)):
         raise StorageKeyError(f"invalid storage key {key!r}")
     return f"teams/{parts[1]}" if parts[0] == "teams" and len(parts) > 2 else ""
+
+
+def tree_keys(src: Path, prefix: str) -> list[tuple[Path, str]]:
+    """Every file under src with the key it is stored under (prefix/relative path), in sorted
+    order: what a backend's put_tree uploads."""
+    return [(file, f"{prefix}/{file.relative_to(src).as_posix()}")
+            for file in sorted(p for p in src.rglob("*") if p.is_file())]

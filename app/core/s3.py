@@ -29,7 +29,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from app.core.blob_keys import StoredBlob, check_key
+from app.core.blob_keys import StoredBlob, check_key, tree_keys
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -142,12 +142,10 @@ class S3Storage:
         return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
 
     def put_tree(self, src: Path, prefix: str) -> list[str]:
-        keys = []
-        for file in sorted(p for p in src.rglob("*") if p.is_file()):
-            key = f"{prefix}/{file.relative_to(src).as_posix()}"
+        files = tree_keys(src, prefix)
+        for file, key in files:
             self.put_file(file, key)
-            keys.append(key)
-        return keys
+        return [key for _, key in files]
 
     def open(self, key: str) -> BinaryIO:
         """A reader of the object as it is now (its ETag pinned: a seek that reopens it fails if the

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from app.core.blob_keys import StorageKeyError, StoredBlob, check_key
+from app.core.blob_keys import StorageKeyError, StoredBlob, check_key, tree_keys
 from app.core.config import get_settings
 
 __all__ = ["LocalStorage", "Storage", "StorageKeyError", "StoredBlob", "check_key", "get_storage"]
@@ -100,12 +100,10 @@ class LocalStorage:
         return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
 
     def put_tree(self, src: Path, prefix: str) -> list[str]:
-        keys = []
-        for file in sorted(p for p in src.rglob("*") if p.is_file()):
-            key = f"{prefix}/{file.relative_to(src).as_posix()}"
+        files = tree_keys(src, prefix)
+        for file, key in files:
             self.put_file(file, key)
-            keys.append(key)
-        return keys
+        return [key for _, key in files]
 
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
