@@ -3,12 +3,16 @@ restart while holding one."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -24,6 +28,25 @@ DB_DOWN = (OperationalError, InterfaceError)
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def claim_work_dir(object_id: str, token: str) -> Iterator[Path]:
+    """An empty folder for one claim of a job or export, under data_dir/work/<id>/, removed on exit.
+
+    One folder per claim, named from its lease token: a paused job resumed at once is claimed again
+    (by another pool process or worker) while the run that paused it still cleans up, and a worker
+    that lost its lease may still be writing; neither may delete or overwrite the other's files.
+    """
+    work_dir = get_settings().data_dir / "work" / object_id / hashlib.sha256(token.encode()).hexdigest()[:16]
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    try:
+        yield work_dir
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty while another claim of the same id runs
+            work_dir.parent.rmdir()
 
 
 class Lease:

@@ -10,7 +10,6 @@ then succeed or fail.
 from __future__ import annotations
 
 import logging
-import shutil
 import tarfile
 import time
 import traceback
@@ -28,7 +27,7 @@ from app.domains.quotas.errors import StorageFull
 from worker.celery_app import app
 from worker.export.gguf_writer import GGUFExportError, write_gguf
 from worker.export.merge import merged_model, tokenizer_for, write_merged
-from worker.lease import Lease, retry_db
+from worker.lease import Lease, claim_work_dir, retry_db
 from worker.staging import stage_base, stage_tree
 
 log = logging.getLogger("tuneforge.worker")
@@ -59,9 +58,12 @@ def run(export_id: str) -> str:
                               max_attempts=settings.max_attempts)
     if token is None:
         return "not-claimed"
-    work_dir = settings.data_dir / "work" / export_id
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    with claim_work_dir(export_id, token) as work_dir:
+        return _run(export_id, token, work_dir)
+
+
+def _run(export_id: str, token: str, work_dir: Path) -> str:
+    settings = get_settings()
     lease = Lease(f"export {export_id}", token, lambda session: exports.renew(
         session, export_id=export_id, lease_token=token, lease_seconds=settings.lease_seconds))
     try:
@@ -101,8 +103,6 @@ def run(export_id: str) -> str:
 
     except LookupError as exc:  # its adapter or base model went away after it was queued
         return _fail(export_id, token, "export_error", str(exc))
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _fail(export_id: str, token: str, code: str, message: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
-import shutil
 import traceback
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from app.domains.jobs import lease as job_lease
 from app.domains.jobs import results
 from app.domains.jobs.states import JobStatus
 from worker.celery_app import app
-from worker.lease import Lease, retry_db, worker_id
+from worker.lease import Lease, claim_work_dir, retry_db, worker_id
 from worker.staging import stage_base, stage_file, stage_tree
 from worker.training import checkpoint_store as checkpoints
 from worker.training.artifacts import store_adapter
@@ -57,17 +56,14 @@ def train(job_id: str) -> str:
         log.error("job %s cannot start:\n%s", job_id, traceback.format_exc())
         return _fail(job_id, token, exc)
 
-    work_dir = settings.data_dir / "work" / job_id
     renew = lambda session: job_lease.renew(session, job_id=job_id, lease_token=token,  # noqa: E731
                                             lease_seconds=settings.lease_seconds)
-    with Lease(f"job {job_id}", token, renew) as lease:
+    with claim_work_dir(job_id, token) as work_dir, Lease(f"job {job_id}", token, renew) as lease:
         try:
             return _run(inputs, lease, work_dir)
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             return _fail(job_id, token, exc)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _run(inputs: job_lease.TrainingInputs, lease: Lease, work_dir: Path) -> str:
