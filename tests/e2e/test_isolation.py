@@ -9,7 +9,12 @@ from tests.routes import v1_routes
 # Route parameter -> (key in the `trained` fixture's objects, prefix of a missing id of that kind)
 PARAMS = {"file_id": ("file_id", "file-"), "job_id": ("job_id", "ftjob-"), "adapter_id": ("adapter_id", "ftadapter-"),
           "model_id": ("model_id", "ft:tiny-llama:nobody::ftjob-"), "evaluation_id": ("evaluation_id", "eval-"),
-          "key_id": ("key_id", "key-")}
+          "key_id": ("key_id", "key-"), "upload_id": ("upload_id", "upload-"),
+          "webhook_id": ("webhook_id", "webhook-"), "export_id": ("export_id", "ftexport-")}
+# Routes that read a body: a valid one, so the answer is decided by whose object it is, not by the body.
+BODIES = {("POST", "/v1/uploads/{upload_id}/parts"): {"files": {"data": ("part", b"{}\n")}},
+          ("POST", "/v1/uploads/{upload_id}/complete"): {"json": {"part_ids": []}},
+          ("POST", "/v1/adapters/{adapter_id}/exports"): {"json": {"format": "merged"}}}
 MISSING_SUFFIX = "0000000000000000deadbeef"
 
 
@@ -26,11 +31,19 @@ def _normalise(body: dict, *ids: str) -> dict:
 
 def test_every_route_hides_another_teams_objects(trained, api, make_team):
     job = trained["job"]
-    evaluation = trained["client"].post("/evaluations", json={"model": job["fine_tuned_model"], "tasks": "humaneval",
-                                                             "limit": 1, "max_tokens": 8}).json()
+    owner = trained["client"]
+    evaluation = owner.post("/evaluations", json={"model": job["fine_tuned_model"], "tasks": "humaneval",
+                                                  "limit": 1, "max_tokens": 8}).json()
+    upload = owner.post("/uploads", json={"filename": "x.jsonl", "purpose": "fine-tune", "bytes": 3,
+                                          "mime_type": "application/jsonl"}).json()
+    # An address literal: the endpoint check needs no DNS, and nothing the team does later is delivered
+    # (the webhook is deleted before this test ends).
+    webhook = owner.post("/webhooks", json={"url": "https://192.0.32.10/hook"}).json()
+    export = owner.post(f"/adapters/{job['adapter_id']}/exports", json={"format": "merged"}).json()
     owned = {"file_id": trained["file_id"], "job_id": job["id"], "adapter_id": job["adapter_id"],
              "model_id": job["fine_tuned_model"], "evaluation_id": evaluation["id"],
-             "key_id": trained["client"].get("/keys").json()["data"][0]["id"]}
+             "key_id": owner.get("/keys").json()["data"][0]["id"], "upload_id": upload["id"],
+             "webhook_id": webhook["id"], "export_id": export["id"]}
     missing = {name: prefix + MISSING_SUFFIX for name, (_, prefix) in PARAMS.items()}
     _, other_key = make_team()
     other = api(other_key)
@@ -39,20 +52,23 @@ def test_every_route_hides_another_teams_objects(trained, api, make_team):
         params = re.findall(r"\{(\w+)", path)
         if not params:
             continue
-        theirs = other.request(method, _fill(path, owned))
-        absent = other.request(method, _fill(path, missing))
+        body = BODIES.get((method, path), {})
+        theirs = other.request(method, _fill(path, owned), **body)
+        absent = other.request(method, _fill(path, missing), **body)
         assert theirs.status_code == 404, (method, path, theirs.text)
         assert absent.status_code == 404, (method, path, absent.text)
         assert _normalise(theirs.json(), *owned.values()) == _normalise(absent.json(), *missing.values())
         checked += 1
-    assert checked >= 10
+    assert checked >= 30  # every route with an id, the newer ones (uploads, webhooks, exports) included
     # The owner still sees everything, untouched by the other team's attempts (deletes included).
-    owner = trained["client"]
     assert owner.get(f"/files/{owned['file_id']}").status_code == 200
     assert owner.get(f"/fine_tuning/jobs/{owned['job_id']}").json()["status"] == "succeeded"
     assert owner.get(f"/adapters/{owned['adapter_id']}").status_code == 200
     assert owner.get(f"/models/{owned['model_id']}").status_code == 200
     assert owner.get(f"/evaluations/{owned['evaluation_id']}").status_code == 200
+    assert owner.get(f"/exports/{owned['export_id']}").status_code == 200
+    assert owner.post(f"/uploads/{owned['upload_id']}/cancel").json()["status"] == "cancelled"
+    assert owner.delete(f"/webhooks/{owned['webhook_id']}").status_code == 200
 
 
 def test_lists_show_only_the_teams_own_objects(trained, api, make_team):

@@ -58,13 +58,14 @@ def create(session: Session, *, team_id: str, adapter_id: str, body: ExportCreat
     """Validate and record a queued export of the team's adapter; it is enqueued after commit.
     Raises AdapterNotFound (404, also for another team's), ExportInvalid (400) for a precision that
     does not fit the format or a GGUF of a base that is not Llama-family."""
+    # The adapter first: another team's id answers 404 whatever the body says, as a missing one does.
+    adapter = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
     if body.format == ExportFormat.MERGED and body.quantization is not None:
         raise ExportInvalid("quantization applies to format 'gguf'; a merged export takes dtype "
                             "(bfloat16, float16 or float32).", param="quantization")
     if body.format == ExportFormat.GGUF and body.dtype is not None:
         raise ExportInvalid("dtype applies to format 'merged'; a gguf export takes quantization (f16 or q8_0).",
                             param="dtype")
-    adapter = adapters.get(session, team_id=team_id, adapter_id=adapter_id)
     base = base_models.get_base(session, adapter.base_model)
     if base is None:
         raise ExportInvalid(f"The adapter's base model {adapter.base_model!r} is no longer registered; an export "
