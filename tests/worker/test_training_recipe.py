@@ -251,7 +251,9 @@ def test_completion_only_loss_is_announced_with_its_token_count(trained):
 
 def test_validation_file_produces_a_validation_loss(trained):
     valid = [d for t, _, d in trained.hooks.events if t == "metrics" and "valid_loss" in d]
-    assert valid == [{"valid_loss": trained.result.valid_loss, "step": 16}]
+    assert [(d["step"], d["valid_loss"]) for d in valid] == [(16, trained.result.valid_loss)]
+    assert valid[0].keys() == {"step", "valid_loss", "valid_mean_token_accuracy"}
+    assert 0 <= valid[0]["valid_mean_token_accuracy"] <= 1
     assert math.isfinite(trained.result.valid_loss)
 
 
