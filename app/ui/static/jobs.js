@@ -178,17 +178,20 @@ export async function jobPage(ctx, id) {
   draw();
 
   const isFinal = async () => FINAL.has(job.status);
+  let streamEnded = false;
   const following = followEvents(id, { onEvent, isFinal, signal: ctx.signal,
                                        onMode: (m) => { mode.textContent = m === "stream" ? "live" : "polling"; mode.dataset.via = m; } })
-    .then(() => { if (!ctx.signal.aborted) mode.textContent = "ended"; });
-  // The job itself (status, ETA, checkpoints) is re-read while it runs.
+    .then(() => { streamEnded = true; });
+  // The job itself (status, ETA, checkpoints) is re-read while it runs, and at once when its events
+  // end: "ended" is shown only once the page has drawn the job's final status.
   while (!ctx.signal.aborted && !FINAL.has(job.status)) {
-    await pause(2000, ctx.signal);
+    await (streamEnded ? pause(2000, ctx.signal) : Promise.race([pause(2000, ctx.signal), following]));
     if (ctx.signal.aborted) break;
     job = await api(jobPath(id), { signal: ctx.signal });
     await render();
   }
   await following;
+  if (!ctx.signal.aborted) mode.textContent = "ended";
 }
 
 function svgChart(id) {
