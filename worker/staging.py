@@ -8,8 +8,11 @@ saved again replaces, is fetched afresh each time (worker.training.checkpoint_st
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from app.core.blob_keys import partial_path
 from app.core.config import get_settings
 from app.core.storage import get_storage
 from app.domains.base_models.service import STORED
@@ -33,9 +36,16 @@ def stage_tree(prefix: str) -> Path:
     FileNotFoundError when storage holds nothing there."""
     target = _cached(prefix)
     if not target.is_dir():
-        get_storage().fetch_tree_to(prefix, target)
+        # Fetched aside and renamed into place: a staged tree is never replaced, since another pool
+        # process may be reading it (loading a base model); one that lost the race drops its copy.
+        fetched = get_storage().fetch_tree_to(prefix, partial_path(target))
+        try:
+            os.rename(fetched, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(fetched, ignore_errors=True)
     return target
-
 
 
 def stage_base(path: str | Path) -> Path:

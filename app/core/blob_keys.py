@@ -1,9 +1,12 @@
 """What both storage backends share (app.core.storage's local directory, app.core.s3's bucket):
 the stored blob's record and the one check of a key, in a module of its own so the S3 backend
-needs nothing of the module that chooses it."""
+needs nothing of the module that chooses it; and how both write a fetched blob into place."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,3 +38,27 @@ def tree_keys(src: Path, prefix: str) -> list[tuple[Path, str]]:
     order: what a backend's put_tree uploads."""
     return [(file, f"{prefix}/{file.relative_to(src).as_posix()}")
             for file in sorted(p for p in src.rglob("*") if p.is_file())]
+
+
+def partial_path(dest: Path) -> Path:
+    """A sibling of dest, unique to this call, to fetch into before it is renamed to dest: two
+    processes fetching the same blob at once (two pool processes staging one base model) must not
+    write into, or delete, each other's copy."""
+    return dest.with_name(f".{dest.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def replace_tree(partial: Path, dest: Path) -> None:
+    """Rename the fetched directory partial to dest, replacing a dest that exists (then removed).
+    rename(2) only replaces an absent or empty directory, so an existing one is moved aside first."""
+    for _ in range(8):
+        try:
+            os.rename(partial, dest)
+            return
+        except OSError:  # dest exists and is not empty (or another fetch just put it back)
+            aside = partial_path(dest)
+            try:
+                os.rename(dest, aside)
+            except FileNotFoundError:
+                continue  # another fetch moved it aside first
+            shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"could not put the fetched tree at {dest}: other fetches keep replacing it")

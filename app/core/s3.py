@@ -29,7 +29,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from app.core.blob_keys import StoredBlob, check_key, tree_keys
+from app.core.blob_keys import StoredBlob, check_key, partial_path, replace_tree, tree_keys
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -204,7 +204,7 @@ class S3Storage:
         name = self.name(key)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
+        partial = partial_path(dest)
         try:
             self._client().download_file(self.bucket, name, str(partial), Config=self.transfer)
         except ClientError as exc:
@@ -229,8 +229,7 @@ class S3Storage:
             raise FileNotFoundError(f"no blobs under storage prefix {prefix!r}")
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = partial_path(dest)
         try:
             for name in names:
                 relative = name[len(base):]
@@ -242,8 +241,7 @@ class S3Storage:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(partial, dest)
+        replace_tree(partial, dest)
         return dest
 
     def _list(self, name_prefix: str) -> Iterator[str]:

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from app.core.blob_keys import StorageKeyError, StoredBlob, check_key, tree_keys
+from app.core.blob_keys import StorageKeyError, StoredBlob, check_key, partial_path, replace_tree, tree_keys
 from app.core.config import get_settings
 
 __all__ = ["LocalStorage", "Storage", "StorageKeyError", "StoredBlob", "check_key", "get_storage"]
@@ -133,8 +133,12 @@ class LocalStorage:
             raise FileNotFoundError(f"no blob at storage key {key!r}")
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
-        shutil.copyfile(source, partial)
+        partial = partial_path(dest)
+        try:
+            shutil.copyfile(source, partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, dest)
         return dest
 
@@ -147,11 +151,13 @@ class LocalStorage:
             raise FileNotFoundError(f"no blobs under storage prefix {prefix!r}")
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source, partial)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(partial, dest)
+        partial = partial_path(dest)
+        try:
+            shutil.copytree(source, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        replace_tree(partial, dest)
         return dest
 
 

@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -131,6 +132,27 @@ def test_fetch_tree_to_stages_every_blob_under_a_prefix_and_replaces_the_destina
     got = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert got == files
     assert sorted(p.name for p in dest.parent.iterdir()) == ["step-00000008"]
+
+
+def test_fetches_of_one_prefix_at_once_each_get_a_whole_tree_and_leave_one(storage, tmp_path):
+    # Two pool processes staging one base model: neither may write into, or delete, the other's copy.
+    src = tmp_path / "model"
+    files = {f"shard-{i:03d}.bin": os.urandom(20_000) for i in range(60)}
+    for name, data in files.items():
+        _write(src / name, data)
+    prefix = "models/tiny/rev-1"
+    storage.put_tree(src, prefix)
+    dest, file_dest = tmp_path / "cache" / "rev-1", tmp_path / "cache" / "one.bin"
+
+    def fetch(_: int) -> Path:
+        storage.fetch_to(f"{prefix}/shard-000.bin", file_dest)
+        return storage.fetch_tree_to(prefix, dest)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert list(pool.map(fetch, range(12))) == [dest] * 12
+    assert file_dest.read_bytes() == files["shard-000.bin"]
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["one.bin", "rev-1"]  # no partial left
 
 
 def test_a_large_file_is_stored_multipart_as_a_byte_identical_object(storage, backend, tmp_path):

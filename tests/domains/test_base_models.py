@@ -48,3 +48,28 @@ def test_a_model_registered_into_storage_is_staged_from_there_and_a_rollback_del
         assert get_storage().exists(prefix)
         raise RuntimeError("the transaction fails after the files were stored")
     assert not get_storage().exists(prefix)
+
+
+def test_pool_processes_staging_one_model_at_once_each_read_it_whole(private_database, tiny_model) -> None:
+    # Two jobs on one base start together: a copy half written, or replaced while the other loads
+    # it, gave a 4-bit layer without its weights ('Parameter' object has no attribute 'quant_state').
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.db import session_scope
+    from app.core.storage import get_storage
+    from worker.staging import stage_base
+
+    with session_scope() as session:
+        recorded = base_models.register(session, name="staged-at-once", path=tiny_model, storage=get_storage()).path
+    want = {p.name: p.read_bytes() for p in tiny_model.iterdir()}
+
+    def stage_and_read(_: int) -> tuple[int, dict[str, bytes]]:
+        staged = stage_base(recorded)
+        return staged.stat().st_ino, {p.name: p.read_bytes() for p in staged.iterdir()}
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(stage_and_read, range(12)))
+    assert all(files == want for _, files in results)
+    assert len({inode for inode, _ in results}) == 1  # staged once, never replaced under a reader
+    staged = stage_base(recorded)
+    assert [p.name for p in staged.parent.iterdir()] == [staged.name]  # no partial copy left
