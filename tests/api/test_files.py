@@ -12,9 +12,12 @@ from tests.conftest import TEST_UPLOAD_LIMIT
 from tests.factories import demo_tasks, jsonl, upload
 
 
-def _storage_files(services_env) -> list[Path]:
+def _storage_files(services_env, team_id: str | None = None) -> list[Path]:
+    """The blobs in storage, or a team's and the temporary ones (other tests' jobs, still running in
+    the shared worker, write and delete theirs meanwhile)."""
     root = Path(services_env["TUNEFORGE_DATA_DIR"]) / "storage"
-    return [p for p in root.rglob("*") if p.is_file()]
+    folders = [root] if team_id is None else [root / "teams" / team_id, root / ".tmp"]
+    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
 
 
 def test_upload_records_size_sha256_format_and_round_trips(api, make_team):
@@ -52,9 +55,9 @@ def test_upload_records_size_sha256_format_and_round_trips(api, make_team):
 )
 def test_invalid_upload_is_refused_with_line_numbers_and_nothing_stored(api, make_team, services_env, content,
                                                                         line, needle):
-    _, key = make_team()
+    team_id, key = make_team()
     client = api(key)
-    before = _storage_files(services_env)
+    before = _storage_files(services_env, team_id)
     r = upload(client, content)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -62,7 +65,7 @@ def test_invalid_upload_is_refused_with_line_numbers_and_nothing_stored(api, mak
     assert f"line {line}" in err["message"] and needle.lower() in err["message"].lower()
     assert err["errors"][0]["line"] == line
     assert client.get("/files").json()["data"] == []
-    assert _storage_files(services_env) == before
+    assert _storage_files(services_env, team_id) == before
 
 
 def test_empty_upload_is_refused(api, make_team):
@@ -75,20 +78,20 @@ def test_empty_upload_is_refused(api, make_team):
 
 
 def test_oversize_upload_answers_413_and_stores_nothing(api, make_team, services_env):
-    _, key = make_team()
+    team_id, key = make_team()
     client = api(key)
     line = json.dumps({"text": "x" * 1000}).encode() + b"\n"
     content = line * (TEST_UPLOAD_LIMIT // len(line) + 10)
-    before = _storage_files(services_env)
+    before = _storage_files(services_env, team_id)
     r = upload(client, content)
     assert r.status_code == 413, r.text
     assert r.json()["error"]["param"] == "file"
     assert client.get("/files").json()["data"] == []
-    assert _storage_files(services_env) == before
+    assert _storage_files(services_env, team_id) == before
 
 
 def test_chunked_oversize_upload_without_content_length_answers_413(api, make_team, services_env):
-    _, key = make_team()
+    team_id, key = make_team()
     client = api(key)
     boundary = "tfboundary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
@@ -102,11 +105,11 @@ def test_chunked_oversize_upload_without_content_length_answers_413(api, make_te
             yield line
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    before = _storage_files(services_env)
+    before = _storage_files(services_env, team_id)
     r = client.post("/files", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 413
     assert client.get("/files").json()["data"] == []
-    assert _storage_files(services_env) == before
+    assert _storage_files(services_env, team_id) == before
 
 
 def test_wrong_purpose_is_refused(api, make_team):
