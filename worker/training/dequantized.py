@@ -73,6 +73,9 @@ def dequantize_4bit_layers(model: nn.Module) -> int:
         return 0
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
     for name, module in found:
+        if getattr(module.weight, "quant_state", None) is None:
+            raise ValueError(f"The base model's layer {name} was not quantized: its checkpoint holds no weight for "
+                             "it, so bitsandbytes left it uninitialized. The base model's files are incomplete.")
         parent, _, child = name.rpartition(".")
         with torch.no_grad():
             replacement = DequantizedLinear4bit(dequantized_weight(module), module.bias)
