@@ -4,6 +4,7 @@ needs nothing of the module that chooses it; and how both write a fetched blob i
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -54,8 +55,10 @@ def replace_tree(partial: Path, dest: Path) -> None:
         try:
             os.rename(partial, dest)
             return
-        except OSError:  # dest exists and is not empty (or another fetch just put it back)
-            aside = partial_path(dest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # not a dest in the way (a missing partial, a full disk): the dest stays as it is
+            aside = partial_path(dest)  # dest exists and is not empty (or another fetch just put it back)
             try:
                 os.rename(dest, aside)
             except FileNotFoundError:
