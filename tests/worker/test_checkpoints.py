@@ -78,9 +78,10 @@ def spec_for(quantized: bool = True, **training: Any) -> TrainingSpec:
 
 
 def train(spec: TrainingSpec, base_path: Path, train_file: Path, work_dir: Path, hooks: CheckpointHooks,
-          resume_from: Path | None = None) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+          resume_from: Path | None = None, validation_file: Path | None = None,
+          ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """Run the recipe; (its result, the saved adapter's tensors)."""
-    recipe = LoraRecipe(spec=spec, base_model_path=base_path, train_file=train_file, validation_file=None,
+    recipe = LoraRecipe(spec=spec, base_model_path=base_path, train_file=train_file, validation_file=validation_file,
                         work_dir=work_dir, hooks=hooks, resume_from=resume_from)
     recipe.setup()
     try:
@@ -127,6 +128,40 @@ def test_paused_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupt
     assert resumed.trained_tokens == full.trained_tokens
     assert full_adapter.keys() == resumed_adapter.keys()
     assert all(torch.equal(full_adapter[k], resumed_adapter[k]) for k in full_adapter)
+
+
+def valid_logs(hooks: CheckpointHooks) -> dict[int, float]:
+    return {d["step"]: d["valid_loss"] for t, _, d in hooks.events if t == "metrics" and "valid_loss" in d}
+
+
+@pytest.mark.parametrize("stop", ["pause", "periodic"])
+def test_a_checkpoint_at_an_epochs_last_step_holds_its_validation_and_a_resumed_run_keeps_every_one(
+        base_path, train_file, tmp_path, stop):
+    """Validation runs at each epoch's end. A checkpoint written at that step (a pause, or a periodic
+    one) comes after it, so its metrics hold the epoch's validation loss, and a run resumed from it
+    (the epoch counted as done) still has one validation per epoch, equal to an uninterrupted run's."""
+    validation = write_jsonl(tmp_path / "valid.jsonl", code_task_records(4, seed=9))
+    spec = spec_for(checkpoint_every_steps=3 if stop == "periodic" else None)
+    full_hooks = CheckpointHooks(tmp_path / "kept-full")
+    train(spec, base_path, train_file, tmp_path / "full", full_hooks, validation_file=validation)
+    full_valid = valid_logs(full_hooks)
+    assert sorted(full_valid) == [3, 6]
+
+    # Step 3 is the first epoch's last.
+    hooks = CheckpointHooks(tmp_path / "kept", stop_at=3 if stop == "pause" else None)
+    first, _ = train(spec, base_path, train_file, tmp_path / "first", hooks, validation_file=validation)
+    assert first.stopped == ("pause" if stop == "pause" else None)
+    step, checkpoint, metrics = hooks.checkpoints[0]
+    assert step == 3 and metrics["valid_loss"] == full_valid[3]
+    messages = [m for _, m, _ in hooks.events]
+    validated = messages.index(f"Step 3: validation loss {full_valid[3]:.4f}")
+    assert validated < messages.index("Checkpoint saved at step 3")
+
+    resumed_hooks = CheckpointHooks(tmp_path / "kept-resumed")
+    resumed, _ = train(spec, base_path, train_file, tmp_path / "resumed", resumed_hooks, resume_from=checkpoint,
+                       validation_file=validation)
+    assert resumed.resumed_from_step == 3
+    assert {**{3: metrics["valid_loss"]}, **valid_logs(resumed_hooks)} == full_valid
 
 
 def _as_bitsandbytes_state(path: Path) -> None:

@@ -252,6 +252,7 @@ class StopAndCheckpoint(TrainerCallback):
         self.reason: Stopped | None = None
         self.limit_message: str | None = None
         self._began = time.monotonic()
+        self._save_at_epoch_end = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._began = time.monotonic()
@@ -295,26 +296,34 @@ class StopAndCheckpoint(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_steps is not None:
             control.should_save = state.global_step % self.every_steps == 0
-        if self.reason is not None:
-            return
-        if self._passed_limit(state):
-            control.should_training_stop = True
+        if self.reason is None:
+            if self._passed_limit(state):
+                control.should_training_stop = True
+                control.should_save = False
+                return
+            reason = self.hooks.should_stop()
+            if reason:
+                # Callers that answer with a bool only knew cancellation.
+                self.reason = reason if reason in ("pause", "shutdown") else "cancel"
+                control.should_training_stop = True
+                control.should_save = self.reason != "cancel"
+                self.hooks.on_event("message",
+                                    f"{_STOP_LINES[self.reason]}; training stops at step {state.global_step}", None)
+        # At an epoch's last step the Trainer evaluates only after this step's save. A checkpoint
+        # written there would miss the epoch's validation, and a run resumed from it (the epoch
+        # counted as done) would never run it: the save waits for the epoch's end, after it.
+        self._save_at_epoch_end = bool(control.should_save and args.eval_strategy == "epoch"
+                                       and float(state.epoch or 0).is_integer())
+        if self._save_at_epoch_end:
             control.should_save = False
-            return
-        reason = self.hooks.should_stop()
-        if not reason:
-            return
-        # Callers that answer with a bool only knew cancellation.
-        self.reason = reason if reason in ("pause", "shutdown") else "cancel"
-        control.should_training_stop = True
-        control.should_save = self.reason != "cancel"
-        self.hooks.on_event("message", f"{_STOP_LINES[self.reason]}; training stops at step {state.global_step}",
-                            None)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.reason is not None:
-            # The Trainer still evaluates and checkpoints at the end of the epoch it was
-            # stopped in; a stopped job needs neither (a pause already saved at its step).
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            control.should_save = True
+        elif self.reason is not None:
+            # The Trainer still evaluates and checkpoints at the end of the epoch it was stopped
+            # in; a job stopped in mid-epoch needs neither (a pause already saved at its step).
             control.should_evaluate = False
             control.should_save = False
 
