@@ -9,9 +9,9 @@ in the results file are skipped, so a list can be run over several invocations.
     .venv/bin/python bench/quality_arms.py --model-dir DIR '[{"name": "qkvo-1-epoch-16bit",
         "quantization": {"bits": null}, "training": {"epochs": 1}}, ...]'
 
-"train" in an arm names a file under tuneforge/data (default: the --tier's training file), and the
-arm is scored on the --tier's held-out file (easy, the default, or pool: see bench/quality.py). Prints
-one line per arm and writes bench/results/quality-arms-smollm2.json.
+"train" in an arm names a file under tuneforge/data, or a list of them trained on together (default:
+the --tier's training file), and the arm is scored on the --tier's held-out file (easy, the default,
+or pool: see bench/quality.py). Prints one line per arm and writes bench/results/quality-arms-smollm2.json.
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ from bench import quality  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "quality-arms-smollm2.json"
 
 
+def training_file(names: str | list[str], joined: Path) -> Path:
+    """The bundled training file `names` names, or several of them written one after another to `joined`."""
+    if isinstance(names, str):
+        return quality.DATA / names
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    joined.write_text("".join((quality.DATA / n).read_text() for n in names))
+    return joined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", help="a JSON list of arms: {name, train?, ...TrainingSpec fields}")
@@ -49,16 +58,18 @@ def main() -> None:
         if any(r["name"] == name for r in results):
             continue
         default_train, heldout = quality.TIERS[args.tier]
-        train_file = quality.DATA / arm.pop("train") if "train" in arm else default_train
+        train = arm.pop("train", None)
+        train_file = training_file(train, adapters / f"{name}.jsonl") if train is not None else default_train
         spec = TrainingSpec(**arm)
         adapter = adapters / name
-        print(f"{name}: {quality.describe_spec(spec)} on {train_file.name}", flush=True)
+        train_names = train if isinstance(train, list) else train_file.name
+        print(f"{name}: {quality.describe_spec(spec)} on {train_names}", flush=True)
         trained = quality.train(args.model_dir, spec, train_file, adapter, name)
         held = quality.evaluate(args.model_dir, adapter, str(heldout), settings, general_loss=True)
         print(f"  {trained['steps']} steps, final loss {trained['final_loss']:.3f}, "
               f"{trained['tokens_per_second']:.0f} tokens/s; held-out {held['passed']}/{held['tasks']} "
               f"{held['passed_ids']}, general loss {held['general_loss']:.4f}", flush=True)
-        results.append({"name": name, "cfg": arm, "train": train_file.name, "heldout_file": heldout.name,
+        results.append({"name": name, "cfg": arm, "train": train_names, "heldout_file": heldout.name,
                         "training": trained, "heldout": held})
         args.out.write_text(json.dumps(results, indent=1))
 
