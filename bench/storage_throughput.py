@@ -7,17 +7,21 @@ broker) in a fresh data dir, with the upload limit raised past the file:
   holding objects in its own memory), through boto3's multipart transfers.
 
 It sends one JSONL file of --mib MiB (plain text records, generated once) as `POST /v1/files`
-(multipart/form-data, streamed by httpx), then reads it back through `GET /v1/files/{id}/content`.
+(multipart/form-data, streamed by httpx), or with --via uploads through OpenAI's Uploads API (create,
+parts of --part-mib MiB one after another, complete with the md5), then reads it back through
+`GET /v1/files/{id}/content`.
 Reported per backend: upload and download MiB/s (wall time of the request, validation included),
 and the API process's peak RSS (VmHWM) before the upload and after both transfers; then the ratio
 of S3 to local. The client, the API and the S3 server share the machine's cores.
 
     .venv/bin/python bench/storage_throughput.py [--mib 1024] [--backends local,s3] [--purpose fine-tune]
+        [--via files|uploads] [--part-mib 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -76,7 +80,26 @@ def make_file(path: Path, mib: int) -> None:
             written += len(line)
 
 
-def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None) -> dict:
+def upload_in_parts(client: httpx.Client, data: Path, purpose: str, part_bytes: int) -> str:
+    """data sent through /v1/uploads in parts of part_bytes; the completed File's id."""
+    r = client.post("/uploads", json={"filename": data.name, "purpose": purpose, "bytes": data.stat().st_size,
+                                      "mime_type": "application/jsonl"})
+    r.raise_for_status()
+    upload_id, part_ids, md5 = r.json()["id"], [], hashlib.md5()
+    with data.open("rb") as f:
+        while chunk := f.read(part_bytes):
+            md5.update(chunk)
+            part = client.post(f"/uploads/{upload_id}/parts", files={"data": ("part", chunk)})
+            part.raise_for_status()
+            part_ids.append(part.json()["id"])
+            del chunk
+    done = client.post(f"/uploads/{upload_id}/complete", json={"part_ids": part_ids, "md5": md5.hexdigest()})
+    done.raise_for_status()
+    return done.json()["file"]["id"]
+
+
+def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None, via: str = "files",
+                part_bytes: int = 64 * MIB) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"tf-storage-{backend}-"))
     env = {**os.environ, "TUNEFORGE_DATA_DIR": str(work / "data"), "TUNEFORGE_UPLOAD_MAX_BYTES": str(16 * 1024 * MIB),
            "TUNEFORGE_UPLOAD_MAX_LINE_BYTES": str(MIB)}
@@ -108,11 +131,14 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None)
         before = _vm_hwm_mib(api.pid)
         size = data.stat().st_size
         start = time.perf_counter()
-        with data.open("rb") as f:
-            response = client.post("/files", data={"purpose": purpose}, files={"file": ("big.jsonl", f)})
+        if via == "uploads":
+            file_id = upload_in_parts(client, data, purpose, part_bytes)
+        else:
+            with data.open("rb") as f:
+                response = client.post("/files", data={"purpose": purpose}, files={"file": ("big.jsonl", f)})
+            response.raise_for_status()
+            file_id = response.json()["id"]
         upload_s = time.perf_counter() - start
-        response.raise_for_status()
-        file_id = response.json()["id"]
         start = time.perf_counter()
         received = 0
         with client.stream("GET", f"/files/{file_id}/content") as stream:
@@ -121,7 +147,8 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None)
                 received += len(chunk)
         download_s = time.perf_counter() - start
         assert received == size, (received, size)
-        return {"backend": backend, "bytes": size, "upload_s": upload_s, "upload_mib_s": size / MIB / upload_s,
+        return {"backend": backend, "via": via, "bytes": size, "upload_s": upload_s,
+                "upload_mib_s": size / MIB / upload_s,
                 "download_s": download_s, "download_mib_s": size / MIB / download_s,
                 "rss_before_mib": before, "rss_peak_mib": _vm_hwm_mib(api.pid)}
     finally:
@@ -135,6 +162,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--backends", default="local,s3")
     parser.add_argument("--purpose", default="fine-tune", choices=["fine-tune", "user_data"])
+    parser.add_argument("--via", default="files", choices=["files", "uploads"],
+                        help="POST /v1/files, or OpenAI's Uploads API in parts")
+    parser.add_argument("--part-mib", type=int, default=64, help="part size with --via uploads")
     args = parser.parse_args()
     backends = args.backends.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="tf-storage-bench-"))
@@ -149,13 +179,14 @@ def main() -> int:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint = f"http://127.0.0.1:{port}"
             _wait(f"{endpoint}/moto-api/", moto, "the moto S3 server")
-        results = {b: run_backend(b, data, args.purpose, endpoint) for b in backends}
+        results = {b: run_backend(b, data, args.purpose, endpoint, args.via, args.part_mib * MIB) for b in backends}
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait(30)
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
-    print(f"{args.mib} MiB file, purpose {args.purpose}")
+    route = "/v1/uploads" if args.via == "uploads" else "/v1/files"
+    print(f"{args.mib} MiB file, purpose {args.purpose}, through {route}")
     print(f"{'backend':8} {'upload MiB/s':>13} {'download MiB/s':>15} {'API RSS before':>15} {'API RSS peak':>13}")
     for r in results.values():
         print(f"{r['backend']:8} {r['upload_mib_s']:13.1f} {r['download_mib_s']:15.1f} "
