@@ -239,10 +239,11 @@ class StopAndCheckpoint(TrainerCallback):
     Trainer's own end-of-training save) and handed to hooks.on_checkpoint;
     without, at epoch ends (the Trainer's save_strategy) and kept local. A
     "pause" or "shutdown" stop writes one at that step and hands it over too;
-    a "cancel" stop writes none. Between micro-batches (abandon_step) a cancel
-    or a passed cost limit ("limit", limit_message says which) ends training
-    in mid-step, with no checkpoint. reason: why training stopped early, None
-    while it has not.
+    a "cancel" stop writes none. A checkpoint due at an epoch's last step is
+    written at the epoch's end, after that epoch's validation. Between
+    micro-batches (abandon_step) a cancel or a passed cost limit ("limit",
+    limit_message says which) ends training in mid-step, with no checkpoint.
+    reason: why training stopped early, None while it has not.
     """
 
     def __init__(self, hooks: TrainingHooks, every_steps: int | None = None, limits: CostLimits | None = None):
@@ -297,18 +298,7 @@ class StopAndCheckpoint(TrainerCallback):
         if self.every_steps is not None:
             control.should_save = state.global_step % self.every_steps == 0
         if self.reason is None:
-            if self._passed_limit(state):
-                control.should_training_stop = True
-                control.should_save = False
-                return
-            reason = self.hooks.should_stop()
-            if reason:
-                # Callers that answer with a bool only knew cancellation.
-                self.reason = reason if reason in ("pause", "shutdown") else "cancel"
-                control.should_training_stop = True
-                control.should_save = self.reason != "cancel"
-                self.hooks.on_event("message",
-                                    f"{_STOP_LINES[self.reason]}; training stops at step {state.global_step}", None)
+            self._check_stop(state, control)
         # At an epoch's last step the Trainer evaluates only after this step's save. A checkpoint
         # written there would miss the epoch's validation, and a run resumed from it (the epoch
         # counted as done) would never run it: the save waits for the epoch's end, after it.
@@ -316,6 +306,22 @@ class StopAndCheckpoint(TrainerCallback):
                                        and float(state.epoch or 0).is_integer())
         if self._save_at_epoch_end:
             control.should_save = False
+
+    def _check_stop(self, state, control) -> None:
+        """At a step's end: stop for a passed cost limit (no checkpoint), or for hooks.should_stop()."""
+        if self._passed_limit(state):
+            control.should_training_stop = True
+            control.should_save = False
+            return
+        reason = self.hooks.should_stop()
+        if not reason:
+            return
+        # Callers that answer with a bool only knew cancellation.
+        self.reason = reason if reason in ("pause", "shutdown") else "cancel"
+        control.should_training_stop = True
+        control.should_save = self.reason != "cancel"
+        self.hooks.on_event("message", f"{_STOP_LINES[self.reason]}; training stops at step {state.global_step}",
+                            None)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self._save_at_epoch_end:
