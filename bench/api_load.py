@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, write_report  # noqa: E402
+from tuneforge import processes  # noqa: E402
 
 P99_BOUND_MS = 50.0
 LEVELS = (1, 2, 4, 8)
@@ -57,12 +58,6 @@ def _cli(env: dict[str, str], *args: str) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"tuneforge {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
     return out.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _team(env: dict[str, str], name: str) -> str:
@@ -99,7 +94,7 @@ class Server:
              "--rate-burst", "1000000", "--queued-jobs", "1000000")
         for name in ("a", "b"):
             _cli(env, "admin", "set-quota", f"bench-{name}-{run}", "--queued-jobs", "1000000")
-        self.port = _free_port()
+        self.port = processes.free_port()
         self.log = open(work / f"api-{mode}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--port", str(self.port)],
                                      env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)

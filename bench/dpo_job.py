@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.domains.files.formats import RecordFormat, task_answer, task_messages  # noqa: E402
+from app.domains.jobs.states import FINAL  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from tuneforge import processes  # noqa: E402
-from tuneforge.demo import _free_port, _wait_http  # noqa: E402
+from tuneforge.demo import use_embedded_instance  # noqa: E402
 
 
 def preference_pairs(n: int) -> str:
@@ -49,21 +49,14 @@ def preference_pairs(n: int) -> str:
 
 def run_job(model: str, model_dir: Path | None, pairs: int, epochs: int) -> dict[str, Any]:
     """One DPO job on a fresh embedded instance; its measurements."""
-    from app.core.config import get_settings
-    from app.core.db import get_engine, get_sessionmaker, session_scope
+    from app.core.db import session_scope
     from app.core.migrate import upgrade
     from app.domains.base_models import service as base_models
     from app.domains.teams import service as teams
 
     with tempfile.TemporaryDirectory(prefix="dpo-job-") as tmp:
         data_dir = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-        env.update(TUNEFORGE_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore::FutureWarning")
-        os.environ.clear()
-        os.environ.update(env)
-        for cached in (get_settings, get_engine, get_sessionmaker):  # this instance's database, not the last one's
-            cached.cache_clear()
+        env = use_embedded_instance(data_dir)
         upgrade()
         if model_dir is None:
             from worker.training.tiny import make_tiny_model
@@ -72,11 +65,11 @@ def run_job(model: str, model_dir: Path | None, pairs: int, epochs: int) -> dict
         with session_scope() as session:
             base_models.register(session, name=model, path=model_dir)
             _, key = teams.create_team(session, name="bench")
-        port = _free_port()
+        port = processes.free_port()
         procs = [processes.start(processes.serve_command("127.0.0.1", port), env=env, log=data_dir / "api.log"),
                  processes.start(processes.worker_command(1), env=env, log=data_dir / "worker.log")]
         try:
-            _wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
+            processes.wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60,
                                   headers={"Authorization": f"Bearer {key}"})
             f = client.post("/files", data={"purpose": "fine-tune"},
@@ -87,8 +80,7 @@ def run_job(model: str, model_dir: Path | None, pairs: int, epochs: int) -> dict
                 "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": epochs, "batch_size": 2}}}})
             r.raise_for_status()
             job_id = r.json()["id"]
-            while (job := client.get(f"/fine_tuning/jobs/{job_id}").json())["status"] not in (
-                    "succeeded", "failed", "cancelled"):
+            while (job := client.get(f"/fine_tuning/jobs/{job_id}").json())["status"] not in FINAL:
                 time.sleep(1)
             events = client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
         finally:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,13 +34,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 MIB = 1024**2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tuneforge import processes  # noqa: E402
 
 
 def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
@@ -118,7 +114,7 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None,
     made = subprocess.run([sys.executable, "-m", "tuneforge.cli", "admin", "create-team", f"bench-{backend}"],
                           env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     key = made.stdout.split()[-1]
-    port = _free_port()
+    port = processes.free_port()
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
@@ -174,7 +170,7 @@ def main() -> int:
         make_file(data, args.mib)
         endpoint = None
         if "s3" in backends:
-            port = _free_port()
+            port = processes.free_port()
             moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint = f"http://127.0.0.1:{port}"

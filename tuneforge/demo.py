@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -44,26 +43,6 @@ def step(title: str):
     print(f"    done in {time.monotonic() - start:.2f} s (total {time.monotonic() - _T0:.1f} s)", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API process exited with code {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {deadline_s} s")
-
-
 # The real model's job: the paper's recipe for one epoch of the 224 tasks (about 3 minutes on 2
 # cores; its four epochs take about 10). bench/quality.py measures the full recipe and the
 # auto_iterate arms on the same tasks.
@@ -72,20 +51,29 @@ CHAT_PROMPT = "Write a Python function is_prime(n) that returns True when n is a
 CHAT_CHECK = "\nassert [n for n in range(30) if is_prime(n)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]\n"
 
 
-def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150, model: str = "smollm2") -> int:
-    data_dir = data_dir.resolve()
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    # The embedded default: no database or broker configured, everything under data_dir.
+def use_embedded_instance(data_dir: Path) -> dict[str, str]:
+    """Point this process at an embedded instance under data_dir (no database or broker configured,
+    everything under it, nothing fetched from a hub): os.environ is replaced and the cached settings
+    and database engine dropped. Returns that environment, for the children to start with."""
+    from app.core.config import get_settings
+    from app.core.db import get_engine, get_sessionmaker
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env.update(TUNEFORGE_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore::FutureWarning")
     os.environ.clear()
     os.environ.update(env)
-    from app.core.config import get_settings
+    for cached in (get_settings, get_engine, get_sessionmaker):
+        cached.cache_clear()
+    return env
 
-    get_settings.cache_clear()
-    port = port or _free_port()
+
+def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150, model: str = "smollm2") -> int:
+    data_dir = data_dir.resolve()
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    env = use_embedded_instance(data_dir)
+    port = port or processes.free_port()
     base_url = f"http://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     logs = data_dir / "logs"
@@ -107,7 +95,7 @@ def run_demo(*, data_dir: Path, port: int = 0, pretrain_steps: int = 150, model:
             logs.mkdir(parents=True, exist_ok=True)
             procs.append(processes.start(processes.serve_command("127.0.0.1", port), env=env, log=logs / "api.log"))
             procs.append(processes.start(processes.worker_command(1), env=env, log=logs / "worker.log"))
-            _wait_http(f"{base_url}/healthz", procs[0])
+            processes.wait_http(f"{base_url}/healthz", procs[0])
         client = httpx.Client(base_url=f"{base_url}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=60)
         body: dict = {"model": model_name, "suffix": "demo"}
         if real:

@@ -8,13 +8,38 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import httpx
+
 STOP_TIMEOUT_S = 20.0  # how long a child may take to exit after SIGTERM before it is killed
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 60) -> None:
+    """Poll `url` until it answers 200; RuntimeError if `proc` exits first, TimeoutError past deadline_s."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API process exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {deadline_s} s")
 
 
 def serve_command(host: str, port: int) -> list[str]:
