@@ -7,8 +7,9 @@ broker) in a fresh data dir, with the upload limit raised past the file:
   holding objects in its own memory), through boto3's multipart transfers.
 
 It sends one JSONL file of --mib MiB (plain text records, generated once) as `POST /v1/files`
-(multipart/form-data, streamed by httpx), or with --via uploads through OpenAI's Uploads API (create,
-parts of --part-mib MiB one after another, complete with the md5), then reads it back through
+(multipart/form-data, streamed by httpx), or with --via uploads through OpenAI's Uploads API, as the
+official client's uploads.upload_file_chunked sends it (parts of --part-mib MiB one after another,
+completed with the file's md5, computed before the clock starts), then reads it back through
 `GET /v1/files/{id}/content`.
 Reported per backend: upload and download MiB/s (wall time of the request, validation included),
 and the API process's peak RSS (VmHWM) before the upload and after both transfers; then the ratio
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +54,14 @@ def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> N
             pass
         time.sleep(0.2)
     raise SystemExit(f"{what} did not start within {timeout} s")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _vm_hwm_mib(pid: int) -> float:
@@ -76,22 +86,14 @@ def make_file(path: Path, mib: int) -> None:
             written += len(line)
 
 
-def upload_in_parts(client: httpx.Client, data: Path, purpose: str, part_bytes: int) -> str:
-    """data sent through /v1/uploads in parts of part_bytes; the completed File's id."""
-    r = client.post("/uploads", json={"filename": data.name, "purpose": purpose, "bytes": data.stat().st_size,
-                                      "mime_type": "application/jsonl"})
-    r.raise_for_status()
-    upload_id, part_ids, md5 = r.json()["id"], [], hashlib.md5()
-    with data.open("rb") as f:
-        while chunk := f.read(part_bytes):
-            md5.update(chunk)
-            part = client.post(f"/uploads/{upload_id}/parts", files={"data": ("part", chunk)})
-            part.raise_for_status()
-            part_ids.append(part.json()["id"])
-            del chunk
-    done = client.post(f"/uploads/{upload_id}/complete", json={"part_ids": part_ids, "md5": md5.hexdigest()})
-    done.raise_for_status()
-    return done.json()["file"]["id"]
+def upload_in_parts(base_url: str, key: str, data: Path, purpose: str, part_bytes: int, md5: str) -> str:
+    """data sent through /v1/uploads by the official client's upload_file_chunked (parts of part_bytes,
+    one after another, completed with md5); the completed File's id."""
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=3600)
+    upload = client.uploads.upload_file_chunked(file=data, mime_type="application/jsonl", purpose=purpose,
+                                                part_size=part_bytes, md5=md5)
+    assert upload.file is not None, upload
+    return upload.file.id
 
 
 def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None, via: str = "files",
@@ -126,9 +128,10 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None,
         client.post("/files", data={"purpose": purpose}, files={"file": ("warm.jsonl", head)}).raise_for_status()
         before = _vm_hwm_mib(api.pid)
         size = data.stat().st_size
+        md5 = _md5(data) if via == "uploads" else ""
         start = time.perf_counter()
         if via == "uploads":
-            file_id = upload_in_parts(client, data, purpose, part_bytes)
+            file_id = upload_in_parts(f"{base}/v1", key, data, purpose, part_bytes, md5)
         else:
             with data.open("rb") as f:
                 response = client.post("/files", data={"purpose": purpose}, files={"file": ("big.jsonl", f)})
