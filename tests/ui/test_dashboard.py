@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import _stop, start_inference
 from app.domains.jobs.states import FINAL
+from tests.conftest import _stop, start_inference
 from tests.factories import create_job, demo_tasks, stored_adapter, uploaded_file_id, wait_for_job
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -60,6 +60,10 @@ def sign_in(page, key: str) -> None:
     page.fill("#api-key", key)
     page.click("#sign-in button[type=submit]")
     page.wait_for_selector("#nav:not([hidden])")
+
+
+# The number of training-loss points the job page's chart draws, as a JavaScript expression.
+TRAIN_POINTS = """document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length"""
 
 
 def points(page, series: str) -> int:
@@ -126,37 +130,30 @@ def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, serv
     # Sample the number of plotted training points from the moment the job page draws its chart.
     page.click("#new-job button[type=submit]")
     page.wait_for_selector("#loss-chart")
-    page.evaluate("""() => { window.counts = [];
-        setInterval(() => window.counts.push(
-            document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length), 25); }""")
+    page.evaluate(f"() => {{ window.counts = []; setInterval(() => window.counts.push({TRAIN_POINTS}), 25); }}")
     job_id = page.url.rsplit("/", 1)[-1]
     assert job_id.startswith("ftjob-")
 
-    def train_points() -> list[dict]:
+    def logged(key: str) -> list[dict]:
+        """The job's metrics events that carry `key`."""
         events = client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-        return [e for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {})]
+        return [e for e in events if e["type"] == "metrics" and key in (e["data"] or {})]
 
     # The curve grows while the job runs: once the first point is drawn the job is paused from this
     # page, and the chart then holds exactly the points the job had logged, fewer than at its end.
-    page.wait_for_function("""() => document.querySelectorAll('#loss-chart g[data-series="train"] circle.point')
-                               .length > 0""", timeout=120_000)
+    page.wait_for_function(f"() => {TRAIN_POINTS} > 0", timeout=120_000)
     page.click("#job-pause:not([disabled])")
     paused = wait_for_job(client, job_id, statuses={"paused", *FINAL}, timeout=120)
     assert paused["status"] == "paused", paused
-    so_far = len(train_points())
-    page.wait_for_function(f"""() => document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length
-                               === {so_far}""")
+    so_far = len(logged("train_loss"))
+    page.wait_for_function(f"() => {TRAIN_POINTS} === {so_far}")
     page.click("#job-resume:not([disabled])")
 
     job = wait_for_job(client, job_id, timeout=300)
     assert job["status"] == "succeeded", job
     page.wait_for_function("() => document.getElementById('stream-mode').textContent === 'ended'")
-    metrics = [e for e in client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-               if e["type"] == "metrics"]
-    train = [e for e in metrics if "train_loss" in (e["data"] or {})]
-    valid = [e for e in metrics if "valid_loss" in (e["data"] or {})]
-    page.wait_for_function(f"""() => document.querySelectorAll('#loss-chart g[data-series="train"] circle.point').length
-                               === {len(train)}""")
+    train, valid = logged("train_loss"), logged("valid_loss")
+    page.wait_for_function(f"() => {TRAIN_POINTS} === {len(train)}")
     assert points(page, "train") == len(train) > so_far > 0 and points(page, "valid") == len(valid) == 4
     counts = page.evaluate("window.counts")
     assert counts == sorted(counts) and so_far in counts, counts
