@@ -1,7 +1,8 @@
 """The reaper: every worker runs one pass every reaper_interval_seconds, over jobs and
 evaluations alike. It takes back running work whose lease expired (requeued, or failed after
 max_attempts claims), re-sends queued work whose message may have been lost, deletes files
-whose expires_after passed, and expires uploads left pending past their hour. Two reapers at
+whose expires_after passed, expires uploads left pending past their hour, and removes the work
+folders that a killed worker on this host left behind. Two reapers at
 once are harmless: each takeover is one conditional UPDATE, so only one of them matches, a
 duplicate message is refused by the claim, and an expired file is locked by the reaper that
 deletes it (the other skips it)."""
@@ -10,16 +11,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
 import threading
 from typing import NamedTuple
+
+from sqlalchemy import select
 
 from app.core.config import get_settings
 from app.core.db import session_scope, utcnow
 from app.domains.evaluations import service as evaluations
 from app.domains.exports import service as exports
+from app.domains.exports.models import AdapterExport
+from app.domains.exports.states import ExportStatus
 from app.domains.files import service as files
 from app.domains.jobs import lease as job_lease
 from app.domains.jobs import service as jobs
+from app.domains.jobs.models import FineTuningJob
+from app.domains.jobs.states import FINAL
 from app.domains.uploads import service as uploads
 from app.domains.webhooks import service as webhooks
 
@@ -109,11 +117,33 @@ def expire_uploads(now: dt.datetime | None = None) -> list[str]:
     return expired
 
 
+def sweep_work_dirs() -> list[str]:
+    """Remove data_dir/work/<id> folders whose job or export has ended (or no longer exists): a
+    claim removes its own folder when it ends, so these are what a killed worker left on this host.
+    The folders of unfinished work are kept, since a claim may be writing there, or may take it up
+    again. Returns the ids swept."""
+    root = get_settings().data_dir / "work"
+    found = {p.name: p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    if not found:
+        return []
+    with session_scope() as session:
+        unfinished = set(session.scalars(select(FineTuningJob.id).where(
+            FineTuningJob.id.in_(found), FineTuningJob.status.not_in(FINAL))))
+        unfinished |= set(session.scalars(select(AdapterExport.id).where(
+            AdapterExport.id.in_(found), AdapterExport.status.in_((ExportStatus.QUEUED, ExportStatus.RUNNING)))))
+    swept = sorted(set(found) - unfinished)
+    for object_id in swept:
+        shutil.rmtree(found[object_id], ignore_errors=True)
+    if swept:
+        log.info("removed the work folders of ended work: %s", ", ".join(swept))
+    return swept
+
+
 def run_reaper(stop: threading.Event) -> None:
     """Every reaper_interval_seconds until `stop`: one reaper pass."""
     settings = get_settings()
     while not stop.wait(settings.reaper_interval_seconds):
-        for step in (reap_expired, redispatch_stale, delete_expired_files, expire_uploads):
+        for step in (reap_expired, redispatch_stale, delete_expired_files, expire_uploads, sweep_work_dirs):
             try:
                 step()
             except Exception:  # the database or broker is down: try again next round
