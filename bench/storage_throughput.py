@@ -42,20 +42,6 @@ MIB = 1024**2
 from tuneforge import processes  # noqa: E402
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{what} did not start within {timeout} s")
-
-
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as f:
@@ -121,7 +107,7 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None,
                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{base}/readyz", api, "the API")
+        processes.wait_http(f"{base}/readyz", api)
         client = httpx.Client(base_url=f"{base}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=3600)
         with data.open("rb") as f:  # one small upload first: imports, pools and clients warm
             head = f.read(4096).rsplit(b"\n", 1)[0] + b"\n"
@@ -177,7 +163,7 @@ def main() -> int:
             moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint = f"http://127.0.0.1:{port}"
-            _wait(f"{endpoint}/moto-api/", moto, "the moto S3 server")
+            processes.wait_http(f"{endpoint}/moto-api/", moto, what="the moto S3 server")
         results = {b: run_backend(b, data, args.purpose, endpoint, args.via, args.part_mib * MIB) for b in backends}
     finally:
         if moto is not None:

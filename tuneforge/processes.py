@@ -27,12 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 60) -> None:
-    """Poll `url` until it answers 200; RuntimeError if `proc` exits first, TimeoutError past deadline_s."""
+def wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 60, what: str = "the API process") -> None:
+    """Poll `url` until it answers 200; RuntimeError if `proc` (named `what` in the error) exits first,
+    TimeoutError past deadline_s."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the API process exited with code {proc.returncode}")
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
