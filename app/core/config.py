@@ -89,6 +89,17 @@ class DatabaseSettings(BaseModel):
         "max_overflow: past the pool, threads wait for connections and time out with 503."))
 
 
+class CacheSettings(BaseModel):
+    """Each worker's and inference process's staged copies of blobs (data_dir/cache)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_bytes: int = Field(default=100 * 1024**3, ge=0, description=(
+        "Past this size, staging a new blob removes the least recently used ones; 0: no limit."))
+    min_idle_seconds: float = Field(default=3600.0, ge=0, description=(
+        "A blob used more recently than this is never removed, however large the cache."))
+
+
 class UploadSettings(BaseModel):
     """Multipart uploads (/v1/uploads): files past the single-request limit, sent in parts."""
 
@@ -238,6 +249,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # TUNEFORGE_DATABASE__POOL_SIZE
     limits: RequestLimits = Field(default_factory=RequestLimits)  # TUNEFORGE_LIMITS__LORA_R, ...
     uploads: UploadSettings = Field(default_factory=UploadSettings)  # TUNEFORGE_UPLOADS__PART_MAX_BYTES, ...
+    cache: CacheSettings = Field(default_factory=CacheSettings)  # TUNEFORGE_CACHE__MAX_BYTES, ...
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # TUNEFORGE_METRICS__WORKER_PORT, ...
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)  # TUNEFORGE_WEBHOOKS__ALLOW_PRIVATE, ...
     storage: StorageSettings = Field(default_factory=StorageSettings)  # TUNEFORGE_STORAGE__PRESIGNED_DOWNLOADS
