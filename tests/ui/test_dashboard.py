@@ -15,7 +15,7 @@ import pytest
 
 from app.domains.jobs.states import FINAL
 from tests.conftest import _stop, start_inference
-from tests.factories import create_job, demo_tasks, stored_adapter, uploaded_file_id, wait_for_job
+from tests.factories import all_events, create_job, demo_tasks, stored_adapter, uploaded_file_id, wait_for_job
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).parent / "screenshots"
@@ -116,7 +116,9 @@ def test_a_bad_upload_shows_its_errors_by_line_and_stores_nothing(page, api, mak
 def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, server, api, make_team, worker):
     _, key = make_team()
     client = api(key)
-    file_id = uploaded_file_id(client, some_tasks(32))
+    # 320 records, 40 steps an epoch: the job is still running when the page pauses it, however fast
+    # the tiny model trains (32 records, 4 steps an epoch, had ended before the pause was acted on).
+    file_id = uploaded_file_id(client, some_tasks(32) * 10)
     validation_id = uploaded_file_id(client, some_tasks(8, skip=32))
     sign_in(page, key)
     page.goto("/ui/#/jobs")
@@ -126,7 +128,7 @@ def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, serv
     page.select_option("#job-validation-file", validation_id)
     page.fill("#job-epochs", "4")  # long enough to be paused from the page before it ends
     page.fill("#job-suffix", "ui")
-    page.fill("#job-checkpoint-every", "3")
+    page.fill("#job-checkpoint-every", "30")
     # Sample the number of plotted training points from the moment the job page draws its chart.
     page.click("#new-job button[type=submit]")
     page.wait_for_selector("#loss-chart")
@@ -136,8 +138,7 @@ def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, serv
 
     def logged(key: str) -> list[dict]:
         """The job's metrics events that carry `key`."""
-        events = client.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-        return [e for e in events if e["type"] == "metrics" and key in (e["data"] or {})]
+        return [e for e in all_events(client, job_id) if e["type"] == "metrics" and key in (e["data"] or {})]
 
     # The curve grows while the job runs: once the first point is drawn the job is paused from this
     # page, and the chart then holds exactly the points the job had logged, fewer than at its end.
@@ -163,10 +164,9 @@ def test_a_job_started_here_draws_its_loss_curve_as_the_events_arrive(page, serv
     streams = probe.headers.get("content-type", "").startswith("text/event-stream")
     assert page.get_attribute("#stream-mode", "data-via") == ("stream" if streams else "poll")
     assert page.locator("#lr-chart circle.point").count() == len(train)
-    assert page.locator("#events tr").count() == len(client.get(f"/fine_tuning/jobs/{job_id}/events",
-                                                                 params={"limit": 100}).json()["data"])
+    assert page.locator("#events tr").count() == len(all_events(client, job_id))
     checkpoints = client.get(f"/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
-    assert checkpoints and job["spec"]["training"]["checkpoint_every_steps"] == 3
+    assert checkpoints and job["spec"]["training"]["checkpoint_every_steps"] == 30
     rows = page.locator("#checkpoints tr[data-checkpoint]")
     assert [rows.nth(i).get_attribute("data-checkpoint") for i in range(rows.count())] == [c["id"] for c in checkpoints]
     assert page.is_disabled("#job-cancel") and page.is_disabled("#job-pause") and page.is_disabled("#job-resume")
