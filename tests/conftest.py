@@ -107,7 +107,9 @@ def services_env(tmp_path_factory) -> dict[str, str]:
     get_engine.cache_clear()
     drop_database(dbname)
     r = redis.Redis.from_url(REDIS_URL)
-    r.delete(env["TUNEFORGE_TRAINING_QUEUE"], env["TUNEFORGE_EVALUATION_QUEUE"], env["TUNEFORGE_WEBHOOKS__QUEUE"])
+    training = env["TUNEFORGE_TRAINING_QUEUE"]
+    r.delete(training, f"{training}.cpu", f"{training}.cuda", env["TUNEFORGE_EVALUATION_QUEUE"],
+             env["TUNEFORGE_WEBHOOKS__QUEUE"])
 
 
 def _clear_caches() -> None:

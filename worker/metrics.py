@@ -130,7 +130,8 @@ class StateCollector:
             return None  # the embedded filesystem broker has no lists to measure
         import redis
 
-        queues = (self.settings.training_queue, self.settings.evaluation_queue)
+        training = self.settings.training_queue
+        queues = (training, f"{training}.cpu", f"{training}.cuda", self.settings.evaluation_queue)
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
             lengths = [client.llen(q) for q in queues]

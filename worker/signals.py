@@ -15,6 +15,7 @@ import threading
 from billiard.process import active_children
 from celery.signals import (
     after_setup_logger,
+    celeryd_after_setup,
     after_setup_task_logger,
     task_postrun,
     task_prerun,
@@ -28,13 +29,32 @@ from celery.signals import (
 from app.core import logs
 from app.core.config import get_settings
 from app.core.db import get_engine, get_sessionmaker
-from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK, TRAIN_TASK
+from app.core.queue import EVALUATE_JOB_TASK, EVALUATE_TASK, TRAIN_TASK, training_queue
 from worker import metrics
 from worker.lifecycle import SHUTDOWN, SHUTDOWN_SIGNAL
 from worker.reaper import redispatch_stale, run_reaper
 
 log = logging.getLogger("tuneforge.worker")
 _reaper_stop = threading.Event()
+
+
+@celeryd_after_setup.connect
+def _consume_device_queue(sender=None, instance=None, **_kwargs) -> None:
+    """A worker that consumes the training queue consumes its device's queue too: <training
+    queue>.cuda where CUDA is available, else <training queue>.cpu, where jobs whose spec asks for
+    that device are sent (app.core.queue.training_queue)."""
+    queues = instance.app.amqp.queues
+    selected = queues.consume_from
+    if selected is not None and training_queue() not in selected:
+        return
+    # NVML answers whether CUDA is there without initializing it in this process, which forks the pool.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    name = training_queue("cuda" if torch.cuda.is_available() else "cpu")
+    if selected is None or name not in selected:
+        queues.select_add(name)
+    log.info("consuming %s beside %s", name, training_queue())
 
 
 @worker_ready.connect

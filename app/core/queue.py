@@ -126,10 +126,18 @@ def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
                 log.exception("deleting blob %s after rollback failed", key)
 
 
-def enqueue_training(job_id: str) -> bool:
-    """Send the job's id to the training queue. Returns False (and logs) when the broker is
-    unreachable: the job stays queued in the database and a worker re-dispatches it."""
-    return _send(TRAIN_TASK, job_id, get_settings().training_queue)
+def training_queue(device: str = "any") -> str:
+    """The queue of training work for a kind of device: the training queue itself for "any", else
+    <training queue>.<device> ("cpu", "cuda"), which only workers with that device consume."""
+    name = get_settings().training_queue
+    return name if device == "any" else f"{name}.{device}"
+
+
+def enqueue_training(job_id: str, device: str = "any") -> bool:
+    """Send the job's id to the training queue of its device (training_queue). Returns False (and
+    logs) when the broker is unreachable: the job stays queued in the database and a worker
+    re-dispatches it."""
+    return _send(TRAIN_TASK, job_id, training_queue(device))
 
 
 def enqueue_evaluation(evaluation_id: str) -> bool:

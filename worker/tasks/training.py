@@ -56,6 +56,15 @@ def train(job_id: str) -> str:
         log.error("job %s cannot start:\n%s", job_id, traceback.format_exc())
         return _fail(job_id, token, exc)
 
+    if inputs.spec.device != "any":
+        from worker.training.model import DeviceUnavailable, select_device
+
+        try:
+            select_device(inputs.spec.device)
+        except DeviceUnavailable as exc:
+            log.error("job %s: %s", job_id, exc)
+            return _fail(job_id, token, exc, code="device_unavailable")
+
     renew = lambda session: job_lease.renew(session, job_id=job_id, lease_token=token,  # noqa: E731
                                             lease_seconds=settings.lease_seconds)
     with claim_work_dir(job_id, token) as work_dir, Lease(f"job {job_id}", token, renew) as lease:

@@ -38,9 +38,21 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def select_device() -> Device:
-    """"cuda" when a CUDA device is visible, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+class DeviceUnavailable(RuntimeError):
+    """The job's spec asks for a device this worker does not have."""
+
+
+def select_device(wanted: str = "any") -> Device:
+    """The device a job trains on: for "any", "cuda" when a CUDA device is visible, else "cpu"; "cpu"
+    and "cuda" as asked (the job's spec.device). Raises DeviceUnavailable for "cuda" without one."""
+    if wanted == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if wanted == "cuda":
+        raise DeviceUnavailable("The job asks for device 'cuda', and this worker has no CUDA device: only workers "
+                                "with one should consume its queue (<training queue>.cuda).")
+    return "cpu"
 
 
 def device_label(device: Device) -> str:

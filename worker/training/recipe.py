@@ -177,7 +177,7 @@ class LoraRecipe:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.limits = limits or CostLimits()
         self.init_adapter = Path(init_adapter) if init_adapter is not None else None
-        self._device: Device = select_device()
+        self._device: Device = select_device(spec.device)
         self._memory = PeakMemory(self._device)
         self._model: PeftModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None

@@ -30,7 +30,7 @@ from app.domains.jobs.rounds import end_round
 from app.domains.jobs.service import counts, model_name
 from app.domains.jobs.spec import TrainingSpec
 from app.domains.jobs.states import (FAILABLE_UNHELD, FINAL, JobStatus, StopReason, StopRequest, add_event,
-                                     existing_job, transition)
+                                     enqueue_after_commit, existing_job, transition)
 from app.domains.base_models import service as base_models
 from app.domains.quotas import service as quotas
 from app.domains.teams.models import Team
@@ -199,7 +199,7 @@ def release(session: Session, *, job_id: str, lease_token: str, reason: StopReas
     if status == JobStatus.CANCELLED:
         end_round(session, job_id=job_id)
     elif status == JobStatus.QUEUED:
-        queue.after_commit(session, queue.enqueue_training, job_id)
+        enqueue_after_commit(session, job_id)
     return status
 
 
@@ -317,7 +317,7 @@ def reap(session: Session, *, max_attempts: int) -> list[str]:
                 add_event(session, job_id, f"Requeued: worker {worker} stopped renewing its lease "
                                            f"(attempt {attempts} of {max_attempts} used)")
                 requeued.append(job_id)
-                queue.after_commit(session, queue.enqueue_training, job_id)
+                enqueue_after_commit(session, job_id)
             else:
                 add_event(session, job_id, f"Job {status} ({lost}; it had been asked to "
                                            f"{'cancel' if status == JobStatus.CANCELLED else 'pause'})")
@@ -340,5 +340,5 @@ def redispatch_stale(session: Session, *, older_than: dt.datetime) -> list[str]:
     so one job is re-sent at most once per interval. Returns their ids."""
     ids = [r.id for r in leases.take_stale(session, FineTuningJob, queued=JobStatus.QUEUED, older_than=older_than)]
     for job_id in ids:
-        queue.after_commit(session, queue.enqueue_training, job_id)
+        enqueue_after_commit(session, job_id)
     return ids

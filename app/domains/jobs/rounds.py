@@ -13,13 +13,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core import queue
 from app.core.ids import new_id
 from app.domains.adapters import service as adapters
 from app.domains.jobs import iteration
 from app.domains.jobs.models import FineTuningJob
 from app.domains.jobs.spec import AutoIterateSpec, TrainingSpec
-from app.domains.jobs.states import JobStatus, add_event, existing_job, transition
+from app.domains.jobs.states import JobStatus, add_event, enqueue_after_commit, existing_job, transition
 
 
 def _loop_parent(session: Session, job: FineTuningJob) -> FineTuningJob | None:
@@ -111,7 +110,7 @@ def _next_round(session: Session, parent: FineTuningJob) -> None:
     add_event(session, child.id, f"Round {child.round} of {parent.id}'s auto_iterate: {change}")
     add_event(session, parent.id, f"Round {child.round} started as {child.id}: {change}",
               data={"round": child.round, "job_id": child.id, "change": change})
-    queue.after_commit(session, queue.enqueue_training, child.id)
+    enqueue_after_commit(session, child.id)
 
 
 def _conclude(session: Session, parent: FineTuningJob, history: list[iteration.RoundResult], reason: str) -> None:

@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.domains.evaluations.spec import JobEvalSpec
-from app.domains.jobs.spec import AutoIterateSpec, Integration, LoraSpec, QuantizationSpec, TrainingSettings
+from app.domains.jobs.spec import (DEVICE_DESCRIPTION, AutoIterateSpec, Device, Integration, LoraSpec, QuantizationSpec,
+                                   TrainingSettings)
 
 # OpenAI allows up to 64 characters. ':' separates the parts of a ft:base:org:suffix:job model name and
 # '/' would split it in a /v1/models/{model} path, so a suffix holds letters, digits, '.', '-' and '_'.
@@ -127,6 +128,7 @@ class JobCreate(BaseModel):
                                                        "on these code tasks (status 'evaluating' meanwhile).")
     auto_iterate: AutoIterateSpec | None = Field(None, description="Retrain with adjusted settings until the eval "
                                                                    "target is met (needs eval).")
+    device: Device = Field("any", description=DEVICE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _iterate_needs_eval(self) -> JobCreate:

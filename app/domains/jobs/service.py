@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy import Select, String, cast, func, select, update
 from sqlalchemy.orm import Session
 
-from app.core import queue
 from app.core.config import get_settings
 from app.core.db import get_owned, unix, utcnow
 from app.core.ids import new_id
@@ -33,7 +32,7 @@ from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobC
 from app.domains.jobs.spec import (DPO_DEFAULT_BETA, DpoSpec, InitAdapter, TrainingSettings, TrainingSpec,
                                    validation_conflict)
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, FINAL, RUNNING, UNHELD, WAITING, JobStatus, StopRequest,
-                                     add_event, transition)
+                                     add_event, enqueue_after_commit, transition)
 from app.domains.base_models import service as base_models
 from app.domains.base_models.models import RegisteredModel
 from app.domains.quotas import service as quotas
@@ -90,7 +89,8 @@ def resolve_spec(body: JobCreate, seed: int, init_adapter: InitAdapter | None = 
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,
                         quantization=body.quantization or TrainingSpec().quantization,
                         training=training, evaluation=body.eval, auto_iterate=body.auto_iterate, seed=seed,
-                        dpo=dpo, init_adapter=init_adapter, integrations=tuple(body.integrations or ()))
+                        dpo=dpo, init_adapter=init_adapter, integrations=tuple(body.integrations or ()),
+                        device=body.device)
 
 
 def _check_dpo_settings(body: JobCreate, training: TrainingSettings) -> None:
@@ -213,7 +213,7 @@ def create(session: Session, *, team_id: str, body: JobCreate) -> FineTuningJob:
         evaluations.check_task_file(session, team_id=team_id, file_id=body.eval.tasks, param="eval.tasks")
     _check_cost(session, team_id=team_id, base=base, spec=spec, training_file=body.training_file)
     transition(session, job.id, (JobStatus.VALIDATING_FILES,), JobStatus.QUEUED, "Files validated; job queued")
-    queue.after_commit(session, queue.enqueue_training, job.id)
+    enqueue_after_commit(session, job.id)
     session.refresh(job)
     return job
 
@@ -392,7 +392,7 @@ def resume(session: Session, *, team_id: str, job_id: str) -> FineTuningJob:
     job = get(session, team_id=team_id, job_id=job_id)
     if transition(session, job_id, (JobStatus.PAUSED,), JobStatus.QUEUED,
                   "Job resumed; queued to continue from its latest checkpoint", enqueued_at=utcnow()):
-        queue.after_commit(session, queue.enqueue_training, job_id)
+        enqueue_after_commit(session, job_id)
     else:
         withdrawn = session.execute(
             update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == JobStatus.RUNNING,

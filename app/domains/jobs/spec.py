@@ -300,6 +300,13 @@ class Integration(_Frozen):
         return self
 
 
+Device = Literal["any", "cpu", "cuda"]
+DEVICE_DESCRIPTION = (
+    "The kind of device the job trains on. any: the training queue, which every training worker consumes; "
+    "cpu or cuda: the queue <training queue>.<device>, which only workers with that device consume (a "
+    "worker with CUDA consumes .cuda, one without consumes .cpu), so the job waits queued until one takes it.")
+
+
 class TrainingSpec(_Frozen):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
@@ -312,6 +319,7 @@ class TrainingSpec(_Frozen):
     init_adapter: InitAdapter | None = Field(None, description="Start from this fine-tuned model's adapter (for "
                                                                "DPO also the reference); null: a fresh adapter.")
     integrations: tuple[Integration, ...] = Field((), description="Experiment trackers the job logs to.")
+    device: Device = Field("any", description=DEVICE_DESCRIPTION)
 
     @property
     def method(self) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
-from app.core import leases
+from app.core import leases, queue
 from app.core.db import utcnow
 from app.core.ids import new_id
 from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
@@ -64,6 +64,12 @@ def existing_job(session: Session, job_id: str) -> FineTuningJob:
     if job is None:
         raise LookupError(f"job {job_id!r} does not exist")
     return job
+
+
+def enqueue_after_commit(session: Session, job_id: str) -> None:
+    """Send the job to the training queue of the device its spec asks for, once the session commits."""
+    spec = session.scalar(select(FineTuningJob.spec).where(FineTuningJob.id == job_id)) or {}
+    queue.after_commit(session, queue.enqueue_training, job_id, spec.get("device", "any"))
 
 
 def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
