@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import get_args
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
@@ -33,8 +34,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from app.core.config import Settings, get_settings
+from app.core.queue import training_queue
 from app.core.db import session_scope
 from app.domains.jobs.models import FineTuningJob
+from app.domains.jobs.spec import Device
 from app.domains.jobs.states import JobStatus
 
 log = logging.getLogger("tuneforge.worker")
@@ -130,8 +133,7 @@ class StateCollector:
             return None  # the embedded filesystem broker has no lists to measure
         import redis
 
-        training = self.settings.training_queue
-        queues = (training, f"{training}.cpu", f"{training}.cuda", self.settings.evaluation_queue)
+        queues = (*(training_queue(d, self.settings) for d in get_args(Device)), self.settings.evaluation_queue)
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
             lengths = [client.llen(q) for q in queues]

@@ -15,8 +15,8 @@ import threading
 from billiard.process import active_children
 from celery.signals import (
     after_setup_logger,
-    celeryd_after_setup,
     after_setup_task_logger,
+    celeryd_after_setup,
     task_postrun,
     task_prerun,
     worker_process_init,

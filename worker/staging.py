@@ -70,14 +70,20 @@ def _used(key: str, present: Callable[[], bool]) -> bool:
         return present()
 
 
+def _added(key: str) -> None:
+    """After a fetch: mark key used again (the fetch may have outlasted min_idle_seconds), then make
+    room for it."""
+    _used(key, lambda: True)
+    evict(keep=key)
+
+
 def stage_file(key: str) -> Path:
     """A local copy of the blob at key, fetched on first use. Raises FileNotFoundError when
     storage has no blob there."""
     target = _cached(key)
     if not _used(key, target.is_file):
         get_storage().fetch_to(key, target)
-        _used(key, target.is_file)
-        evict(keep=key)
+        _added(key)
     return target
 
 
@@ -95,8 +101,7 @@ def stage_tree(prefix: str) -> Path:
             if not target.is_dir():
                 raise
             shutil.rmtree(fetched, ignore_errors=True)
-        _used(prefix, target.is_dir)
-        evict(keep=prefix)
+        _added(prefix)
     return target
 
 

@@ -126,10 +126,10 @@ def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
                 log.exception("deleting blob %s after rollback failed", key)
 
 
-def training_queue(device: str = "any") -> str:
+def training_queue(device: str = "any", settings: Settings | None = None) -> str:
     """The queue of training work for a kind of device: the training queue itself for "any", else
     <training queue>.<device> ("cpu", "cuda"), which only workers with that device consume."""
-    name = get_settings().training_queue
+    name = (settings or get_settings()).training_queue
     return name if device == "any" else f"{name}.{device}"
 
 

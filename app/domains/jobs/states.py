@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from app.core import leases, queue
@@ -67,9 +67,10 @@ def existing_job(session: Session, job_id: str) -> FineTuningJob:
 
 
 def enqueue_after_commit(session: Session, job_id: str) -> None:
-    """Send the job to the training queue of the device its spec asks for, once the session commits."""
-    spec = session.scalar(select(FineTuningJob.spec).where(FineTuningJob.id == job_id)) or {}
-    queue.after_commit(session, queue.enqueue_training, job_id, spec.get("device", "any"))
+    """Send the job to the training queue of the device its spec asks for, once the session commits.
+    The spec never changes, so the job the session already holds (creation, resume) is read as it is."""
+    device = existing_job(session, job_id).spec.get("device", "any")  # absent from jobs made before devices
+    queue.after_commit(session, queue.enqueue_training, job_id, device)
 
 
 def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
