@@ -252,14 +252,18 @@ def load_base_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     # On CPU bitsandbytes dequantizes a 4-bit weight at every matmul (forward and backward); the
     # dequantized weight, kept, computes the same NF4 base at bf16 speed (worker.training.dequantized).
-    dequantized = dequantize_4bit_layers(model) if quantized and device == "cpu" and spec.quantization.bits == 4 else 0
+    # Training in fp32 on CPU (one without bf16 matmuls, or fp32 asked for), the dequantized weights are held
+    # in fp32 with their compute dtype's values: a bf16 matmul there is several times slower than fp32's.
+    compute = spec.quantization.compute_dtype
+    hold = torch.float32 if precision == "fp32" and compute != "fp32" else None
+    dequantized = (dequantize_4bit_layers(model, hold=hold)
+                   if quantized and device == "cpu" and spec.quantization.bits == 4 else 0)
     label = quantization_label(spec.quantization)
     notes = []
     frozen_bf16 = dequantized and precision == "bf16" and spec.quantization.compute_dtype == "bf16"
     if frozen_bf16:
         frozen_to_compute_dtype(model, torch.bfloat16)
     if dequantized:
-        compute = spec.quantization.compute_dtype
         label = f"{label}-dequantized-{compute}"
         notes.append(
             f"The base was quantized to 4-bit {spec.quantization.type} and its {dequantized} 4-bit layers were then "
@@ -268,7 +272,10 @@ def load_base_model(
             "at plain matmul speed, for more memory. GPU workers train on bitsandbytes' 4-bit layers; the adapter "
             "serves on a 4-bit base as usual"
             + ("; the unquantized embeddings and norms are held in bf16 too, so no layer casts its input and output"
-               if frozen_bf16 else ""))
+               if frozen_bf16 else "")
+            + (f"; training runs in fp32, so those {compute} weights are held in fp32 (the same values) and multiply "
+               f"in fp32, several times faster than {compute} on a CPU without {compute} support"
+               if hold is not None else ""))
     lean_modules = apply_lean_ops(model) if t.lean_activations else 0
     chunked_loss = apply_chunked_loss(model) if t.chunked_loss else False
     if init_adapter is not None:
