@@ -3,6 +3,10 @@
 The session gets its own Postgres database (built by `alembic upgrade head`), its own
 Celery queue name on the shared Redis, and its own data dir; every test makes its own
 teams, so tests never see each other's rows.
+
+TUNEFORGE_TEST_STORAGE=s3 runs the session's API, workers and inference processes (and the test
+process) on S3 storage: a bucket of the session's own S3 server, with the base models registered
+into it. The default, local, is the storage directory under the data dir.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import redis
 PG_ADMIN = os.environ.get("TUNEFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 RUN_ID = secrets.token_hex(4)
+STORAGE = os.environ.get("TUNEFORGE_TEST_STORAGE", "local")
 TEST_UPLOAD_LIMIT = 2 * 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +68,12 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str
 
 
 @pytest.fixture(scope="session")
-def services_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for this session: its own database, queue and data dir. Also applied to the
-    test process itself, so factories talk to the same database."""
+def services_env(tmp_path_factory, request) -> dict[str, str]:
+    """Environment for this session: its own database, queue and data dir (and bucket, with
+    TUNEFORGE_TEST_STORAGE=s3). Also applied to the test process itself, so factories talk to the
+    same database and storage."""
+    if STORAGE not in ("local", "s3"):
+        pytest.exit(f"TUNEFORGE_TEST_STORAGE must be local or s3, not {STORAGE!r}", returncode=4)
     try:
         redis.Redis.from_url(REDIS_URL).ping()
     except redis.RedisError as exc:
@@ -95,6 +103,8 @@ def services_env(tmp_path_factory) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if STORAGE == "s3":
+        env.update(s3_storage_env(request.getfixturevalue("s3_server"), f"suite-{RUN_ID}"))
     os.environ.update(env)
     _clear_caches()
     from app.core.migrate import upgrade
@@ -126,13 +136,21 @@ def _clear_caches() -> None:
 def tiny_model(services_env) -> Path:
     """The tiny Llama model, built offline and registered as 'tiny-llama'."""
     from app.core.db import session_scope
-    from app.domains.base_models import service as base_models
     from worker.training.tiny import make_tiny_model
 
     path = make_tiny_model(Path(services_env["TUNEFORGE_DATA_DIR"]) / "models" / "tiny-llama")
     with session_scope() as session:
-        base_models.register(session, name="tiny-llama", path=path)
+        register_base(session, "tiny-llama", path)
     return path
+
+
+def register_base(session, name: str, path: Path):
+    """Register a base model as this session's storage wants it: into the bucket with S3 storage
+    (as `tuneforge models register --store` does), else by its local path."""
+    from app.core.storage import get_storage
+    from app.domains.base_models import service as base_models
+
+    return base_models.register(session, name=name, path=path, storage=get_storage() if STORAGE == "s3" else None)
 
 
 @pytest.fixture
@@ -142,7 +160,6 @@ def private_database(services_env, tiny_model) -> str:
     the database it serves, so jobs in the session's database would reach the session's worker."""
     from app.core.db import session_scope
     from app.core.migrate import upgrade
-    from app.domains.base_models import service as base_models
 
     name = f"tuneforge_test_{RUN_ID}_{secrets.token_hex(3)}"
     url = create_database(name)
@@ -151,7 +168,7 @@ def private_database(services_env, tiny_model) -> str:
     os.environ["TUNEFORGE_DATABASE_URL"] = url
     _clear_caches()
     with session_scope() as session:
-        base_models.register(session, name="tiny-llama", path=tiny_model)
+        register_base(session, "tiny-llama", tiny_model)
     yield url
     os.environ["TUNEFORGE_DATABASE_URL"] = previous
     _clear_caches()

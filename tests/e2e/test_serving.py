@@ -41,8 +41,9 @@ class Served:
     dirs: dict[str, Path]  # adapter name -> its peft directory (the one written with peft)
 
 
-def _store_adapter(team_id: str, name: str, src: Path) -> tuple[str, Path]:
-    """Store a peft directory as a training job would (files/ + .tar.gz) and add its row."""
+def _store_adapter(team_id: str, name: str, src: Path) -> tuple[str, str]:
+    """Store a peft directory as a training job would (files/ + .tar.gz) and add its row; returns the
+    adapter's id and the storage prefix of its files."""
     from app.core.db import session_scope
     from app.core.ids import new_id
     from app.core.storage import get_storage
@@ -62,7 +63,7 @@ def _store_adapter(team_id: str, name: str, src: Path) -> tuple[str, Path]:
     with session_scope() as session:
         adapters.create(session, adapter_id=adapter_id, team_id=team_id, job_id=None, base_model=BASE, name=name,
                         storage_prefix=prefix, archive_key=blob.key, size=blob.bytes, sha256=blob.sha256)
-    return adapter_id, storage.path(f"{prefix}/files")
+    return adapter_id, f"{prefix}/files"
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,13 @@ def served(services_env, server, tiny_model, tmp_path_factory) -> Served:
     for name, path in dirs.items():
         models[name] = f"ft:{BASE}:{name}-{suffix}"
         ids[name], stored[name] = _store_adapter(team_id, models[name], path)
-    (stored["corrupt"] / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-    for file in stored["missing"].iterdir():
-        file.unlink()
-    stored["missing"].rmdir()
+    from app.core.storage import get_storage
+
+    storage, garbage = get_storage(), tmp_path_factory.mktemp("corrupt") / "adapter_model.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    storage.put_file(garbage, f"{stored['corrupt']}/adapter_model.safetensors")
+    for file in dirs["missing"].iterdir():
+        storage.delete(f"{stored['missing']}/{file.name}")
 
     log = Path(services_env["TUNEFORGE_DATA_DIR"]) / "inference.log"
     proc, url = start_inference(services_env, log, BASE, "--max-adapters", "2", timeout=TIMEOUT)
