@@ -22,10 +22,10 @@ of S3 to local. The client, the API and the S3 server share the machine's cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MIB = 1024**2
 
+from bench.s3 import bucket_env, moto_server  # noqa: E402
 from tuneforge import processes  # noqa: E402
 
 
@@ -90,15 +91,8 @@ def run_backend(backend: str, data: Path, purpose: str, s3_endpoint: str | None,
     for name in ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_BROKER_URL", "TUNEFORGE_STORAGE_URL"):
         env.pop(name, None)
     if backend == "s3":
-        import boto3
-
         assert s3_endpoint is not None
-        bucket = f"bench-{secrets.token_hex(4)}"
-        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket=bucket)
-        env |= {"TUNEFORGE_STORAGE_URL": f"s3://{bucket}/tuneforge", "TUNEFORGE_S3__ENDPOINT_URL": s3_endpoint,
-                "TUNEFORGE_S3__REGION": "us-east-1", "TUNEFORGE_S3__ACCESS_KEY_ID": "bench",
-                "TUNEFORGE_S3__SECRET_ACCESS_KEY": "bench", "TUNEFORGE_S3__ADDRESSING_STYLE": "path"}
+        env |= bucket_env(s3_endpoint)
     made = subprocess.run([sys.executable, "-m", "tuneforge.cli", "admin", "create-team", f"bench-{backend}"],
                           env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     key = made.stdout.split()[-1]
@@ -153,22 +147,13 @@ def main() -> int:
     args = parser.parse_args()
     backends = args.backends.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="tf-storage-bench-"))
-    moto = None
     try:
         data = scratch / "big.jsonl"
         make_file(data, args.mib)
-        endpoint = None
-        if "s3" in backends:
-            port = processes.free_port()
-            moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            endpoint = f"http://127.0.0.1:{port}"
-            processes.wait_http(f"{endpoint}/moto-api/", moto, what="the moto S3 server")
-        results = {b: run_backend(b, data, args.purpose, endpoint, args.via, args.part_mib * MIB) for b in backends}
+        with moto_server() if "s3" in backends else contextlib.nullcontext() as endpoint:
+            results = {b: run_backend(b, data, args.purpose, endpoint, args.via, args.part_mib * MIB)
+                       for b in backends}
     finally:
-        if moto is not None:
-            moto.terminate()
-            moto.wait(30)
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
     route = "/v1/uploads" if args.via == "uploads" else "/v1/files"
     print(f"{args.mib} MiB file, purpose {args.purpose}, through {route}")
