@@ -14,7 +14,7 @@ Reported per job, from the job's row and its events in the database (microsecond
   staging, loading (and quantizing) the model and tokenizing the data take on the worker;
 - claim to first step: the same to its step-1 metrics event, the first step included;
 - created to first step: the same from the job's created_at, queueing included;
-and the ratio of each s3 job to the local one. The API, the worker and the S3 server share the
+and the ratio of each s3 job to the local job of the same cache state. The API, the worker and the S3 server share the
 machine's cores.
 
     .venv/bin/python bench/first_step.py [--model-dir DIR] [--backends local,s3] [--steps 1]
@@ -144,13 +144,12 @@ def main() -> int:
     for r in results:
         print(f"{r['backend']:8} {r['cache']:6} {r['claim_to_training_start_s']:22.1f} s "
               f"{r['claim_to_first_step_s']:18.1f} s {r['created_to_first_step_s']:20.1f} s")
-    local = next((r for r in results if r["backend"] == "local" and r["cache"] == "cold"), None)
-    if local is not None:
-        for r in results:
-            if r["backend"] == "s3":
-                print(f"s3 {r['cache']} / local: claim to training start "
-                      f"{r['claim_to_training_start_s'] / local['claim_to_training_start_s']:.2f}x, to first step "
-                      f"{r['claim_to_first_step_s'] / local['claim_to_first_step_s']:.2f}x")
+    for r in results:
+        local = next((o for o in results if o["backend"] == "local" and o["cache"] == r["cache"]), None)
+        if r["backend"] == "s3" and local is not None:
+            print(f"s3 {r['cache']} / local {r['cache']}: claim to training start "
+                  f"{r['claim_to_training_start_s'] / local['claim_to_training_start_s']:.2f}x, to first step "
+                  f"{r['claim_to_first_step_s'] / local['claim_to_first_step_s']:.2f}x")
     print(json.dumps({"benchmark": "first_step", "machine": describe(), "model_bytes": size, "results": results}))
     return 0
 
