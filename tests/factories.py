@@ -135,3 +135,8 @@ def job_with_checkpoint_models(client: httpx.Client, team_id: str, checkpoint_di
             checkpoints.record(session, job_id=row.id, team_id=team_id, step=step, metrics={"train_loss": 1.0},
                                prefix=ckpt_prefix, size=1)
     return job["id"], name
+
+
+def files_under(folder: Path) -> list[str]:
+    """The relative paths of the files under folder (its subfolders' too), sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

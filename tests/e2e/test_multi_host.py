@@ -21,7 +21,7 @@ import redis
 
 from tests import netns
 from tests.conftest import ROOT, s3_storage_env, wait_until
-from tests.factories import create_job, uploaded_file_id, wait_for_job
+from tests.factories import create_job, files_under, uploaded_file_id, wait_for_job
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 
@@ -35,10 +35,6 @@ def _postgres_bin() -> Path:
     if not found:
         pytest.skip("the PostgreSQL server binaries are not installed")
     return found[-1].parent
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def _connects(hosts: netns.NetworkHosts, host: netns.Host, address: str, port: int) -> bool:
@@ -163,8 +159,8 @@ def test_a_job_trains_evaluates_and_serves_across_hosts_that_share_only_the_netw
             # Each host kept only its own cache: the blobs live in the bucket, nobody has a storage folder.
             for folder in dirs.values():
                 assert not (folder / "storage").exists()
-            assert any(p.startswith(f"models/{BASE}/") for p in _files(dirs["worker"] / "cache"))
-            served = _files(dirs["inference"] / "cache")
+            assert any(p.startswith(f"models/{BASE}/") for p in files_under(dirs["worker"] / "cache"))
+            served = files_under(dirs["inference"] / "cache")
             assert any(p.startswith(f"models/{BASE}/") for p in served)
             assert any("/adapters/" in p for p in served), served
             assert not (dirs["api"] / "cache").exists()

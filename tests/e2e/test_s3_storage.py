@@ -10,7 +10,6 @@ import io
 import json
 import os
 import tarfile
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,7 +21,7 @@ from app.core.db import session_scope
 from app.core.s3 import S3Storage
 from app.domains.base_models import service as base_models
 from tests.conftest import _stop, s3_storage_env, start_api, start_worker
-from tests.factories import create_team, demo_tasks, wait_for_job
+from tests.factories import create_team, demo_tasks, files_under, wait_for_job
 
 BASE = "tiny-llama-s3"
 
@@ -65,10 +64,6 @@ def _objects(storage: S3Storage) -> list[str]:
     return sorted(name.removeprefix(f"{storage.prefix}/") for name in storage._list(""))
 
 
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-
-
 def test_a_job_trains_across_hosts_that_share_only_s3_and_its_adapter_downloads_byte_identical(s3_stack):
     storage: S3Storage = s3_stack["storage"]
     dirs = s3_stack["dirs"]
@@ -87,13 +82,13 @@ def test_a_job_trains_across_hosts_that_share_only_s3_and_its_adapter_downloads_
     assert done["status"] == "succeeded", done
 
     # The worker staged what it read into its own cache: the training file and the base model.
-    staged = _files(dirs["worker"] / "cache")
+    staged = files_under(dirs["worker"] / "cache")
     assert f"teams/{team_id}/files/{uploaded.id}.jsonl" in staged
     assert any(p.startswith(f"models/{BASE}/") and p.endswith("/config.json") for p in staged)
     # Blobs live in the bucket only: neither process keeps a storage folder, and the API's spool is empty.
     for folder in dirs.values():
         assert not (folder / "storage").exists()
-    assert _files(dirs["api"] / "tmp") == [] and not (dirs["api"] / "cache").exists()
+    assert files_under(dirs["api"] / "tmp") == [] and not (dirs["api"] / "cache").exists()
 
     adapter = api.get("/adapters").json()["data"][0]
     objects = _objects(storage)

@@ -260,7 +260,7 @@ def load_base_model(
                    if quantized and device == "cpu" and spec.quantization.bits == 4 else 0)
     label = quantization_label(spec.quantization)
     notes = []
-    frozen_bf16 = dequantized and precision == "bf16" and spec.quantization.compute_dtype == "bf16"
+    frozen_bf16 = dequantized and precision == "bf16" and compute == "bf16"
     if frozen_bf16:
         frozen_to_compute_dtype(model, torch.bfloat16)
     if dequantized:
