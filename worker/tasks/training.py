@@ -1,5 +1,9 @@
 """jobs.train: claim the job, run the recipe, record the outcome.
 
+A job with training.processes > 1 trains data-parallel: this task's process is rank 0 and the
+recipe starts and ends the other ranks (worker.training.distributed), which write nothing; the
+lease, the events, checkpoints and the adapter stay here.
+
 Idempotent: the claim is one conditional UPDATE, so a redelivered message for a job that is
 running (leased), finished or cancelled returns at once and trains nothing. The claim gives this
 worker a lease that a heartbeat thread renews; everything the task writes afterwards is
@@ -56,11 +60,12 @@ def train(job_id: str) -> str:
         log.error("job %s cannot start:\n%s", job_id, traceback.format_exc())
         return _fail(job_id, token, exc)
 
-    if inputs.spec.device != "any":
+    if inputs.spec.device != "any" or inputs.spec.training.processes > 1:
+        from worker.training.distributed import check_processes
         from worker.training.model import DeviceUnavailable, select_device
 
         try:
-            select_device(inputs.spec.device)
+            check_processes(select_device(inputs.spec.device), inputs.spec.training.processes)
         except DeviceUnavailable as exc:
             log.error("job %s: %s", job_id, exc)
             return _fail(job_id, token, exc, code="device_unavailable")

@@ -8,6 +8,7 @@ Cutting packed micro-batches into rows is worker.training.packing's.
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,28 @@ def plan_batches(t: TrainingSettings, lengths: Sequence[int], device: Device, fi
         return BatchPlan(effective, 1, True, row_tokens=t.row_tokens or CPU_ROW_TOKENS)
     micro = choose_micro_batch(effective, lambda m: fits(longest_first[:m], packing_for(m)))
     return BatchPlan(micro, effective // micro, packing_for(micro))
+
+
+def per_process(plan: BatchPlan, processes: int) -> BatchPlan:
+    """The plan one of `processes` data-parallel processes runs, so that together they make the same
+    optimizer step: each takes 1/processes of the effective batch (micro_batch_size x accumulation).
+
+    The micro-batch is divided by its common factor with the process count and the accumulation by
+    the rest: the per-process micro-batches, dealt out in turn from the one global order (the
+    distributed sampler's), cover exactly the examples of the single-process step. A micro-batch of
+    one example is not packed (as in plan_batches). Raises ValueError when processes does not
+    divide the effective batch (spec.processes_conflict refuses such a job at creation).
+    """
+    if processes == 1:
+        return plan
+    micro, accumulation = plan.micro_batch_size, plan.gradient_accumulation_steps
+    common = math.gcd(micro, processes)
+    if accumulation % (processes // common):
+        raise ValueError(f"{processes} processes cannot share an effective batch of {micro * accumulation} "
+                         "examples evenly; training.processes must divide it")
+    micro //= common
+    packing = plan.packing and micro > 1
+    return BatchPlan(micro, accumulation // (processes // common), packing, plan.row_tokens if packing else None)
 
 
 def cuda_step_fits(model: torch.nn.Module, lengths: list[int], packing: bool, precision: Precision) -> bool:

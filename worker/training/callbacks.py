@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from worker import metrics
+from worker.training.distributed import agree
 from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 
 # What a DPO job logs beside its loss (worker.training.dpo), as TRL names it; validation logs prefix "eval_".
@@ -192,7 +193,7 @@ class BestValidation(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not path.is_dir():
+        if not state.is_world_process_zero or not path.is_dir():
             return
         (path / self.STATE_FILE).write_text(json.dumps({
             "best_step": self.best_step, "best_valid_loss": self.best_loss,
@@ -244,6 +245,10 @@ class StopAndCheckpoint(TrainerCallback):
     micro-batches (abandon_step) a cancel or a passed cost limit ("limit",
     limit_message says which) ends training in mid-step, with no checkpoint.
     reason: why training stopped early, None while it has not.
+
+    In data-parallel training every rank must leave the loop at the same step, so each decision
+    (after every micro-batch and every step) is rank 0's, broadcast to the others (distributed.agree):
+    only rank 0 has the job's hooks and limits. Only rank 0 hands checkpoints over.
     """
 
     def __init__(self, hooks: TrainingHooks, every_steps: int | None = None, limits: CostLimits | None = None):
@@ -259,7 +264,9 @@ class StopAndCheckpoint(TrainerCallback):
         self._began = time.monotonic()
 
     def on_substep_end(self, args, state, control, **kwargs):
-        if self.abandon_step(state):
+        abandon, self.reason, self.limit_message = agree((self.abandon_step(state), self.reason,
+                                                          self.limit_message))
+        if abandon:
             control.should_training_stop = True
             control.should_save = False
 
@@ -299,6 +306,8 @@ class StopAndCheckpoint(TrainerCallback):
             control.should_save = state.global_step % self.every_steps == 0
         if self.reason is None:
             self._check_stop(state, control)
+        (self.reason, self.limit_message, control.should_training_stop, control.should_save) = agree(
+            (self.reason, self.limit_message, control.should_training_stop, control.should_save))
         # At an epoch's last step the Trainer evaluates only after this step's save. A checkpoint
         # written there would miss the epoch's validation, and a run resumed from it (the epoch
         # counted as done) would never run it: the save waits for the epoch's end, after it.
@@ -334,6 +343,8 @@ class StopAndCheckpoint(TrainerCallback):
             control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return  # the other ranks' checkpoints are rank 0's (RowTrainer writes their RNG states there)
         step = state.global_step
         self.hooks.on_event("message", f"Checkpoint saved at step {step}", {"step": step})
         if self.every_steps is None and self.reason not in ("pause", "shutdown"):

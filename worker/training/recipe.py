@@ -25,10 +25,11 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, PrinterCallback, set_seed
 
-from app.domains.jobs.spec import TrainingSpec, validation_conflict
-from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, plan_batches
+from app.domains.jobs.spec import TrainingSpec, processes_conflict, validation_conflict
+from worker.training.batching import BatchPlan, as_dataset, collator_for, cuda_step_fits, per_process, plan_batches
 from worker.training.callbacks import BestValidation, ProgressEvents, StepAbandoned, StopAndCheckpoint, last_logged
 from worker.training.data import TokenizedExamples, load_examples, prompt_style_for, record_lines, split_lines
+from worker.training.distributed import RankGroup, RankInputs, barrier, check_processes
 from worker.training.dpo import DpoTrainer, PairCollator, PreferencePairs, as_pair_dataset, load_pairs, reference_logps
 from worker.training.hooks import CostLimits, Stopped, TrainingHooks
 from worker.training.memory import PeakMemory
@@ -145,6 +146,13 @@ class LoraRecipe:
     of the best evaluation, which save() then writes. The caller owns work_dir
     and deletes it. The instance is not thread-safe and not reusable after
     cleanup().
+
+    With spec.training.processes > 1 the recipe trains data-parallel
+    (worker.training.distributed): setup() starts the other ranks, which run
+    this recipe on the same files (rank gives a child its place) and write
+    nothing, each process taking its share of every step's examples; this
+    one stays rank 0, the only one that calls the hooks with effect, and
+    cleanup() ends the other ranks and restores this process's state.
     """
 
     def __init__(
@@ -159,12 +167,15 @@ class LoraRecipe:
         resume_from: Path | None = None,
         limits: CostLimits | None = None,
         init_adapter: Path | None = None,
+        rank: RankInputs | None = None,
     ):
         """Stores the inputs only; nothing is loaded until setup(). init_adapter: the peft directory of
-        spec.init_adapter, trained on from where it is instead of a fresh adapter.
+        spec.init_adapter, trained on from where it is instead of a fresh adapter. rank: set only in the
+        processes of ranks 1..N-1 that rank 0 started (worker.training.distributed.run_rank).
 
         Raises TypeError when the spec asks for periodic checkpoints and hooks
-        has no on_checkpoint to hand them to.
+        has no on_checkpoint to hand them to; DeviceUnavailable when it asks for
+        more CUDA processes than there are GPUs.
         """
         if spec.training.checkpoint_every_steps is not None and not hasattr(hooks, "on_checkpoint"):
             raise TypeError("training.checkpoint_every_steps is set but the hooks have no on_checkpoint method")
@@ -178,6 +189,10 @@ class LoraRecipe:
         self.limits = limits or CostLimits()
         self.init_adapter = Path(init_adapter) if init_adapter is not None else None
         self._device: Device = select_device(spec.device)
+        check_processes(self._device, spec.training.processes)
+        self._rank = rank
+        self._ranks: RankGroup | None = None
+        self._finished = False
         self._memory = PeakMemory(self._device)
         self._model: PeftModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -204,13 +219,49 @@ class LoraRecipe:
         spec.validation_conflict), a LoRA target module the model lacks, or a
         precision/attention setting the device cannot run; MemoryError when not
         even a micro-batch of 1 fits on the GPU; OSError for a missing file or
-        model folder.
+        model folder. With spec.training.processes > 1 it first starts (or, in
+        a child rank, joins) the other ranks; RankFailed when one does not
+        start, and a failed setup ends them.
         """
         t = self.spec.training
-        conflict = validation_conflict(t, has_validation_file=self.validation_file is not None)
+        conflict = (validation_conflict(t, has_validation_file=self.validation_file is not None)
+                    or processes_conflict(t, dpo=self.spec.dpo is not None))
         if conflict is not None:
             raise ValueError(conflict[0])
         self._memory.reset()
+        if t.processes > 1:
+            self._start_ranks()
+        try:
+            self._load_and_plan()
+        except BaseException:
+            self._close_ranks()
+            raise
+
+    def _start_ranks(self) -> None:
+        """Set this process up as its rank (rank 0 starts the others first) and say so in an event."""
+        t = self.spec.training
+        if self._rank is not None:
+            self._ranks = RankGroup.join(self._rank, self._device)
+            return
+        self._ranks = RankGroup.start(RankInputs(
+            spec=self.spec.model_dump(mode="json"), base_model_path=str(self.base_model_path),
+            train_file=str(self.train_file),
+            validation_file=str(self.validation_file) if self.validation_file is not None else None,
+            work_dir=str(self.work_dir), resume_from=str(self.resume_from) if self.resume_from is not None else None,
+            init_adapter=str(self.init_adapter) if self.init_adapter is not None else None,
+            rank=0, world_size=t.processes, port=0, threads=0, parent_pid=0), self._device)
+        backend = "NCCL, one GPU each" if self._device == "cuda" else f"gloo, {torch.get_num_threads()} thread(s) each"
+        self.hooks.on_event("message", f"Training in {t.processes} processes (data parallel over {backend}); "
+                                       "this one writes the events, checkpoints and adapter",
+                            {"processes": t.processes, "threads_per_process": torch.get_num_threads()})
+
+    def _close_ranks(self) -> None:
+        if self._ranks is not None:
+            self._ranks.close(finished=self._finished)
+            self._ranks = None
+
+    def _load_and_plan(self) -> None:
+        t = self.spec.training
         set_seed(self.spec.seed)
         self._model, self._tokenizer, loaded = load_base_model(self.base_model_path, self.spec, self._device,
                                                                init_adapter=self.init_adapter)
@@ -228,6 +279,7 @@ class LoraRecipe:
         else:
             plan = plan_batches(t, [len(ids) for ids in train.input_ids], self._device,
                                 fits=lambda lengths, packing: cuda_step_fits(model, lengths, packing, precision))
+        plan = per_process(plan, t.processes)
         self._announce_batches(plan)
         optimizer, note = optimizer_for(t.optimizer, self._device)
         if note:
@@ -281,7 +333,8 @@ class LoraRecipe:
             row_tokens=plan.row_tokens,
             row_multiple=t.row_length_multiple,
             pad_token_id=self._tokenizer.pad_token_id or 0,
-            abandon_step=self._stopper.abandon_step,
+            # Between rows only in one process: the ranks' rows differ in number, so no rank can decide there for all.
+            abandon_step=self._stopper.abandon_step if t.processes == 1 else None,
             **extra,
         )
         # With tqdm disabled the Trainer prints every log dict to stdout; progress goes to hooks instead.
@@ -356,7 +409,9 @@ class LoraRecipe:
             self._resumed_from_step = _checkpoint_step(self.resume_from)
             self.hooks.on_event("message", f"Resuming from the checkpoint at step {self._resumed_from_step}",
                                 {"step": self._resumed_from_step})
-            self._fit_optimizer_state(self.resume_from)
+            if self._rank is None:
+                self._fit_optimizer_state(self.resume_from)
+            barrier()  # the other ranks read the optimizer state this one may have just rewritten
             if self._best is not None:
                 self._best.load(self.resume_from)
         self.hooks.on_event("message", "Training started", None)
@@ -366,6 +421,11 @@ class LoraRecipe:
                                 else None)
         except StepAbandoned:
             pass  # between the rows of a step; the stopper recorded why, and the partial step is dropped
+        except Exception as exc:
+            if self._ranks is not None:  # a collective fails when a rank died: report that rank's error instead
+                self._ranks.raise_if_failed(exc, wait_seconds=10.0)
+            raise
+        self._finished = True
         wall = time.perf_counter() - start
         self._adapter_step = self._trainer.state.global_step
         if self._stopper.reason is None:
@@ -412,8 +472,11 @@ class LoraRecipe:
     def cleanup(self) -> None:
         """Release the model, optimizer and Trainer (and cached GPU memory). Idempotent.
 
-        Files (checkpoints in work_dir, saved adapters) are left in place.
+        Files (checkpoints in work_dir, saved adapters) are left in place. With
+        several processes, ends the other ranks (waited for after a finished
+        train(), killed otherwise) and restores this process's state.
         """
+        self._close_ranks()
         self._trainer = self._model = self._tokenizer = self._stopper = self._best = None
         gc.collect()
         if self._device == "cuda":
@@ -467,6 +530,7 @@ class LoraRecipe:
     def _announce_batches(self, plan: BatchPlan) -> None:
         multiple = self.spec.training.row_length_multiple
         micro, accumulation = plan.micro_batch_size, plan.gradient_accumulation_steps
+        processes = self.spec.training.processes
         rows = ""
         if plan.row_tokens:
             rows = f", run as rows of at most {plan.row_tokens} tokens"
@@ -474,9 +538,12 @@ class LoraRecipe:
                 rows += f" padded to a multiple of {multiple}"
         self.hooks.on_event(
             "message",
-            f"Batches: {micro} example(s) per micro-batch x {accumulation} accumulation step(s) "
-            f"= {micro * accumulation} per optimizer step; packing {'on' if plan.packing else 'off'}{rows}",
+            f"Batches: {micro} example(s) per micro-batch x {accumulation} accumulation step(s)"
+            + (f" x {processes} processes" if processes > 1 else "")
+            + f" = {micro * accumulation * processes} per optimizer step; packing {'on' if plan.packing else 'off'}"
+            + rows,
             {"micro_batch_size": micro, "gradient_accumulation_steps": accumulation, "packing": plan.packing,
+             "processes": processes,
              "row_tokens": plan.row_tokens, "row_length_multiple": multiple if plan.row_tokens else None},
         )
 

@@ -1,17 +1,22 @@
 """The transformers Trainer as the recipe runs it: its arguments from the spec, and a subclass for
 packed rows and exact mid-epoch resume.
 
-Written against transformers==5.24.0 (the pinned version). Two private Trainer methods are
-overridden because no public hook reaches what they decide; each says why. Re-read both when
+Written against transformers==5.24.0 (the pinned version). Three private Trainer methods are
+overridden because no public hook reaches what they decide; each says why. Re-read them when
 the pin moves: a renamed or re-signed private method would silently stop being called.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -72,7 +77,22 @@ def training_arguments(spec: TrainingSpec, *, plan: BatchPlan, optimizer: str, p
         dataloader_pin_memory=not on_cpu,
         report_to="none",
         disable_tqdm=True,
+        **_data_parallel(t.processes),
     )
+
+
+def _data_parallel(processes: int) -> dict[str, object]:
+    """DDP settings for several training processes (worker.training.distributed)."""
+    if processes == 1:
+        return {}
+    return {
+        # Every LoRA weight gets a gradient each step: no search for unused ones (a graph walk per step).
+        "ddp_find_unused_parameters": False,
+        # The ranks run different numbers of forward passes per step (a CPU step's packed rows differ in
+        # number), so a broadcast of buffers at each forward would pair up wrongly and hang. The only
+        # buffers (rotary frequencies) are constants, the same on every rank.
+        "ddp_broadcast_buffers": False,
+    }
 
 
 def _evaluation(every_steps: int | None, has_validation: bool) -> dict[str, object]:
@@ -120,6 +140,10 @@ class RowTrainer(Trainer):
     step in the middle by raising StepAbandoned (a CPU step is one micro-batch of many rows, so
     the Trainer's between-micro-batch callbacks never run inside it). Other arguments are the
     Trainer's.
+
+    In data-parallel training (several processes) every row of a step but the last runs without
+    DDP's gradient all-reduce (no_sync), so each rank syncs once per micro-batch however many rows it
+    has, and the token-accuracy counts are summed over the ranks when logged.
     """
 
     def __init__(self, *args, row_tokens: int | None = None, row_multiple: int | None = None,
@@ -153,8 +177,31 @@ class RowTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
             return super()._get_train_sampler(train_dataset)
-        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        [len(row["input_ids"]) for row in dataset], self.args.data_seed)
+        # Grouped by the whole optimizer step (every rank's share), so several processes deal out the
+        # same global order as one.
+        return EpochSeededLengthSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+            [len(row["input_ids"]) for row in dataset], self.args.data_seed)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Private because the Trainer has every rank write its own rng_state_<rank>.pth into the
+        # checkpoint folder, and only rank 0 writes here: the ranks' states are gathered to it, which
+        # writes them all (under the names _load_rng_state reads back on every rank), and rank 0's
+        # also as rng_state.pth for a run resumed in one process. transformers 5.24.0.
+        if self.args.world_size <= 1:
+            return super()._save_rng_state(output_dir)
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.random.get_rng_state_all()
+        states: list[dict | None] | None = [None] * self.args.world_size if self.args.should_save else None
+        dist.gather_object(state, states, dst=0)
+        if states is None:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        for rank, rank_state in enumerate(states):
+            torch.save(rank_state, os.path.join(output_dir, f"rng_state_{rank}.pth"))
+        torch.save(states[0], os.path.join(output_dir, "rng_state.pth"))
+        return None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.row_tokens is None or num_items_in_batch is None or "cu_seq_lens_q" not in inputs:
@@ -165,7 +212,10 @@ class RowTrainer(Trainer):
         for i, row in enumerate(rows):
             if i and self.abandon_step is not None and self.abandon_step(self.state):
                 raise StepAbandoned(f"step {self.state.global_step + 1} abandoned after {i} of {len(rows)} rows")
-            row_loss = super().training_step(model, row, num_items_in_batch)
+            # The gradients of the earlier rows wait in .grad and join the last row's all-reduce.
+            local = self.args.world_size > 1 and i < len(rows) - 1
+            with self.accelerator.no_sync(model) if local else contextlib.nullcontext():
+                row_loss = super().training_step(model, row, num_items_in_batch)
             loss = row_loss if loss is None else loss + row_loss
         return loss
 
@@ -185,6 +235,10 @@ class RowTrainer(Trainer):
             mode, key = ("eval", "eval_mean_token_accuracy") if evaluation else ("train", "mean_token_accuracy")
             correct, labelled = self._token_counts[mode]
             self._token_counts[mode] = 0, 0
+            if self.args.world_size > 1:  # every rank logs at the same steps: the whole step's counts
+                counts = torch.tensor([int(correct), int(labelled)], dtype=torch.long, device=self.args.device)
+                dist.all_reduce(counts)
+                correct, labelled = int(counts[0]), int(counts[1])
             if int(labelled) > 0:
                 logs[key] = int(correct) / int(labelled)
         super().log(logs, start_time)

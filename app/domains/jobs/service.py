@@ -30,7 +30,7 @@ from app.domains.jobs.models import FineTuningJob, FineTuningJobEvent
 from app.domains.jobs.rounds import end_round
 from app.domains.jobs.schemas import EventList, EventRead, Hyperparameters, JobCreate, JobList, JobRead
 from app.domains.jobs.spec import (DPO_DEFAULT_BETA, DpoSpec, InitAdapter, TrainingSettings, TrainingSpec,
-                                   validation_conflict)
+                                   processes_conflict, validation_conflict)
 from app.domains.jobs.states import (ACTIVE, CANCELLABLE, FINAL, RUNNING, UNHELD, WAITING, JobStatus, StopRequest,
                                      add_event, enqueue_after_commit, transition)
 from app.domains.base_models import service as base_models
@@ -83,7 +83,8 @@ def resolve_spec(body: JobCreate, seed: int, init_adapter: InitAdapter | None = 
     if changes:
         training = training.model_copy(update=changes)
         training = TrainingSettings.model_validate(training.model_dump())
-    conflict = validation_conflict(training, has_validation_file=bool(body.validation_file))
+    conflict = (validation_conflict(training, has_validation_file=bool(body.validation_file))
+                or processes_conflict(training, dpo=dpo is not None))
     if conflict is not None:
         raise JobInvalid(conflict[0], param=conflict[1])
     return TrainingSpec(lora=body.lora or TrainingSpec().lora,

@@ -17,6 +17,10 @@ from app.domains.files.formats import PromptStyle
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
+# The most training processes one job may ask for (training.processes): one machine's GPUs.
+MAX_PROCESSES = 8
+
+
 class _Frozen(BaseModel):
     # allow_inf_nan=False: "Infinity" or "nan" sent as a string would otherwise become a float.
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -187,6 +191,34 @@ class TrainingSettings(_Frozen):
                                     "built in the training process) is fastest where cores are few: 1 worker ran "
                                     "at 0.8x the tokens/s of 0 on a 2-core CPU.",
     )
+    processes: int = Field(
+        1, ge=1, le=MAX_PROCESSES,
+        description="Training processes for this job (torch.distributed data parallel on one machine): on CUDA "
+                    "one per GPU (NCCL), refused when the worker has fewer GPUs; on CPU that many CPU processes "
+                    "(gloo), the cores shared among them. The effective batch (batch_size x "
+                    "gradient_accumulation_steps) stays the optimizer's batch: each process takes 1/processes "
+                    "of every step's examples, so it must divide the effective batch. Not for DPO jobs.",
+    )
+
+
+def processes_conflict(training: TrainingSettings, *, dpo: bool) -> tuple[str, str] | None:
+    """(message, param) when training.processes cannot split this job's steps, else None.
+
+    Each process takes the same share of every optimizer step, so the effective batch must divide
+    evenly; DPO jobs train in one process. Checked at job creation (400) and at the recipe's setup.
+    """
+    t = training
+    if t.processes == 1:
+        return None
+    if dpo:
+        return ("training.processes above 1 is not supported for DPO jobs; omit it (or set 1).", "training.processes")
+    effective = t.batch_size * t.gradient_accumulation_steps
+    if effective % t.processes:
+        return (f"training.processes ({t.processes}) must divide the effective batch (batch_size {t.batch_size} x "
+                f"gradient_accumulation_steps {t.gradient_accumulation_steps} = {effective}): each process takes "
+                f"the same share of every step. Use an effective batch that is a multiple of {t.processes}, or "
+                "another process count.", "training.processes")
+    return None
 
 
 def validation_conflict(training: TrainingSettings, *, has_validation_file: bool) -> tuple[str, str] | None:
