@@ -36,7 +36,9 @@ def test_every_process_kind_serves_its_metrics(services_env, private_database, t
 
     queues = {"training": f"training-metrics-{secrets.token_hex(3)}",
               "evaluation": f"evaluation-metrics-{secrets.token_hex(3)}"}
-    env = {**services_env, "TUNEFORGE_DATABASE_URL": private_database,
+    # A data dir of its own too: the session worker's reaper sweeps the work folders of its data dir
+    # whose job is not in its database, and this test's jobs are in a database of their own.
+    env = {**services_env, "TUNEFORGE_DATABASE_URL": private_database, "TUNEFORGE_DATA_DIR": str(tmp_path / "data"),
            "TUNEFORGE_TRAINING_QUEUE": queues["training"], "TUNEFORGE_EVALUATION_QUEUE": queues["evaluation"]}
     train_port, eval_port = free_port(), free_port()
     procs = []
