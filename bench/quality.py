@@ -96,14 +96,16 @@ def evaluate(model_dir: Path, adapter: Path | None, tasks: str, settings: Sampli
     return out
 
 
-def train(model_dir: Path, spec: TrainingSpec, train_file: Path, adapter_dir: Path, label: str) -> dict[str, Any]:
-    """One training round with the recipe on train_file; the adapter is written to adapter_dir."""
+def train(model_dir: Path, spec: TrainingSpec, train_file: Path, adapter_dir: Path, label: str, *,
+          init_adapter: Path | None = None) -> dict[str, Any]:
+    """One training round with the recipe on train_file; the adapter is written to adapter_dir.
+    init_adapter: an adapter on this base to train on from where it is (and, for DPO, the reference)."""
     from worker.training.recipe import LoraRecipe
 
     hooks = _Hooks(label)
     with tempfile.TemporaryDirectory(prefix="quality-") as work:
         recipe = LoraRecipe(spec=spec, base_model_path=model_dir, train_file=train_file, validation_file=None,
-                            work_dir=Path(work), hooks=hooks)
+                            work_dir=Path(work), hooks=hooks, init_adapter=init_adapter)
         recipe.setup()
         result = recipe.train()
         recipe.save(adapter_dir)
@@ -112,6 +114,16 @@ def train(model_dir: Path, spec: TrainingSpec, train_file: Path, adapter_dir: Pa
     return {"steps": result.steps, "trained_tokens": result.trained_tokens, "wall_seconds": result.wall_seconds,
             "tokens_per_second": result.tokens_per_second, "final_loss": result.final_loss,
             "quantization": result.quantization, "precision": result.precision}
+
+
+def rounds_report(path: Path, name: str) -> dict[str, Any] | None:
+    """The report of named rounds at path (bench/self_training.py, bench/preference_training.py), or a
+    new one; None, after saying so, when it already holds a round called name."""
+    report = json.loads(path.read_text()) if path.is_file() else {"machine": describe(), "rounds": []}
+    if any(r["name"] == name for r in report["rounds"]):
+        print(f"{name}: already in {path}")
+        return None
+    return report
 
 
 def describe_spec(spec: TrainingSpec) -> dict[str, Any]:

@@ -32,16 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.domains.evaluations.spec import SamplingSpec  # noqa: E402
+from app.domains.files.formats import normalize_code  # noqa: E402
 from app.domains.jobs.spec import TrainingSpec  # noqa: E402
 from bench import quality  # noqa: E402
-from bench.machine import describe  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
 
 def normalized(code: str) -> str:
-    """Code compared for sameness: its lines stripped of trailing space, blank lines dropped."""
-    return "\n".join(line.rstrip() for line in code.strip().splitlines() if line.strip())
+    """Code compared for sameness: as the overlap check compares it (formats.normalize_code: layout,
+    comments and docstrings do not count), or stripped when it does not parse."""
+    return normalize_code(code) or code.strip()
 
 
 def verified_records(model_dir: Path, adapter: Path | None, train_file: Path, settings: SamplingSpec,
@@ -97,10 +98,9 @@ def main() -> None:
     train_file, heldout = quality.TIERS[args.tier]
     sampled = RESULTS / f"self-training-{args.tier}.jsonl"
     report_file = RESULTS / "quality-self-training-smollm2.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {"machine": describe(), "rounds": []}
     name = args.name or f"n{args.n}-t{args.temperature}-k{args.per_task}{'-refs' if args.with_references else ''}"
-    if any(r["name"] == name for r in report["rounds"]):
-        print(f"{name}: already in {report_file}")
+    report = quality.rounds_report(report_file, name)
+    if report is None:
         return
     if args.resample or not sampled.is_file():
         settings = SamplingSpec(n=args.n, temperature=args.temperature, max_tokens=256, prompt_style="chat")

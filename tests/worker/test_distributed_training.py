@@ -7,10 +7,11 @@ is a real child interpreter. Two processes sum each step's gradients in another 
 (an all-reduce of two partial sums), so their losses are compared within a tolerance. Measured on
 this model: in fp32 (an AVX2-only CPU) the per-step training losses of 2 processes and 1 differ by
 at most 1.1e-7 relative; with bf16 autocast (a CPU with AVX512-BF16), whose products keep 8 bits
-of mantissa, by 2.8e-5, and the adapters' weights by 0.31% of their norm. Adam divides each gradient by its own running scale, so a weight
-whose gradient is rounding noise (a LoRA A matrix while B is near zero) moves by up to the learning
-rate either way: the weights are compared by norm, not element by element. A 2-process run and its resumed copy run the
-same reductions, so they agree exactly.
+of mantissa, by 2.8e-5, and the adapters' weights by 0.31% of their norm. Adam divides each
+gradient by its own running scale, so a weight whose gradient is rounding noise (a LoRA A matrix
+while B is near zero) moves by up to the learning rate either way: the weights are compared by
+norm, not element by element. A 2-process run and its resumed copy run the same reductions, so
+they agree exactly.
 """
 
 from __future__ import annotations
