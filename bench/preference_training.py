@@ -24,7 +24,6 @@ pairs are reused when their file exists and --resample is not given).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -47,17 +46,7 @@ def failure_pairs(model_dir: Path, train_file: Path, settings: SamplingSpec) -> 
                                                                                      dict[str, Any]]:
     """settings.n answers per task of train_file; one preference record per distinct failing answer
     (the reference preferred), and the yield (answers, passed, tasks failed)."""
-    from worker.evaluation import generate, harness, tasks_io
-    from worker.evaluation.sandbox import Sandbox
-
-    tasks = {t.task_id: t.record for t in tasks_io.read_tasks(train_file)}
-    problems, prompts = tasks_io.named(str(train_file))
-    model, tokenizer = generate.load(model_dir, None)
-    samples, generation_s = generate.generate(model, tokenizer, prompts, settings)
-    del model
-    gc.collect()
-    score = harness.score(Sandbox(mode="auto"), samples, problems=problems, ks=(1,),
-                          timeout_s=settings.timeout_seconds)
+    tasks, score, generation_s = quality.scored_answers(model_dir, None, train_file, settings)
     pairs: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     for r in score.results:
@@ -70,7 +59,7 @@ def failure_pairs(model_dir: Path, train_file: Path, settings: SamplingSpec) -> 
                       "preferred_output": [{"role": "assistant", "content": task_answer(task, RecordFormat.MBPP)}],
                       "non_preferred_output": [{"role": "assistant", "content": answer}]})
     passed = sum(r.passed for r in score.results)
-    stats = {"tasks": len(tasks), "answers": len(samples), "passed_answers": passed,
+    stats = {"tasks": len(tasks), "answers": score.samples, "passed_answers": passed,
              "tasks_failed": len({task for task, _ in seen}), "pairs": len(pairs),
              "generation_seconds": generation_s}
     return pairs, stats
@@ -108,29 +97,25 @@ def main() -> None:
     print(f"pairs: {pairs_count}; {report.get('sampling')}", flush=True)
 
     round_: dict[str, Any] = {"name": name, "pairs": pairs_count}
+    scoring = SamplingSpec(max_tokens=256, prompt_style="chat")  # greedy, as bench/quality.py scores a round
     with tempfile.TemporaryDirectory(prefix="preference-") as tmp:
-        spec_fields = json.loads(args.spec)
-        model_dir = args.model_dir
+        sft_adapter = None
         if args.after_sft:
             sft_spec = TrainingSpec(**json.loads(args.after_sft))
             sft_adapter = Path(tmp) / "sft"
             print(f"{name}: supervised round first, {quality.describe_spec(sft_spec)}", flush=True)
             round_["sft_spec"] = quality.describe_spec(sft_spec)
             round_["sft_training"] = quality.train(args.model_dir, sft_spec, train_file, sft_adapter, f"{name}-sft")
-            round_["sft_heldout"] = quality.evaluate(args.model_dir, sft_adapter, str(heldout),
-                                                     SamplingSpec(max_tokens=256, prompt_style="chat"),
+            round_["sft_heldout"] = quality.evaluate(args.model_dir, sft_adapter, str(heldout), scoring,
                                                      general_loss=True)
             print(f"  after the supervised round: held-out {round_['sft_heldout']['passed']}/"
                   f"{round_['sft_heldout']['tasks']}", flush=True)
-        spec = TrainingSpec(**spec_fields)
+        spec = TrainingSpec(**json.loads(args.spec))
         adapter = Path(tmp) / "adapter"
         print(f"{name}: {pairs_count} pairs, {quality.describe_spec(spec)}, beta {spec.dpo and spec.dpo.beta}",
               flush=True)
-        trained = quality.train(model_dir, spec, pairs_file, adapter, name,
-                                init_adapter=Path(tmp) / "sft" if args.after_sft else None)
-        held = quality.evaluate(args.model_dir, adapter, str(heldout), SamplingSpec(max_tokens=256,
-                                                                                     prompt_style="chat"),
-                                general_loss=True)
+        trained = quality.train(args.model_dir, spec, pairs_file, adapter, name, init_adapter=sft_adapter)
+        held = quality.evaluate(args.model_dir, adapter, str(heldout), scoring, general_loss=True)
     print(f"  {trained['steps']} steps, final loss {trained['final_loss']:.3f}; held-out {held['passed']}/"
           f"{held['tasks']}, general loss {held['general_loss']:.4f}", flush=True)
     round_.update(spec=quality.describe_spec(spec), beta=spec.dpo.beta if spec.dpo else None, training=trained,

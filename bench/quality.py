@@ -96,6 +96,25 @@ def evaluate(model_dir: Path, adapter: Path | None, tasks: str, settings: Sampli
     return out
 
 
+def scored_answers(model_dir: Path, adapter: Path | None, tasks_file: Path, settings: SamplingSpec):
+    """The model's settings.n answers to each task of tasks_file, run against the task's tests in the
+    evaluation sandbox, as an evaluation runs them: (the tasks' records by id, harness.score's result,
+    generation seconds). For the scripts that train on what the model answers (bench/self_training.py,
+    bench/preference_training.py)."""
+    from worker.evaluation import generate, harness, tasks_io
+    from worker.evaluation.sandbox import Sandbox
+
+    records = {t.task_id: t.record for t in tasks_io.read_tasks(tasks_file)}
+    problems, prompts = tasks_io.named(str(tasks_file))
+    model, tokenizer = generate.load(model_dir, adapter)
+    samples, generation_s = generate.generate(model, tokenizer, prompts, settings)
+    del model
+    gc.collect()
+    score = harness.score(Sandbox(mode="auto"), samples, problems=problems, ks=(1,),
+                          timeout_s=settings.timeout_seconds)
+    return records, score, generation_s
+
+
 def train(model_dir: Path, spec: TrainingSpec, train_file: Path, adapter_dir: Path, label: str, *,
           init_adapter: Path | None = None) -> dict[str, Any]:
     """One training round with the recipe on train_file; the adapter is written to adapter_dir.

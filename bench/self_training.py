@@ -20,7 +20,6 @@ the sampled records are reused when their file exists and --resample is not give
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -50,17 +49,8 @@ def verified_records(model_dir: Path, adapter: Path | None, train_file: Path, se
     """Sample settings.n answers per task of train_file; the passing, distinct ones (at most per_task a
     task) as task records with the model's code, and the yield (samples, passed, tasks solved)."""
     from app.domains.evaluations.extract import mbpp_solution
-    from worker.evaluation import generate, harness, tasks_io
-    from worker.evaluation.sandbox import Sandbox
 
-    tasks = {t.task_id: t.record for t in tasks_io.read_tasks(train_file)}
-    problems, prompts = tasks_io.named(str(train_file))
-    model, tokenizer = generate.load(model_dir, adapter)
-    samples, generation_s = generate.generate(model, tokenizer, prompts, settings)
-    del model
-    gc.collect()
-    score = harness.score(Sandbox(mode="auto"), samples, problems=problems, ks=(1,),
-                          timeout_s=settings.timeout_seconds)
+    tasks, score, generation_s = quality.scored_answers(model_dir, adapter, train_file, settings)
     records: list[dict[str, Any]] = []
     seen: dict[str, set[str]] = {}
     for r in score.results:
@@ -75,8 +65,8 @@ def verified_records(model_dir: Path, adapter: Path | None, train_file: Path, se
         records.append({"task_id": task["task_id"], "text": task["text"], "code": code,
                         "test_list": task["test_list"]})
     passed = sum(r.passed for r in score.results)
-    stats = {"tasks": len(tasks), "samples": len(samples), "passed_samples": passed,
-             "sampled_pass_at_1": passed / max(len(samples), 1), "tasks_solved": len(seen),
+    stats = {"tasks": len(tasks), "samples": score.samples, "passed_samples": passed,
+             "sampled_pass_at_1": passed / max(score.samples, 1), "tasks_solved": len(seen),
              "records": len(records), "generation_seconds": generation_s}
     return records, stats
 

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import httpx
+import psutil
 
 from app.core.db import session_scope
 from app.domains.jobs.states import FINAL
@@ -140,3 +141,21 @@ def job_with_checkpoint_models(client: httpx.Client, team_id: str, checkpoint_di
 def files_under(folder: Path) -> list[str]:
     """The relative paths of the files under folder (its subfolders' too), sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def training_ranks(pid: int, *, recursive: bool = False) -> set[int]:
+    """The live training ranks (worker.training.rank_process, ranks 1..N-1) among pid's children (all
+    descendants when recursive); the other children a test process has (the session's API, worker and
+    S3 server) are not."""
+    try:
+        children = psutil.Process(pid).children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return set()
+    ranks = set()
+    for child in children:
+        try:  # a zombie's command line raises ZombieProcess, a NoSuchProcess
+            if "worker.training.rank_process" in " ".join(child.cmdline()):
+                ranks.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return ranks

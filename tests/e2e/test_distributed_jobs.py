@@ -8,30 +8,12 @@ from __future__ import annotations
 import psutil
 
 from tests.conftest import wait_until
-from tests.factories import all_events, create_job, post_job, uploaded_file_id, wait_for_job
+from tests.factories import all_events, create_job, post_job, training_ranks, uploaded_file_id, wait_for_job
 from worker.training.distributed import EXIT_SECONDS
-
-RANK_MAIN = "worker.training.rank_process"
 
 
 def _steps(events: list[dict]) -> list[int]:
     return [e["data"]["step"] for e in events if e["type"] == "metrics" and "loss" in (e["data"] or {})]
-
-
-def _ranks_under(pid: int) -> list[int]:
-    """The training ranks (rank 1..N-1 processes) among pid's descendants."""
-    try:
-        descendants = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    ranks = []
-    for proc in descendants:
-        try:
-            if RANK_MAIN in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
-                ranks.append(proc.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return ranks
 
 
 def test_a_two_process_job_pauses_resumes_and_succeeds_with_each_step_recorded_once(api, make_team, worker):
@@ -46,7 +28,7 @@ def test_a_two_process_job_pauses_resumes_and_succeeds_with_each_step_recorded_o
                message="the job to log steps")
     claim = next(e for e in all_events(client, job["id"]) if e["message"].startswith("Claimed by worker"))
     holder = int(claim["data"]["worker_id"].rsplit(":", 1)[1])
-    ranks = _ranks_under(holder)
+    ranks = sorted(training_ranks(holder, recursive=True))
     assert len(ranks) == 1, ranks  # rank 1, a child of the task's process (rank 0)
 
     assert client.post(f"/fine_tuning/jobs/{job['id']}/pause").status_code == 200
@@ -54,7 +36,7 @@ def test_a_two_process_job_pauses_resumes_and_succeeds_with_each_step_recorded_o
     assert paused["status"] == "paused", paused
     # The job reads paused once rank 0 has written it; its cleanup then waits up to EXIT_SECONDS for
     # rank 1 to exit before killing it (measured here: 0.3 s, on 2 cores under 3 busy loops too).
-    wait_until(lambda: _ranks_under(holder) == [], timeout=EXIT_SECONDS + 30, interval=0.2,
+    wait_until(lambda: training_ranks(holder, recursive=True) == set(), timeout=EXIT_SECONDS + 30, interval=0.2,
                message="rank 1 to exit with the paused run")
     assert not psutil.pid_exists(ranks[0]) or psutil.Process(ranks[0]).status() == psutil.STATUS_ZOMBIE
     [checkpoint] = client.get(f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
@@ -74,7 +56,7 @@ def test_a_two_process_job_pauses_resumes_and_succeeds_with_each_step_recorded_o
     saved = [e["data"]["step"] for e in events if e["message"].startswith("Checkpoint saved at step")]
     assert sorted(saved) == sorted({at, 20, 40, 60, 80})
     assert len(client.get("/adapters").json()["data"]) == 1
-    wait_until(lambda: _ranks_under(holder) == [], timeout=EXIT_SECONDS + 30, interval=0.2,
+    wait_until(lambda: training_ranks(holder, recursive=True) == set(), timeout=EXIT_SECONDS + 30, interval=0.2,
                message="no training rank left after the job")
 
     # The worker's next job trains in one process again (the distributed state was put back).

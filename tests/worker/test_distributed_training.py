@@ -29,6 +29,7 @@ import torch.distributed as dist
 from accelerate.state import PartialState
 
 from app.domains.jobs.spec import LoraSpec, QuantizationSpec, TrainingSettings, TrainingSpec, processes_conflict
+from tests.factories import training_ranks
 from tests.worker.test_checkpoints import CheckpointHooks, train
 from tests.worker.test_training_recipe import code_task_records, write_jsonl
 from worker.training.batching import BatchPlan, per_process
@@ -64,28 +65,12 @@ class ChildWatch(CheckpointHooks):
     kill_at: int | None = None
 
     def should_stop(self):
-        pids = rank_children()
+        pids = training_ranks(os.getpid())
         self.children = (self.children or set()) | pids
         if self.kill_at is not None and self.steps_seen + 1 >= self.kill_at:
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
         return super().should_stop()
-
-
-RANK_MAIN = "worker.training.rank_process"
-
-
-def rank_children() -> set[int]:
-    """This process's children that are training ranks; a session's other children (the API, the
-    worker, the S3 server) are not."""
-    pids = set()
-    for child in psutil.Process().children():
-        try:
-            if RANK_MAIN in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
 
 
 def wait_gone(pids: set[int], seconds: float = 10.0) -> set[int]:
